@@ -1,0 +1,34 @@
+"""curvinf: influence functions with a measurable ladder of curvature approximations."""
+
+from curvinf.curvature import (
+    LADDER,
+    METHODS,
+    Curvature,
+    InverseCurvature,
+    Regularization,
+    fit_curvature,
+)
+from curvinf.data import DataSplit, load_dataset
+from curvinf.influence import influence_scores, per_example_grads
+from curvinf.models import make_mlp, num_params
+from curvinf.training import TrainingRecipe, TrainingResult, train
+
+__all__ = [
+    "LADDER",
+    "METHODS",
+    "Curvature",
+    "DataSplit",
+    "InverseCurvature",
+    "Regularization",
+    "TrainingRecipe",
+    "TrainingResult",
+    "fit_curvature",
+    "influence_scores",
+    "load_dataset",
+    "make_mlp",
+    "num_params",
+    "per_example_grads",
+    "train",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""The curvature ladder behind one interface: :func:`fit_curvature`.
+
+==============  ==================================================  ============
+method          curvature                                           structure
+==============  ==================================================  ============
+hessian         ∇²_θ of the mean loss                               dense
+ggn             1/N Σ J_nᵀ Q_n Q_nᵀ J_n  (``fisher`` picks Q)       dense
+block_hessian   Hessian, cross-block entries dropped                per block
+block_ggn       GGN, cross-block entries dropped                    per block
+ekfac           Kronecker basis of K-FAC, exact diagonal in it      per layer
+kfac            S ⊗ A per layer                                     per layer
+diag_ggn        diagonal of the GGN                                 diagonal
+identity        I (gradient dot product, the no-curvature floor)    diagonal
+==============  ==================================================  ============
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from curvinf.curvature.context import FitContext
+from curvinf.curvature.dense import (
+    DenseCurvature,
+    DiagonalCurvature,
+    ggn_blocks,
+    ggn_diagonal,
+    hessian_blocks,
+)
+from curvinf.curvature.kronecker import KroneckerCurvature, fit_kronecker
+from curvinf.curvature.operators import (
+    DEFAULT_MAX_DENSE_BYTES,
+    Curvature,
+    InverseCurvature,
+)
+from curvinf.curvature.regularization import Regularization
+from curvinf.params import ParamBlock
+from curvinf.validation import check_choice, check_dense_budget
+
+METHODS = (
+    "hessian",
+    "ggn",
+    "block_hessian",
+    "block_ggn",
+    "ekfac",
+    "kfac",
+    "diag_ggn",
+    "identity",
+)
+LADDER = ("hessian", "ggn", "block_ggn", "ekfac", "kfac")
+
+__all__ = [
+    "LADDER",
+    "METHODS",
+    "Curvature",
+    "DenseCurvature",
+    "DiagonalCurvature",
+    "InverseCurvature",
+    "KroneckerCurvature",
+    "Regularization",
+    "fit_curvature",
+]
+
+
+def fit_curvature(
+    method: str,
+    model: nn.Module,
+    loss: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    fisher: str = "type2",
+    mc_samples: int = 1,
+    seed: int = 0,
+    partition: str = "layer",
+    kfac_variant: str = "expand",
+    chunk_size: int = 256,
+    max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES,
+    progress: bool = False,
+) -> Curvature:
+    """Fit one rung of the curvature ladder on the training data ``(X, y)``.
+
+    Args:
+        method: one of :data:`METHODS`.
+        model: a module mapping (N, F) to (N, C); fitted on a float64 copy.
+        loss: ``nn.CrossEntropyLoss()`` (``y``: (N,) int) or ``nn.MSELoss()``
+            (``y``: (N, C) float), mean reduction.
+        fisher: output-space curvature of GGN-type rungs: ``type2`` (exact),
+            ``mc`` (``mc_samples`` labels sampled from the model, ``seed``) or
+            ``empirical`` (observed labels). Ignored by Hessian rungs and identity.
+        partition: blocks of the block rungs: ``layer`` (weight and bias
+            together) or ``tensor``.
+        kfac_variant: ``expand`` or ``reduce`` for layers with weight sharing.
+        chunk_size: examples per chunk; memory grows linearly with it.
+        max_dense_bytes: refuse dense matrices above this size.
+        progress: draw progress bars.
+
+    Returns:
+        A :class:`Curvature`: ``.dense()``, ``.matvec(V)``, ``.inverse(reg)``.
+    """
+    check_choice("method", method, METHODS)
+    ctx = FitContext.build(
+        model,
+        loss,
+        X,
+        y,
+        fisher=fisher,
+        mc_samples=mc_samples,
+        seed=seed,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
+    D = ctx.num_params
+    if method in ("hessian", "ggn"):
+        check_dense_budget(D, max_dense_bytes, method)
+        whole = [ParamBlock("all", torch.arange(D), tuple(ctx.params))]
+        compute = hessian_blocks if method == "hessian" else ggn_blocks
+        return DenseCurvature(method, D, compute(ctx, whole), max_dense_bytes)
+    if method in ("block_hessian", "block_ggn"):
+        blocks = ctx.blocks(partition)
+        largest = max(b.size for b in blocks)
+        check_dense_budget(largest, max_dense_bytes, f"{method} block")
+        compute = hessian_blocks if method == "block_hessian" else ggn_blocks
+        return DenseCurvature(method, D, compute(ctx, blocks), max_dense_bytes)
+    if method in ("kfac", "ekfac"):
+        return fit_kronecker(ctx, method, max_dense_bytes, kfac_variant)
+    if method == "diag_ggn":
+        return DiagonalCurvature(method, ggn_diagonal(ctx), max_dense_bytes)
+    return DiagonalCurvature(method, torch.ones(D, dtype=torch.float64), max_dense_bytes)

@@ -1,0 +1,120 @@
+"""Unfactored rungs: Hessian, GGN, their block-diagonal versions, the diagonal GGN, identity.
+
+- Hessian ``H = ∇²_θ 1/N Σ_n ℓ_n``, column by column from Hessian-vector
+  products (forward-over-reverse, ``vmap`` over basis vectors), data in chunks.
+- GGN ``G = 1/N Σ_n J_nᵀ Q_n Q_nᵀ J_n = 1/N MᵀM`` with ``M`` the stacked
+  per-example pseudo-gradients (N·K, D) (see :mod:`curvinf.losses` for ``Q``).
+  Blocks slice ``M`` by columns; the diagonal is ``1/N Σ M²``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from curvinf.curvature.context import FitContext
+from curvinf.curvature.operators import (
+    Curvature,
+    DenseEigenBlock,
+    DiagonalEigenBlock,
+    EigenBlock,
+)
+from curvinf.losses import batch_loss
+from curvinf.params import ParamBlock
+from curvinf.progress import progress_bar
+from curvinf.validation import check_dense_budget
+
+
+class DenseCurvature(Curvature):
+    """A curvature stored as dense blocks ``(block, matrix)``; one block = the full matrix."""
+
+    def __init__(
+        self,
+        method: str,
+        num_params: int,
+        blocks: list[tuple[ParamBlock, torch.Tensor]],
+        max_dense_bytes: float,
+    ) -> None:
+        super().__init__(method, num_params, max_dense_bytes)
+        self.blocks = blocks
+
+    def _eigen(self) -> list[EigenBlock]:
+        out: list[EigenBlock] = []
+        for block, C in self.blocks:
+            evals, U = torch.linalg.eigh(C)
+            out.append(DenseEigenBlock(block.index, U, evals))
+        return out
+
+    def dense(self) -> torch.Tensor:
+        check_dense_budget(self.num_params, self.max_dense_bytes, f"{self.method}.dense()")
+        D = torch.zeros(self.num_params, self.num_params, dtype=torch.float64)
+        for block, C in self.blocks:
+            D[block.index[:, None], block.index[None, :]] = C
+        return D
+
+    def block_matrices(self) -> dict[str, torch.Tensor]:
+        """``block name -> (d, d)`` matrix."""
+        return {b.name: C for b, C in self.blocks}
+
+
+class DiagonalCurvature(Curvature):
+    """``C = diag(c)``; ``identity`` is the special case ``c = 1`` (gradient dot product)."""
+
+    def __init__(self, method: str, diagonal: torch.Tensor, max_dense_bytes: float) -> None:
+        super().__init__(method, int(diagonal.numel()), max_dense_bytes)
+        self.diagonal = diagonal
+
+    def _eigen(self) -> list[EigenBlock]:
+        return [DiagonalEigenBlock(torch.arange(self.num_params), self.diagonal)]
+
+
+def hessian_blocks(
+    ctx: FitContext, blocks: list[ParamBlock], *, basis_chunk: int = 512
+) -> list[tuple[ParamBlock, torch.Tensor]]:
+    """Exact Hessian of the mean loss restricted to each block: list of (d_b, d_b)."""
+    out = []
+    total_cols = sum(b.size for b in blocks)
+    with progress_bar(total_cols, "Hessian columns", ctx.progress) as advance:
+        for block in blocks:
+            f, theta = ctx.outputs_fn(block.names)
+            H = torch.zeros(block.size, block.size, dtype=torch.float64)
+            for xb, yb in ctx.chunks():
+                weight = len(xb) / ctx.n
+
+                def loss_of(t: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
+                    return batch_loss(ctx.kind, f(t, xb), yb)
+
+                g = grad(loss_of)
+
+                def hvp(v: torch.Tensor, g=g) -> torch.Tensor:
+                    return jvp(g, (theta,), (v,))[1]
+
+                for a in range(0, block.size, basis_chunk):
+                    cols = torch.eye(block.size, dtype=torch.float64)[a : a + basis_chunk]
+                    H[a : a + len(cols)] += weight * vmap(hvp)(cols)
+            out.append((block, 0.5 * (H + H.T)))
+            advance(block.size)
+    return out
+
+
+def ggn_blocks(ctx: FitContext, blocks: list[ParamBlock]) -> list[tuple[ParamBlock, torch.Tensor]]:
+    """GGN blocks ``1/N M[:, b]ᵀ M[:, b]`` accumulated over data chunks."""
+    acc = [torch.zeros(b.size, b.size, dtype=torch.float64) for b in blocks]
+    gen = ctx.generator()
+    with progress_bar(ctx.n, "GGN examples", ctx.progress) as advance:
+        for xb, yb in ctx.chunks():
+            M = ctx.pseudo_grads(xb, yb, gen).reshape(-1, ctx.num_params)
+            for i, b in enumerate(blocks):
+                Mb = M if b.size == ctx.num_params else M[:, b.index]
+                acc[i].addmm_(Mb.T, Mb)
+            advance(len(xb))
+    return [(b, C / ctx.n) for b, C in zip(blocks, acc, strict=True)]
+
+
+def ggn_diagonal(ctx: FitContext) -> torch.Tensor:
+    """``diag(G) = 1/N Σ_rows M²``: (D,)."""
+    diag = torch.zeros(ctx.num_params, dtype=torch.float64)
+    gen = ctx.generator()
+    for xb, yb in ctx.chunks():
+        diag += ctx.pseudo_grads(xb, yb, gen).pow(2).sum(dim=(0, 1))
+    return diag / ctx.n

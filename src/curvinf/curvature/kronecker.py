@@ -1,0 +1,260 @@
+"""K-FAC and EK-FAC: per-layer Kronecker factors, never a ``D x D`` matrix.
+
+For a layer with augmented inputs ``ã`` (in+1: a trailing 1 for the bias) and
+output-space pseudo-gradients ``s_{n,k}`` (out) — the backpropagation of the
+columns of ``Q_n`` to the layer's pre-activations — the layer gradient is the
+matrix ``s ãᵀ`` (out, in+1), and the block GGN is
+
+    G_l = 1/N Σ_n Σ_k (s_nk ⊗ ã_n)(s_nk ⊗ ã_n)ᵀ          (row-major vec of s ãᵀ)
+        ≈ S ⊗ A,   S = 1/N Σ_n Σ_k s_nk s_nkᵀ,   A = 1/N Σ_n ã_n ã_nᵀ.   (K-FAC)
+
+With ``S = U_S Λ_S U_Sᵀ`` and ``A = U_A Λ_A U_Aᵀ`` the K-FAC eigenvalues are
+``Λ_S,i Λ_A,j``. EK-FAC keeps the basis ``U_S ⊗ U_A`` and replaces them with
+``Λ*_ij = 1/N Σ_n Σ_k ((U_Sᵀ s_nk ã_nᵀ U_A)_ij)²``, the exact diagonal of
+``G_l`` in that basis. For one example and ``fisher="type2"``, ``S ⊗ A = G_l``.
+
+Layers with weight sharing (inputs with extra dimensions, a sequence of
+length T per example) go through :class:`LayerAdapter`: it returns
+``ã`` (N, T, in+1) and ``s`` (N, K, T, out); the ``expand`` variant treats
+the T positions as extra examples in ``A`` (scaled ``1/(N T)``), ``reduce``
+averages the inputs and sums the gradients over T first (Eschenhagen et al.,
+2023). Only ``nn.Linear`` has an adapter now; a new layer type needs only
+its adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from curvinf.curvature.context import FitContext
+from curvinf.curvature.operators import Curvature, EigenBlock, KroneckerEigenBlock
+from curvinf.losses import output_sqrt
+from curvinf.params import param_offsets
+from curvinf.progress import progress_bar
+from curvinf.validation import check_choice
+
+KFAC_VARIANTS = ("expand", "reduce")
+
+
+class LayerAdapter:
+    """How a parameterised layer's gradient factorises as ``s ãᵀ``."""
+
+    def __init__(self, name: str, module: nn.Module, offsets: dict[str, tuple[int, int]]) -> None:
+        self.name = name
+        self.module = module
+        prefix = f"{name}." if name else ""
+        a, b = offsets[prefix + "weight"]
+        self.has_bias = getattr(module, "bias", None) is not None
+        stop = offsets[prefix + "bias"][1] if self.has_bias else b
+        self.index = torch.arange(a, stop)
+
+    def inputs(self, a: torch.Tensor) -> torch.Tensor:
+        """Layer input -> ``ã`` (N, T, in + has_bias)."""
+        raise NotImplementedError
+
+    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the layer output -> (N, T, out)."""
+        raise NotImplementedError
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` on (N, in) or (N, ..., in) inputs (leading dims after N shared: T)."""
+
+    def inputs(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        return a
+
+    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {nn.Linear: LinearAdapter}
+
+
+def layer_adapters(model: nn.Module, method: str) -> list[LayerAdapter]:
+    """One adapter per parameterised module; ``TypeError`` naming any unsupported layer."""
+    offsets = param_offsets(model)
+    adapters = []
+    for name, module in model.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        cls = ADAPTERS.get(type(module))
+        if cls is None:
+            supported = ", ".join(t.__name__ for t in ADAPTERS)
+            raise TypeError(
+                f"layer '{name}' ({type(module).__name__}) is not supported by {method}; "
+                f"supported layers: {supported}. Use method='block_ggn' or 'ggn', which work "
+                "for any differentiable layer."
+            )
+        adapters.append(cls(name, module, offsets))
+    return adapters
+
+
+@dataclass
+class LayerFactors:
+    """K-FAC factors of one layer: ``A`` (in+1, in+1), ``S`` (out, out), both float64."""
+
+    name: str
+    A: torch.Tensor
+    S: torch.Tensor
+
+
+def _capture(
+    ctx: FitContext, adapters: list[LayerAdapter], xb: torch.Tensor, yb: torch.Tensor, gen
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``ã`` (n, T, in+1) and ``s`` (n, K, T, out) of every layer for one data chunk."""
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if i in inputs:
+                raise TypeError(
+                    f"layer '{adapters[i].name}' is called more than once per forward pass; "
+                    "shared layers are not supported by K-FAC yet."
+                )
+            inputs[i], outputs[i] = args[0].detach(), out
+
+        return fn
+
+    handles = [ad.module.register_forward_hook(hook(i)) for i, ad in enumerate(adapters)]
+    try:
+        with torch.enable_grad():
+            f = ctx.model(xb)
+            Q = output_sqrt(
+                ctx.kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=gen
+            )
+            zs = [outputs[i] for i in range(len(adapters))]
+            per_k = [
+                torch.autograd.grad(f, zs, grad_outputs=Q[:, :, k], retain_graph=True)
+                for k in range(Q.shape[2])
+            ]
+    finally:
+        for h in handles:
+            h.remove()
+    a_tilde = [ad.inputs(inputs[i]) for i, ad in enumerate(adapters)]
+    s = [
+        torch.stack([ad.output_grads(g[i]) for g in per_k], dim=1)
+        for i, ad in enumerate(adapters)
+    ]
+    return a_tilde, s
+
+
+def _reduce(a: torch.Tensor, s: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if variant == "reduce":
+        return a.mean(dim=1, keepdim=True), s.sum(dim=2, keepdim=True)
+    return a, s
+
+
+def kronecker_factors(
+    ctx: FitContext, adapters: list[LayerAdapter], variant: str = "expand"
+) -> list[LayerFactors]:
+    """``A = 1/(N T) Σ ã ãᵀ`` and ``S = 1/N Σ_n Σ_k Σ_t s sᵀ`` per layer."""
+    check_choice("kfac variant", variant, KFAC_VARIANTS)
+    A = [None] * len(adapters)
+    S = [None] * len(adapters)
+    gen = ctx.generator()
+    with progress_bar(ctx.n, "K-FAC factors", ctx.progress) as advance:
+        for xb, yb in ctx.chunks():
+            a_all, s_all = _capture(ctx, adapters, xb, yb, gen)
+            for i, (a, s) in enumerate(zip(a_all, s_all, strict=True)):
+                a, s = _reduce(a, s, variant)
+                a2 = a.reshape(-1, a.shape[-1])
+                s2 = s.reshape(-1, s.shape[-1])
+                cA = a2.T @ a2 / a.shape[1]
+                cS = s2.T @ s2
+                A[i] = cA if A[i] is None else A[i] + cA
+                S[i] = cS if S[i] is None else S[i] + cS
+            advance(len(xb))
+    return [
+        LayerFactors(ad.name, a / ctx.n, s / ctx.n)
+        for ad, a, s in zip(adapters, A, S, strict=True)
+    ]
+
+
+def corrected_eigenvalues(
+    ctx: FitContext,
+    adapters: list[LayerAdapter],
+    bases: list[tuple[torch.Tensor, torch.Tensor]],
+    variant: str = "expand",
+) -> list[torch.Tensor]:
+    """EK-FAC ``Λ*`` (out, in+1) per layer: mean over examples of the squared gradient
+    in the Kronecker basis, ``Σ_k (U_Sᵀ (Σ_t s_nkt ã_ntᵀ) U_A)²``."""
+    out = [None] * len(adapters)
+    gen = ctx.generator()
+    with progress_bar(ctx.n, "EK-FAC correction", ctx.progress) as advance:
+        for xb, yb in ctx.chunks():
+            a_all, s_all = _capture(ctx, adapters, xb, yb, gen)
+            for i, (a, s) in enumerate(zip(a_all, s_all, strict=True)):
+                a, s = _reduce(a, s, variant)
+                U_S, U_A = bases[i]
+                g = torch.einsum("nkto,nti->nkoi", s @ U_S, a @ U_A)
+                c = g.pow(2).sum(dim=(0, 1))
+                out[i] = c if out[i] is None else out[i] + c
+            advance(len(xb))
+    return [c / ctx.n for c in out]
+
+
+class KroneckerCurvature(Curvature):
+    """K-FAC (``corrected=False``) or EK-FAC (``corrected=True``) over a model's layers."""
+
+    def __init__(
+        self,
+        method: str,
+        num_params: int,
+        adapters: list[LayerAdapter],
+        factors: list[LayerFactors],
+        max_dense_bytes: float,
+        corrected_evals: list[torch.Tensor] | None = None,
+        bases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        super().__init__(method, num_params, max_dense_bytes)
+        self.adapters = adapters
+        self.factors = factors
+        self.bases = bases if bases is not None else factor_eigendecompositions(factors)
+        self.corrected_evals = corrected_evals
+
+    def _eigen(self) -> list[EigenBlock]:
+        blocks: list[EigenBlock] = []
+        for i, (ad, (lS, U_S, lA, U_A)) in enumerate(zip(self.adapters, self.bases, strict=True)):
+            evals = (
+                self.corrected_evals[i]
+                if self.corrected_evals is not None
+                else lS[:, None] * lA[None, :]
+            )
+            blocks.append(KroneckerEigenBlock(ad.index, U_S, U_A, evals, ad.has_bias))
+        return blocks
+
+
+def factor_eigendecompositions(
+    factors: list[LayerFactors],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(λ_S, U_S, λ_A, U_A)`` per layer; eigenvalues clamped at 0 (the factors are PSD)."""
+    out = []
+    for fac in factors:
+        lS, U_S = torch.linalg.eigh(fac.S)
+        lA, U_A = torch.linalg.eigh(fac.A)
+        out.append((lS.clamp_min(0.0), U_S, lA.clamp_min(0.0), U_A))
+    return out
+
+
+def fit_kronecker(
+    ctx: FitContext, method: str, max_dense_bytes: float, variant: str = "expand"
+) -> KroneckerCurvature:
+    """Fit K-FAC (``method="kfac"``) or EK-FAC (``"ekfac"``): factors, bases, corrections."""
+    adapters = layer_adapters(ctx.model, method)
+    factors = kronecker_factors(ctx, adapters, variant)
+    bases = factor_eigendecompositions(factors)
+    corrected = None
+    if method == "ekfac":
+        corrected = corrected_eigenvalues(
+            ctx, adapters, [(U_S, U_A) for _, U_S, _, U_A in bases], variant
+        )
+    return KroneckerCurvature(
+        method, ctx.num_params, adapters, factors, max_dense_bytes, corrected, bases
+    )

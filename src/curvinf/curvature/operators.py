@@ -1,0 +1,227 @@
+"""Curvature objects and their regularised inverses.
+
+Every rung is an eigendecomposition in blocks: ``C = blockdiag_b(U_b Λ_b U_bᵀ)``
+over disjoint sets of positions of the flat parameter vector. A block is
+
+- :class:`DenseEigenBlock`: ``U`` (d, d) orthogonal, ``λ`` (d,);
+- :class:`KroneckerEigenBlock`: a layer whose gradient is a matrix
+  ``G`` (out, in+1) (bias as the last column); ``U = U_out ⊗ U_in`` never formed,
+  eigenvalues as an (out, in+1) matrix;
+- :class:`DiagonalEigenBlock`: ``U = I``.
+
+Products with ``C``, with ``C``'s regularised inverse, and ``dense()`` all
+rotate into the eigenbasis, scale, and rotate back:
+``V ↦ ((V U) ⊙ s) Uᵀ`` row-wise, with ``s = λ`` or the inverse eigenvalues
+of :class:`~curvinf.curvature.regularization.Regularization`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from curvinf.curvature.regularization import Regularization
+from curvinf.validation import check_dense_budget, check_finite
+
+DEFAULT_MAX_DENSE_BYTES = 8 * 2**30
+
+
+class EigenBlock(ABC):
+    """One block of an eigendecomposed curvature, at positions ``index`` of θ."""
+
+    index: torch.Tensor
+
+    @property
+    @abstractmethod
+    def eigenvalues(self) -> torch.Tensor:
+        """The block's eigenvalues (any shape)."""
+
+    @abstractmethod
+    def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Rows of ``V`` (K, d) times ``U diag(s) Uᵀ``; ``s`` shaped like ``eigenvalues``."""
+
+
+@dataclass
+class DenseEigenBlock(EigenBlock):
+    index: torch.Tensor
+    U: torch.Tensor
+    evals: torch.Tensor
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return self.evals
+
+    def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return ((V @ self.U) * s) @ self.U.T
+
+
+@dataclass
+class DiagonalEigenBlock(EigenBlock):
+    index: torch.Tensor
+    evals: torch.Tensor
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return self.evals
+
+    def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return V * s
+
+
+@dataclass
+class KroneckerEigenBlock(EigenBlock):
+    """A layer block in the Kronecker eigenbasis ``U_out ⊗ U_in``.
+
+    Positions ``index`` hold the weight (out, in) row-major, then the bias
+    (out,) if ``has_bias``; as a matrix the layer gradient is ``[W | b]``
+    (out, in + has_bias). Eigenvalues ``evals`` (out, in + has_bias):
+    ``λ_out,i · λ_in,j`` for K-FAC, corrected values for EK-FAC.
+    """
+
+    index: torch.Tensor
+    U_out: torch.Tensor
+    U_in: torch.Tensor
+    evals: torch.Tensor
+    has_bias: bool
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return self.evals
+
+    def to_matrix(self, V: torch.Tensor) -> torch.Tensor:
+        """(K, d) in flat order -> (K, out, in + has_bias)."""
+        out = self.U_out.shape[0]
+        n_in = self.U_in.shape[0] - int(self.has_bias)
+        W = V[:, : out * n_in].reshape(len(V), out, n_in)
+        if self.has_bias:
+            W = torch.cat([W, V[:, out * n_in :, None]], dim=2)
+        return W
+
+    def from_matrix(self, M: torch.Tensor) -> torch.Tensor:
+        """(K, out, in + has_bias) -> (K, d) in flat order."""
+        if not self.has_bias:
+            return M.reshape(len(M), -1)
+        return torch.cat([M[:, :, :-1].reshape(len(M), -1), M[:, :, -1]], dim=1)
+
+    def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        M = self.U_out.T @ self.to_matrix(V) @ self.U_in
+        return self.from_matrix(self.U_out @ (M * s) @ self.U_in.T)
+
+
+def _as_rows(V: torch.Tensor, num_params: int, name: str) -> tuple[torch.Tensor, bool]:
+    check_finite(name, V)
+    vector = V.ndim == 1
+    V2 = V[None] if vector else V
+    if V2.ndim != 2 or V2.shape[1] != num_params:
+        raise ValueError(
+            f"{name} must have shape (K, {num_params}) or ({num_params},) — rows in the flat "
+            f"parameter order — got {tuple(V.shape)}."
+        )
+    return V2.to(torch.float64), vector
+
+
+def _apply_blocks(
+    blocks: list[EigenBlock], scales: list[torch.Tensor], V: torch.Tensor
+) -> torch.Tensor:
+    out = torch.zeros_like(V)
+    for block, s in zip(blocks, scales, strict=True):
+        out[:, block.index] = block.scale(V[:, block.index], s)
+    return out
+
+
+class Curvature(ABC):
+    """A rung of the ladder: a symmetric ``D x D`` curvature in some structure.
+
+    Subclasses provide :meth:`_eigen`; fitting happens in
+    :func:`curvinf.fit_curvature`, inversion in :meth:`inverse`.
+    """
+
+    method: str
+    num_params: int
+    max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES
+
+    def __init__(self, method: str, num_params: int, max_dense_bytes: float) -> None:
+        self.method = method
+        self.num_params = num_params
+        self.max_dense_bytes = max_dense_bytes
+        self._eigen_cache: list[EigenBlock] | None = None
+
+    @abstractmethod
+    def _eigen(self) -> list[EigenBlock]:
+        """Eigendecomposition in blocks (computed once, then cached)."""
+
+    def eigen(self) -> list[EigenBlock]:
+        if self._eigen_cache is None:
+            self._eigen_cache = self._eigen()
+        return self._eigen_cache
+
+    def eigenvalues(self) -> torch.Tensor:
+        """All eigenvalues, ascending: (D,) float64."""
+        return torch.cat([b.eigenvalues.reshape(-1) for b in self.eigen()]).sort().values
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """Rows of ``V`` (K, D) times ``C``."""
+        V2, vector = _as_rows(V, self.num_params, "V")
+        blocks = self.eigen()
+        out = _apply_blocks(blocks, [b.eigenvalues for b in blocks], V2)
+        return out[0] if vector else out
+
+    def dense(self) -> torch.Tensor:
+        """``C`` as a (D, D) float64 matrix in the flat parameter order."""
+        check_dense_budget(self.num_params, self.max_dense_bytes, f"{self.method}.dense()")
+        return self.matvec(torch.eye(self.num_params, dtype=torch.float64))
+
+    def inverse(self, reg: Regularization | None = None) -> InverseCurvature:
+        """The regularised (pseudo-)inverse ``C⁺`` under ``reg`` (default: the paper's)."""
+        reg = Regularization() if reg is None else reg
+        if not isinstance(reg, Regularization):
+            raise TypeError(f"reg must be a Regularization, got {type(reg).__name__}.")
+        blocks = self.eigen()
+        inv = reg.inverse_eigenvalues([b.eigenvalues for b in blocks], dim=self.num_params)
+        return InverseCurvature(self, blocks, inv, reg)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(method={self.method!r}, num_params={self.num_params})"
+
+
+class InverseCurvature:
+    """``C⁺`` of a fitted curvature under one :class:`Regularization`."""
+
+    def __init__(
+        self,
+        curvature: Curvature,
+        blocks: list[EigenBlock],
+        inv_evals: list[torch.Tensor],
+        reg: Regularization,
+    ) -> None:
+        self.curvature = curvature
+        self.blocks = blocks
+        self.inv_evals = inv_evals
+        self.reg = reg
+
+    @property
+    def num_params(self) -> int:
+        return self.curvature.num_params
+
+    @property
+    def rank(self) -> int:
+        """How many eigen-directions survive truncation."""
+        return sum(int((s != 0).sum()) for s in self.inv_evals)
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """Rows of ``V`` (K, D) times ``C⁺`` -> (K, D) float64 (a (D,) vector works too)."""
+        V2, vector = _as_rows(V, self.num_params, "V")
+        out = _apply_blocks(self.blocks, self.inv_evals, V2)
+        return out[0] if vector else out
+
+    def dense(self) -> torch.Tensor:
+        """``C⁺`` as a (D, D) float64 matrix."""
+        check_dense_budget(
+            self.num_params, self.curvature.max_dense_bytes, f"{self.curvature.method} inverse"
+        )
+        return self.apply(torch.eye(self.num_params, dtype=torch.float64))
+
+    def __repr__(self) -> str:
+        return f"InverseCurvature(method={self.curvature.method!r}, reg={self.reg})"

@@ -1,0 +1,106 @@
+"""Datasets that ship with scikit-learn, split and standardised reproducibly.
+
+UCI digits: 1,797 images of 8x8 pixels (64 features), 10 classes.
+Diabetes: 442 patients, 10 features, one regression target.
+Features are standardised with statistics of the training part only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from curvinf.validation import check_choice
+
+DATASETS = ("digits", "diabetes")
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """A train/query split. ``y`` is (N,) int64 for classification, (N, 1) for regression."""
+
+    name: str
+    task: str  # "classification" | "regression"
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_query: torch.Tensor
+    y_query: torch.Tensor
+    seed: int
+
+    @property
+    def num_features(self) -> int:
+        return int(self.X_train.shape[1])
+
+    @property
+    def num_outputs(self) -> int:
+        if self.task == "classification":
+            return int(max(self.y_train.max(), self.y_query.max())) + 1
+        return int(self.y_train.shape[1])
+
+    @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X_train, self.y_train
+
+    @property
+    def query(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X_query, self.y_query
+
+    def to(self, dtype: torch.dtype) -> DataSplit:
+        """Features (and regression targets) cast to ``dtype``."""
+        cast_y = self.task == "regression"
+        return DataSplit(
+            self.name,
+            self.task,
+            self.X_train.to(dtype),
+            self.y_train.to(dtype) if cast_y else self.y_train,
+            self.X_query.to(dtype),
+            self.y_query.to(dtype) if cast_y else self.y_query,
+            self.seed,
+        )
+
+
+def load_dataset(
+    name: str = "digits",
+    *,
+    query_fraction: float = 0.2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> DataSplit:
+    """Load a bundled dataset and split it into train and query parts.
+
+    The split is a seeded permutation; ``floor((1 - query_fraction) * n)``
+    examples train, the rest are queries (digits: 1,437 train, 360 query at
+    the default).
+    """
+    from sklearn import datasets
+
+    check_choice("dataset", name, DATASETS)
+    if not 0.0 < query_fraction < 1.0:
+        raise ValueError(f"query_fraction must lie in (0, 1), got {query_fraction}.")
+    if name == "digits":
+        X, y = datasets.load_digits(return_X_y=True)
+        task = "classification"
+    else:
+        X, y = datasets.load_diabetes(return_X_y=True)
+        task = "regression"
+    n = len(X)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_query = n - int(math.floor((1.0 - query_fraction) * n))
+    q_idx, tr_idx = np.sort(perm[:n_query]), np.sort(perm[n_query:])
+    X = X.astype(np.float64)
+    mean, std = X[tr_idx].mean(0), X[tr_idx].std(0)
+    std[std == 0] = 1.0
+    X = (X - mean) / std
+    if task == "classification":
+        y_t = torch.as_tensor(y, dtype=torch.long)
+    else:
+        y = y.astype(np.float64)
+        y = (y - y[tr_idx].mean()) / y[tr_idx].std()
+        y_t = torch.as_tensor(y, dtype=dtype)[:, None]
+    X_t = torch.as_tensor(X, dtype=dtype)
+    return DataSplit(
+        name, task, X_t[tr_idx], y_t[tr_idx], X_t[q_idx], y_t[q_idx], seed
+    )

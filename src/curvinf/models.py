@@ -1,0 +1,48 @@
+"""Model builders: MLPs of a given depth and width."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from curvinf.validation import check_choice
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def make_mlp(
+    in_features: int,
+    out_features: int,
+    *,
+    depth: int = 1,
+    width: int = 32,
+    activation: str = "relu",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
+    """input -> ``depth`` x [Linear(width) -> activation] -> Linear(out_features), biases on.
+
+    ``depth=0`` gives a linear model. Weights use PyTorch's default
+    initialisation drawn from a generator seeded with ``seed``.
+    """
+    check_choice("activation", activation, ACTIVATIONS)
+    if depth < 0 or width < 1 or in_features < 1 or out_features < 1:
+        raise ValueError(
+            f"need depth >= 0 and width, in_features, out_features >= 1; got depth={depth}, "
+            f"width={width}, in_features={in_features}, out_features={out_features}."
+        )
+    layers: list[nn.Module] = []
+    fan_in = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(fan_in, width), ACTIVATIONS[activation]()]
+        fan_in = width
+    layers.append(nn.Linear(fan_in, out_features))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(*layers)
+    return model.to(dtype)
+
+
+def num_params(model: nn.Module) -> int:
+    """D, the length of the flat parameter vector."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,76 @@
+"""The flat parameter vector and how layers map into it.
+
+Convention (DESIGN.md): ``θ = cat([p.flatten() for p in model.parameters()])``,
+each tensor row-major. A :class:`ParamBlock` is a set of positions in ``θ``
+that a block-diagonal rung treats together: one layer (weight and bias) by
+default, or one tensor with ``partition="tensor"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from curvinf.validation import check_choice
+
+PARTITIONS = ("layer", "tensor")
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """Positions ``index`` (long tensor) of the flat vector held by the tensors ``names``."""
+
+    name: str
+    index: torch.Tensor
+    names: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return int(self.index.numel())
+
+
+def param_offsets(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``name -> (start, stop)`` of every parameter tensor in the flat vector."""
+    out, start = {}, 0
+    for name, p in model.named_parameters():
+        out[name] = (start, start + p.numel())
+        start += p.numel()
+    return out
+
+
+def param_blocks(model: nn.Module, partition: str = "layer") -> list[ParamBlock]:
+    """Blocks of the flat vector: one per module owning parameters, or one per tensor."""
+    check_choice("partition", partition, PARTITIONS)
+    offsets = param_offsets(model)
+    if partition == "tensor":
+        return [ParamBlock(n, torch.arange(a, b), (n,)) for n, (a, b) in offsets.items()]
+    blocks = []
+    for mname, module in model.named_modules():
+        own = [f"{mname}.{n}" if mname else n for n, _ in module.named_parameters(recurse=False)]
+        if own:
+            idx = torch.cat([torch.arange(*offsets[n]) for n in own])
+            blocks.append(ParamBlock(mname or "<root>", idx, tuple(own)))
+    return blocks
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """θ as one detached vector."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def flatten_dict(tensors: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
+    """Concatenate a parameter-shaped dict (in insertion order) keeping ``batch_dims`` leading dims."""
+    return torch.cat(
+        [t.reshape(*t.shape[:batch_dims], -1) for t in tensors.values()], dim=batch_dims
+    )
+
+
+def unflatten(model: nn.Module, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten_dict` for a (..., D) tensor, keyed by parameter name."""
+    out = {}
+    for name, (a, b) in param_offsets(model).items():
+        shape = dict(model.named_parameters())[name].shape
+        out[name] = vec[..., a:b].reshape(*vec.shape[:-1], *shape)
+    return out
