@@ -58,19 +58,3 @@ def param_blocks(model: nn.Module, partition: str = "layer") -> list[ParamBlock]
 def flat_params(model: nn.Module) -> torch.Tensor:
     """θ as one detached vector."""
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def flatten_dict(tensors: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
-    """Concatenate a parameter-shaped dict (in insertion order) keeping ``batch_dims`` leading dims."""
-    return torch.cat(
-        [t.reshape(*t.shape[:batch_dims], -1) for t in tensors.values()], dim=batch_dims
-    )
-
-
-def unflatten(model: nn.Module, vec: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`flatten_dict` for a (..., D) tensor, keyed by parameter name."""
-    out = {}
-    for name, (a, b) in param_offsets(model).items():
-        shape = dict(model.named_parameters())[name].shape
-        out[name] = vec[..., a:b].reshape(*vec.shape[:-1], *shape)
-    return out

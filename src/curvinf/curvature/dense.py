@@ -73,28 +73,26 @@ def hessian_blocks(
 ) -> list[tuple[ParamBlock, torch.Tensor]]:
     """Exact Hessian of the mean loss restricted to each block: list of (d_b, d_b)."""
     out = []
-    total_cols = sum(b.size for b in blocks)
-    with progress_bar(total_cols, "Hessian columns", ctx.progress) as advance:
+    with progress_bar(sum(b.size for b in blocks), "Hessian columns", ctx.progress) as advance:
         for block in blocks:
             f, theta = ctx.outputs_fn(block.names)
             H = torch.zeros(block.size, block.size, dtype=torch.float64)
             for xb, yb in ctx.chunks():
-                weight = len(xb) / ctx.n
-
-                def loss_of(t: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
-                    return batch_loss(ctx.kind, f(t, xb), yb)
-
-                g = grad(loss_of)
-
-                def hvp(v: torch.Tensor, g=g) -> torch.Tensor:
-                    return jvp(g, (theta,), (v,))[1]
-
-                for a in range(0, block.size, basis_chunk):
-                    cols = torch.eye(block.size, dtype=torch.float64)[a : a + basis_chunk]
-                    H[a : a + len(cols)] += weight * vmap(hvp)(cols)
+                H += (len(xb) / ctx.n) * _chunk_hessian(ctx.kind, f, theta, xb, yb, basis_chunk)
             out.append((block, 0.5 * (H + H.T)))
             advance(block.size)
     return out
+
+
+def _chunk_hessian(kind, f, theta, xb, yb, basis_chunk: int) -> torch.Tensor:
+    """Hessian of the chunk's mean loss w.r.t. ``theta``, ``basis_chunk`` HVPs at a time."""
+    g = grad(lambda t: batch_loss(kind, f(t, xb), yb))
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        return jvp(g, (theta,), (v,))[1]
+
+    eye = torch.eye(len(theta), dtype=torch.float64)
+    return torch.cat([vmap(hvp)(eye[a : a + basis_chunk]) for a in range(0, len(eye), basis_chunk)])
 
 
 def ggn_blocks(ctx: FitContext, blocks: list[ParamBlock]) -> list[tuple[ParamBlock, torch.Tensor]]:
