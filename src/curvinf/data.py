@@ -101,6 +101,4 @@ def load_dataset(
         y = (y - y[tr_idx].mean()) / y[tr_idx].std()
         y_t = torch.as_tensor(y, dtype=dtype)[:, None]
     X_t = torch.as_tensor(X, dtype=dtype)
-    return DataSplit(
-        name, task, X_t[tr_idx], y_t[tr_idx], X_t[q_idx], y_t[q_idx], seed
-    )
+    return DataSplit(name, task, X_t[tr_idx], y_t[tr_idx], X_t[q_idx], y_t[q_idx], seed)

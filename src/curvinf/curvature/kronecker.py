@@ -126,9 +126,7 @@ def _capture(
     try:
         with torch.enable_grad():
             f = ctx.model(xb)
-            Q = output_sqrt(
-                ctx.kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=gen
-            )
+            Q = output_sqrt(ctx.kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=gen)
             zs = [outputs[i] for i in range(len(adapters))]
             per_k = [
                 torch.autograd.grad(f, zs, grad_outputs=Q[:, :, k], retain_graph=True)
@@ -139,8 +137,7 @@ def _capture(
             h.remove()
     a_tilde = [ad.inputs(inputs[i]) for i, ad in enumerate(adapters)]
     s = [
-        torch.stack([ad.output_grads(g[i]) for g in per_k], dim=1)
-        for i, ad in enumerate(adapters)
+        torch.stack([ad.output_grads(g[i]) for g in per_k], dim=1) for i, ad in enumerate(adapters)
     ]
     return a_tilde, s
 
@@ -172,8 +169,7 @@ def kronecker_factors(
                 S[i] = cS if S[i] is None else S[i] + cS
             advance(len(xb))
     return [
-        LayerFactors(ad.name, a / ctx.n, s / ctx.n)
-        for ad, a, s in zip(adapters, A, S, strict=True)
+        LayerFactors(ad.name, a / ctx.n, s / ctx.n) for ad, a, s in zip(adapters, A, S, strict=True)
     ]
 
 
