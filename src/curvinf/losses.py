@@ -77,14 +77,15 @@ def example_loss(kind: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """ℓ for one example: ``f`` (C,), ``y`` () or (C,) -> scalar. vmap-friendly."""
     if kind == "ce":
         return -torch.log_softmax(f, dim=-1).gather(-1, y.reshape(1)).squeeze(-1)
-    return F.mse_loss(f, y)
+    return (f - y).pow(2).mean()
 
 
 def batch_loss(kind: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean loss over a batch: ``f`` (N, C) -> scalar, equal to the ``loss`` module."""
     if kind == "ce":
         return F.cross_entropy(f, y)
-    return F.mse_loss(f, y)
+    # Written out: F.mse_loss breaks forward-over-reverse with ReLU ("ZeroTensors are immutable").
+    return (f - y).pow(2).mean()
 
 
 def example_measure(kind: str, measure: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
