@@ -22,7 +22,13 @@ def flat_fn(model: nn.Module):
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     def f(t: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        parts = dict(zip(names, (p.reshape(s) for p, s in zip(t.split(sizes), shapes))))
+        parts = dict(
+            zip(
+                names,
+                (p.reshape(s) for p, s in zip(t.split(sizes), shapes, strict=True)),
+                strict=True,
+            )
+        )
         return functional_call(model, parts, (X,))
 
     return f, theta

@@ -47,7 +47,7 @@ def test_tensor_partition_blocks(kind):
     full = ref_ggn(model, kind, X, y)
     sizes = [p.numel() for p in model.parameters()]
     bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     B = fit_curvature("block_ggn", model, loss, X, y, partition="tensor").dense()
     assert rel(B, block_diag_of(full, slices)) < 1e-8
 
