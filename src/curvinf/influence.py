@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from curvinf.curvature.operators import InverseCurvature
+from curvinf.curvature.operators import InverseOperator
 from curvinf.losses import MEASURES, check_loss, check_targets, example_measure
 from curvinf.progress import progress_bar
 from curvinf.validation import check_choice, check_model_finite, check_xy
@@ -62,7 +62,7 @@ def per_example_grads(
 def influence_scores(
     model: nn.Module,
     loss: nn.Module,
-    inv: InverseCurvature,
+    inv: InverseOperator,
     *,
     train: tuple[torch.Tensor, torch.Tensor],
     query: tuple[torch.Tensor, torch.Tensor],
@@ -75,9 +75,10 @@ def influence_scores(
     Query gradients are preconditioned once (Q x D); training gradients are
     computed ``chunk_size`` at a time, so memory is ``O((Q + chunk) D)``.
     """
-    if not isinstance(inv, InverseCurvature):
+    if not isinstance(inv, InverseOperator):
         raise TypeError(
-            "inv must be an InverseCurvature, e.g. fit_curvature(...).inverse(Regularization())."
+            "inv must be an InverseCurvature (or a solver's inverse), e.g. "
+            "fit_curvature(...).inverse(Regularization())."
         )
     kind = check_loss(loss)
     check_choice("measure", measure, MEASURES)

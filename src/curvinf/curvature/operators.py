@@ -186,7 +186,35 @@ class Curvature(ABC):
         return f"{type(self).__name__}(method={self.method!r}, num_params={self.num_params})"
 
 
-class InverseCurvature:
+class InverseOperator(ABC):
+    """Anything that applies a regularised inverse ``C⁺`` to rows: what influence needs.
+
+    :class:`InverseCurvature` (eigendecomposed rungs) and the iterative
+    solvers' inverses (:mod:`curvinf.curvature.solvers`) share this interface:
+    ``num_params``, ``apply(V)`` for rows ``V`` (K, D) -> (K, D) float64, and
+    ``dense()`` (``apply`` to the identity, under the memory budget).
+    """
+
+    curvature: Curvature
+    reg: Regularization
+
+    @property
+    def num_params(self) -> int:
+        return self.curvature.num_params
+
+    @abstractmethod
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """Rows of ``V`` (K, D) times ``C⁺`` -> (K, D) float64 (a (D,) vector works too)."""
+
+    def dense(self) -> torch.Tensor:
+        """``C⁺`` as a (D, D) float64 matrix."""
+        check_dense_budget(
+            self.num_params, self.curvature.max_dense_bytes, f"{self.curvature.method} inverse"
+        )
+        return self.apply(torch.eye(self.num_params, dtype=torch.float64))
+
+
+class InverseCurvature(InverseOperator):
     """``C⁺`` of a fitted curvature under one :class:`Regularization`."""
 
     def __init__(
