@@ -1,0 +1,310 @@
+"""How far a rung is from a reference rung, which ladder step the gap comes from, and why.
+
+Approximation error of a rung ``C̃`` against a reference ``H`` (the exact
+Hessian in the study), both inverted under the same
+:class:`~curvinf.curvature.regularization.Regularization`:
+
+- in parameter space, ``‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F`` (:func:`inverse_error`);
+- in influence space, ``‖G_q (C̃⁺ − H⁺) G_trᵀ‖_F / ‖G_q H⁺ G_trᵀ‖_F`` with query
+  gradients ``G_q`` (Q, D) and training gradients ``G_tr`` (N, D): the relative
+  Frobenius error of the (Q, N) score matrices (:func:`influence_error`).
+
+Error decomposition (:func:`error_shares`): along the ladder
+Hessian → GGN → block-GGN → EK-FAC → K-FAC the errors ``e_0 = 0, e_1, …, e_4``
+telescope, so the steps' shares ``(e_i − e_{i−1}) / (e_4 − e_0)`` sum to 1.
+
+Diagnostics of *why*: off-block mass of a dense curvature
+(:func:`off_block_mass`), per-layer overlap of the block-GGN's and the Kronecker
+basis's top-k eigenvectors (:func:`basis_overlap`, :func:`layer_basis_overlap`),
+mismatch of eigenvalue spectra (:func:`spectrum_mismatch`), and the count of
+negative Hessian eigenvalues (:func:`negative_eigenvalues`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from curvinf.curvature.operators import (
+    Curvature,
+    DenseEigenBlock,
+    DiagonalEigenBlock,
+    EigenBlock,
+    InverseCurvature,
+    KroneckerEigenBlock,
+)
+
+LADDER_STEPS: tuple[tuple[str, str, str], ...] = (
+    ("ggn_substitution", "hessian", "ggn"),
+    ("block_diagonalisation", "ggn", "block_ggn"),
+    ("kronecker_basis", "block_ggn", "ekfac"),
+    ("kronecker_eigenvalues", "ekfac", "kfac"),
+)
+"""The four steps of the ladder as ``(name, from rung, to rung)``.
+
+``kronecker_basis`` (block-GGN → EK-FAC) replaces each layer's eigenbasis by the
+Kronecker basis and keeps the exact diagonal in it; ``kronecker_eigenvalues``
+(EK-FAC → K-FAC) replaces that diagonal by products of factor eigenvalues.
+Together they are the Kronecker factorisation, block-GGN → K-FAC.
+"""
+
+
+def relative_frobenius_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖approx − ref‖_F / ‖ref‖_F`` for two tensors of one shape (float64 internally).
+
+    Raises ``ValueError`` for mismatched shapes or a zero reference.
+    """
+    if approx.shape != ref.shape:
+        raise ValueError(
+            f"approx and ref must have the same shape, got {tuple(approx.shape)} and "
+            f"{tuple(ref.shape)}."
+        )
+    a, r = approx.to(torch.float64), ref.to(torch.float64)
+    denom = float(torch.linalg.norm(r))
+    if denom == 0.0:
+        raise ValueError("the reference is zero, so a relative error is undefined.")
+    return float(torch.linalg.norm(a - r)) / denom
+
+
+def influence_error(approx_scores: torch.Tensor, ref_scores: torch.Tensor) -> float:
+    """Influence-space error from score matrices ``S = G_q C⁺ G_trᵀ`` (Q, N):
+    ``‖S̃ − S_ref‖_F / ‖S_ref‖_F = ‖G_q (C̃⁺ − H⁺) G_trᵀ‖_F / ‖G_q H⁺ G_trᵀ‖_F``."""
+    return relative_frobenius_error(approx_scores, ref_scores)
+
+
+def influence_space_error(
+    approx: InverseCurvature,
+    ref: InverseCurvature,
+    G_query: torch.Tensor,
+    G_train: torch.Tensor,
+) -> float:
+    """``‖G_q (C̃⁺ − H⁺) G_trᵀ‖_F / ‖G_q H⁺ G_trᵀ‖_F`` from gradients ``G_q`` (Q, D),
+    ``G_tr`` (N, D), with only ``inv.apply`` (no dense inverse)."""
+    _check_pair(approx, ref)
+    Gt = G_train.to(torch.float64)
+    return influence_error(approx.apply(G_query) @ Gt.T, ref.apply(G_query) @ Gt.T)
+
+
+def _check_pair(approx: InverseCurvature, ref: InverseCurvature) -> None:
+    for name, inv in (("approx", approx), ("ref", ref)):
+        if not isinstance(inv, InverseCurvature):
+            raise TypeError(f"{name} must be an InverseCurvature, got {type(inv).__name__}.")
+    if approx.num_params != ref.num_params:
+        raise ValueError(
+            f"approx has {approx.num_params} parameters, ref {ref.num_params}; fit both rungs on "
+            "the same model."
+        )
+
+
+def _eigenvector_rows(
+    block: EigenBlock, keep: torch.Tensor, chunk_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Eigenvectors of ``block`` where ``keep`` (shaped like its eigenvalues) is true, as rows in
+    the block's local coordinates ``(k, d)``, with their positions into ``keep.flatten()``."""
+    positions = keep.reshape(-1).nonzero().squeeze(1)
+    for a in range(0, len(positions), chunk_size):
+        pos = positions[a : a + chunk_size]
+        if isinstance(block, DenseEigenBlock):
+            rows = block.U[:, pos].T
+        elif isinstance(block, DiagonalEigenBlock):
+            rows = torch.zeros(len(pos), len(block.index), dtype=torch.float64)
+            rows[torch.arange(len(pos)), pos] = 1.0
+        elif isinstance(block, KroneckerEigenBlock):
+            n_in = block.U_in.shape[0]
+            i, j = pos // n_in, pos % n_in
+            M = block.U_out[:, i].T[:, :, None] * block.U_in[:, j].T[:, None, :]
+            rows = block.from_matrix(M)
+        else:  # pragma: no cover - a new block type must be added here
+            raise TypeError(f"unsupported eigen-block type {type(block).__name__}.")
+        yield rows.to(torch.float64), pos
+
+
+def inverse_error(
+    approx: InverseCurvature, ref: InverseCurvature, *, chunk_size: int = 256
+) -> float:
+    """``‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F`` without forming either inverse densely.
+
+    With ``H⁺ = Σ_i t_i v_i v_iᵀ`` (ref's eigenvectors, nonzero inverse eigenvalues)
+    and the block eigendecomposition ``C̃⁺ = Σ_j s_j u_j u_jᵀ``:
+
+        ‖C̃⁺ − H⁺‖²_F = Σ_j s_j² − 2 Σ_i t_i v_iᵀ C̃⁺ v_i + Σ_i t_i²,
+
+    where ``C̃⁺ v_i`` is ``approx.apply`` on ``chunk_size`` eigenvectors at a time:
+    memory ``O(chunk_size · D)``, cost ``rank(H⁺)`` products with ``C̃⁺``.
+    """
+    _check_pair(approx, ref)
+    norm_a = sum(float(s.pow(2).sum()) for s in approx.inv_evals)
+    norm_r = sum(float(t.pow(2).sum()) for t in ref.inv_evals)
+    if norm_r == 0.0:
+        raise ValueError(
+            "the reference inverse is zero (every eigenvalue truncated); lower Regularization.eps."
+        )
+    cross = 0.0
+    D = ref.num_params
+    for block, t in zip(ref.blocks, ref.inv_evals, strict=True):
+        t_flat = t.reshape(-1)
+        for rows, pos in _eigenvector_rows(block, t != 0, chunk_size):
+            V = torch.zeros(len(rows), D, dtype=torch.float64)
+            V[:, block.index] = rows
+            quad = (approx.apply(V) * V).sum(dim=1)
+            cross += float((t_flat[pos] * quad).sum())
+    sq = max(norm_a - 2.0 * cross + norm_r, 0.0)
+    return math.sqrt(sq / norm_r)
+
+
+def error_shares(
+    errors: Mapping[str, float],
+    steps: Sequence[tuple[str, str, str]] = LADDER_STEPS,
+) -> dict[str, float]:
+    """Each ladder step's share of the total gap: ``(e_to − e_from) / (e_last − e_first)``.
+
+    ``errors`` maps rung -> error against the reference (the reference itself may
+    be missing; it counts as 0 when it is ``steps[0]``'s source). Shares of
+    consecutive steps sum to 1; a step can have a negative share when a coarser
+    rung happens to be closer to the reference. Raises ``ValueError`` for a missing
+    rung or a zero total gap; NaN errors give NaN shares.
+    """
+    chain = [steps[0][1]] + [to for _, _, to in steps]
+    for (_, _, to), (_, frm, _) in zip(steps, steps[1:], strict=False):
+        if to != frm:
+            raise ValueError(f"steps must form a chain; {to!r} is followed by {frm!r}.")
+    values = {}
+    for i, rung in enumerate(chain):
+        if rung in errors:
+            values[rung] = float(errors[rung])
+        elif i == 0:
+            values[rung] = 0.0
+        else:
+            raise ValueError(f"no error for rung {rung!r}; need {', '.join(chain)}.")
+    total = values[chain[-1]] - values[chain[0]]
+    if math.isnan(total):
+        return {name: math.nan for name, _, _ in steps}
+    if total == 0.0:
+        raise ValueError("the total error gap is zero, so shares are undefined.")
+    return {name: (values[to] - values[frm]) / total for name, frm, to in steps}
+
+
+def off_block_mass(C: torch.Tensor, blocks: Sequence[torch.Tensor]) -> float:
+    """``‖C − blockdiag(C)‖_F / ‖C‖_F`` for a (D, D) matrix and disjoint index sets ``blocks``
+    (e.g. ``[b.index for b in param_blocks(model)]``); positions in no block count as off-block."""
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"C must be a square matrix, got shape {tuple(C.shape)}.")
+    label = torch.full((C.shape[0],), -1, dtype=torch.long)
+    for b, idx in enumerate(blocks):
+        if bool((label[idx] >= 0).any()):
+            raise ValueError("blocks overlap; each position may belong to one block only.")
+        label[idx] = b
+    total = off = 0.0
+    for a in range(0, C.shape[0], 1024):  # row chunks: no second (D, D) temporary
+        rows = C[a : a + 1024].to(torch.float64).pow(2)
+        la = label[a : a + 1024, None]
+        same = (la == label[None, :]) & (la >= 0)
+        total += float(rows.sum())
+        off += float(rows[~same].sum())
+    if total == 0.0:
+        raise ValueError("C is zero, so off-block mass is undefined.")
+    return math.sqrt(off / total)
+
+
+def basis_overlap(V: torch.Tensor, U: torch.Tensor, ks: Sequence[int]) -> list[float]:
+    """``‖V_kᵀ U_k‖_F² / k`` for each ``k`` in ``ks``: overlap of two top-k subspaces.
+
+    ``V``, ``U`` (d, m): orthonormal columns sorted by eigenvalue, largest first;
+    ``V_k`` is the first ``k`` columns. 1 means the same subspace, ``k/d`` is what
+    random subspaces give on average.
+    """
+    if V.ndim != 2 or V.shape != U.shape:
+        raise ValueError(f"V and U must be (d, m) of one shape, got {V.shape} and {U.shape}.")
+    out = []
+    for k in ks:
+        if not 1 <= k <= V.shape[1]:
+            raise ValueError(f"k={k} is outside [1, {V.shape[1]}].")
+        M = V[:, :k].to(torch.float64).T @ U[:, :k].to(torch.float64)
+        out.append(float(M.pow(2).sum()) / k)
+    return out
+
+
+def top_eigenvectors(block: EigenBlock, k: int, evals: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``k`` eigenvectors of ``block`` with the largest eigenvalues (``evals``, shaped like
+    ``block.eigenvalues``, reorders them; default the block's own): (d, k), local coordinates."""
+    evals = block.eigenvalues if evals is None else evals
+    order = evals.reshape(-1).argsort(descending=True)[:k]
+    keep = torch.zeros(evals.numel(), dtype=torch.bool)
+    keep[order] = True
+    rows, pos = next(_eigenvector_rows(block, keep.reshape(evals.shape), evals.numel()))
+    rank = {int(p): r for r, p in enumerate(pos)}
+    return rows[[rank[int(p)] for p in order]].T
+
+
+def overlap_ks(d: int, max_k: int = 512) -> list[int]:
+    """``k`` = 1, 2, 5, 10, 20, 50, … up to ``min(d, max_k)``, plus that end."""
+    top = min(d, max_k)
+    ks, base = [], 1
+    while base <= top:
+        ks += [k for k in (base, 2 * base, 5 * base) if k <= top]
+        base *= 10
+    return sorted(set(ks + [top]))
+
+
+def layer_basis_overlap(
+    reference: Curvature, kronecker: Curvature, ks: Sequence[int] | None = None
+) -> dict[str, dict[int, float]]:
+    """Per layer, overlap of ``reference``'s top-k eigenvectors (the block-GGN) with the top-k of
+    ``kronecker``'s basis ``U_S ⊗ U_A`` ordered by its own eigenvalues (K-FAC or EK-FAC).
+
+    Blocks are matched by their positions in θ; returns ``{layer: {k: overlap}}``, with
+    ``ks`` default :func:`overlap_ks` of the layer size.
+    """
+    names = getattr(kronecker, "adapters", None)
+    out: dict[str, dict[int, float]] = {}
+    ref_blocks = {tuple(b.index.tolist()): b for b in reference.eigen()}
+    for i, kb in enumerate(kronecker.eigen()):
+        key = tuple(kb.index.tolist())
+        if key not in ref_blocks:
+            raise ValueError(
+                "the reference has no block at the positions of a Kronecker layer; use a "
+                "block rung with partition='layer'."
+            )
+        d = len(key)
+        layer_ks = list(ks) if ks is not None else overlap_ks(d)
+        m = max(layer_ks)
+        V = top_eigenvectors(ref_blocks[key], m)
+        U = top_eigenvectors(kb, m)
+        name = names[i].name if names is not None else str(i)
+        out[name] = dict(zip(layer_ks, basis_overlap(V, U, layer_ks), strict=True))
+    return out
+
+
+def spectrum_mismatch(approx: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖sort(λ̃) − sort(λ)‖₂ / ‖λ‖₂`` between two spectra with the same number of
+    eigenvalues (any shapes): how well the eigenvalues match, ignoring the eigenvectors."""
+    a = approx.reshape(-1).to(torch.float64).sort().values
+    r = ref.reshape(-1).to(torch.float64).sort().values
+    return relative_frobenius_error(a, r)
+
+
+def negative_eigenvalues(evals: torch.Tensor, rtol: float = 1e-10) -> int:
+    """How many eigenvalues are below ``−rtol · max|λ|`` (negative beyond round-off)."""
+    if evals.numel() == 0:
+        return 0
+    tol = rtol * float(evals.abs().max())
+    return int((evals < -tol).sum())
+
+
+__all__ = [
+    "LADDER_STEPS",
+    "basis_overlap",
+    "error_shares",
+    "influence_error",
+    "influence_space_error",
+    "inverse_error",
+    "layer_basis_overlap",
+    "negative_eigenvalues",
+    "off_block_mass",
+    "overlap_ks",
+    "relative_frobenius_error",
+    "spectrum_mismatch",
+    "top_eigenvectors",
+]
