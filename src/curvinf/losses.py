@@ -99,7 +99,8 @@ def example_measure(kind: str, measure: str, f: torch.Tensor, y: torch.Tensor) -
     if kind != "ce":
         raise ValueError("measure='margin' needs a classification loss; use measure='loss'.")
     correct = f.gather(-1, y.reshape(1)).squeeze(-1)
-    others = f.masked_fill(F.one_hot(y, f.shape[-1]).bool(), float("-inf"))
+    is_correct = torch.arange(f.shape[-1], device=f.device) == y
+    others = f.masked_fill(is_correct, float("-inf"))
     return -(correct - others.max(-1).values)
 
 
