@@ -76,6 +76,15 @@ def check_dense_budget(num_params: int, max_bytes: float, what: str) -> None:
     if need > max_bytes:
         raise ValueError(
             f"{what} needs a dense {num_params} x {num_params} float64 matrix "
-            f"({need / 2**30:.2f} GiB), over the memory budget of {max_bytes / 2**30:.2f} GiB. "
+            f"({format_bytes(need)}), over the memory budget of {format_bytes(max_bytes)}. "
             "Use a structured rung (block_ggn, ekfac, kfac, diag_ggn) or raise max_dense_bytes."
         )
+
+
+def format_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
