@@ -31,14 +31,14 @@ def make_mlp(
             f"need depth >= 0 and width, in_features, out_features >= 1; got depth={depth}, "
             f"width={width}, in_features={in_features}, out_features={out_features}."
         )
-    layers: list[nn.Module] = []
-    fan_in = in_features
-    for _ in range(depth):
-        layers += [nn.Linear(fan_in, width), ACTIVATIONS[activation]()]
-        fan_in = width
-    layers.append(nn.Linear(fan_in, out_features))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        fan_in = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(fan_in, width), ACTIVATIONS[activation]()]
+            fan_in = width
+        layers.append(nn.Linear(fan_in, out_features))
         model = nn.Sequential(*layers)
     return model.to(dtype)
 
