@@ -1,0 +1,153 @@
+"""Crash-safe files for resumable stores: atomic writes, checksummed blobs, JSON, a lock.
+
+- :func:`atomic_write`: write to a temporary file in the same directory, flush,
+  ``fsync``, ``os.replace`` onto the final name, ``fsync`` the directory. A
+  reader sees the old file or the new one, never half of one, even if the
+  writer is killed with SIGKILL or the machine loses power.
+- Blobs (:func:`write_blob` / :func:`read_blob`): ``MAGIC + sha256(payload) +
+  payload`` with ``payload = torch.save(obj)``; a truncated or altered file
+  fails the checksum and raises :class:`CorruptFileError`.
+- :func:`request_hash`: sha256 of canonical JSON, the key of a store.
+- :class:`StoreLock`: an exclusive ``flock`` on a store directory, released by the
+  kernel when its process dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAGIC = b"CURVINF-BLOB-1\n"
+TMP_SUFFIX = ".tmp"
+
+
+class CorruptFileError(ValueError):
+    """A store file is truncated, altered or unreadable."""
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(directory: str | Path) -> list[Path]:
+    """Delete temporary files a killed writer left in ``directory``; return them."""
+    leftovers = sorted(Path(directory).glob(f".*{TMP_SUFFIX}"))
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return leftovers
+
+
+def write_blob(path: str | Path, obj: Any) -> None:
+    """Atomically save ``obj`` (tensors, numbers, strings, lists, dicts) with a sha256 checksum."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    atomic_write(path, MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+def read_blob(path: str | Path) -> Any:
+    """Load a blob written by :func:`write_blob`; raise :class:`CorruptFileError` if damaged."""
+    path = Path(path)
+    raw = path.read_bytes()
+    head = len(MAGIC) + 32
+    if len(raw) < head or not raw.startswith(MAGIC):
+        raise CorruptFileError(f"{path} is not a curvinf blob or is truncated ({len(raw)} bytes).")
+    digest, payload = raw[len(MAGIC) : head], raw[head:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CorruptFileError(f"{path} fails its sha256 checksum (truncated or altered).")
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as err:  # pragma: no cover - checksum passed but torch cannot read it
+        raise CorruptFileError(f"{path} passes its checksum but cannot be loaded: {err}") from err
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal objects give equal strings."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def request_hash(obj: Any) -> str:
+    """sha256 hex digest of :func:`canonical_json` of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented, human-readable JSON."""
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """Read JSON; raise :class:`CorruptFileError` naming the file if it does not parse."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path} is not valid JSON ({err}).") from err
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 over the dtypes, shapes and bytes of ``tensors`` (a data fingerprint)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class StoreLock:
+    """Exclusive, non-blocking lock on ``directory`` (file ``.lock``); a context manager."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / ".lock"
+        self._fh: Any = None
+
+    def __enter__(self) -> StoreLock:
+        self._fh = open(self.path, "a")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            self._fh.close()
+            raise RuntimeError(
+                f"{self.path.parent} is being built by another process (its lock is held); wait "
+                "for it to finish or use another output directory."
+            ) from err
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()
+
+
+__all__ = [
+    "CorruptFileError",
+    "StoreLock",
+    "atomic_write",
+    "canonical_json",
+    "read_blob",
+    "read_json",
+    "remove_temporaries",
+    "request_hash",
+    "tensor_digest",
+    "write_blob",
+    "write_json",
+]
