@@ -1,0 +1,114 @@
+"""Batched retraining equals the ordinary training path, model by model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from curvinf.data import load_dataset
+from curvinf.lds import make_subsets
+from curvinf.losses import example_measure
+from curvinf.models import make_mlp
+from curvinf.retrain import (
+    accuracy_many,
+    measure_many,
+    stack_params,
+    subset_indices,
+    subset_recipe,
+    train_many,
+    unstack_model,
+)
+from curvinf.training import TrainingRecipe, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models: one thread is faster, and far faster on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_dataset("digits", seed=0)
+    return d.X_train[:300], d.y_train[:300], d.X_query[:40], d.y_query[:40]
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    return max(float((p - q).detach().abs().max()) for p, q in pairs)
+
+
+@pytest.mark.parametrize("matched_steps", [False, True])
+def test_batched_equals_sequential(digits, matched_steps):
+    X, y, _, _ = digits
+    loss = nn.CrossEntropyLoss()
+    model = make_mlp(64, 10, depth=2, width=16, seed=3)
+    masks = make_subsets(len(X), num_subsets=3, alpha=0.4, seed=1)
+    recipe = subset_recipe(
+        TrainingRecipe(epochs=3, batch_size=32), len(X), int(masks[0].sum()), matched_steps
+    )
+    assert recipe.epochs == (8 if matched_steps else 3)  # ceil(3 * 300 / 120)
+    seeds = [11, 12, 13]
+    batched = train_many(model, loss, X, y, recipe, subsets=masks, seeds=seeds)
+    idx = subset_indices(masks)
+    for k in range(3):
+        alone = train(model, loss, X, y, replace(recipe, seed=seeds[k]), subset=idx[k])
+        assert _max_diff(alone.model, unstack_model(model, batched.params, k)) < 1e-5
+        assert batched.epoch_losses[k].tolist() == pytest.approx(alone.epoch_losses, rel=1e-5)
+
+
+def test_batched_equals_sequential_with_own_init_and_mse():
+    d = load_dataset("diabetes", seed=0)
+    X, y = d.train
+    loss = nn.MSELoss()
+    inits = [make_mlp(10, 1, depth=1, width=8, seed=s) for s in (0, 1)]
+    masks = make_subsets(len(X), num_subsets=2, alpha=0.5, seed=0)
+    recipe = TrainingRecipe(epochs=2, lr=0.01, weight_decay=1e-3)
+    batched = train_many(
+        inits[0], loss, X, y, recipe, subsets=masks, seeds=[5, 6], init=stack_params(inits)
+    )
+    for k in range(2):
+        alone = train(
+            inits[k], loss, X, y, replace(recipe, seed=5 + k), subset=masks[k].nonzero()[:, 0]
+        )
+        assert _max_diff(alone.model, unstack_model(inits[0], batched.params, k)) < 1e-5
+
+
+def test_measurements_match_per_model_loop(digits):
+    X, y, Xq, yq = digits
+    loss = nn.CrossEntropyLoss()
+    models = [make_mlp(64, 10, depth=1, width=8, seed=s) for s in range(3)]
+    params = stack_params(models)
+    for measure in ("loss", "margin"):
+        got = measure_many(models[0], loss, params, Xq, yq, measure)
+        assert got.shape == (3, len(Xq)) and got.dtype == torch.float64
+        for k, m in enumerate(models):
+            with torch.no_grad():
+                f = m(Xq)
+            want = torch.stack(
+                [example_measure("ce", measure, f[i], yq[i]) for i in range(len(Xq))]
+            )
+            torch.testing.assert_close(got[k], want.double(), rtol=1e-5, atol=1e-6)
+    acc = accuracy_many(models[0], params, Xq, yq)
+    with torch.no_grad():
+        assert acc[1] == pytest.approx(float((models[1](Xq).argmax(1) == yq).double().mean()))
+
+
+def test_train_many_rejects_bad_subsets(digits):
+    X, y, _, _ = digits
+    model, loss, recipe = make_mlp(64, 10, seed=0), nn.CrossEntropyLoss(), TrainingRecipe(epochs=1)
+    uneven = torch.zeros(2, len(X), dtype=torch.bool)
+    uneven[0, :10], uneven[1, :20] = True, True
+    with pytest.raises(ValueError, match="same size"):
+        train_many(model, loss, X, y, recipe, subsets=uneven, seeds=[0, 1])
+    with pytest.raises(ValueError, match="one seed per model"):
+        train_many(model, loss, X, y, recipe, subsets=uneven[:1], seeds=[0, 1])
+    with pytest.raises(ValueError, match="empty"):
+        empty = torch.zeros(2, len(X), dtype=torch.bool)
+        train_many(model, loss, X, y, recipe, subsets=empty, seeds=[0, 1])
