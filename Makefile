@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install test test-all lint run bench clean
+.PHONY: install test test-all lint run bench bench-install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,28 @@ test-all: install lint
 run: install
 	$(VENV)/bin/curvinf reproduce --preset quick --out results/quick
 
+# Benchmark environment (.venv-bench): curvinf plus the peers it is timed against.
+# The peers and backpack-for-pytorch go in with --no-deps: they declare torchvision,
+# whose resolve pulls a CUDA torch (or a torchvision that cannot be imported beside
+# the CPU torch 2.13.0); neither imports it on the benchmarked paths.
+BVENV := .venv-bench
+BPIP := $(BVENV)/bin/python -m pip install -q -c constraints.txt
+BENCH_NODEPS := curvlinops-for-pytorch kronfluence backpack-for-pytorch
+BENCH_DEPS := linear_operator accelerate einconv einops opt_einsum safetensors tqdm unfoldNd
+
+$(BVENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BVENV)/bin/python || $(PYTHON) -m venv $(BVENV)
+	$(BPIP) -e .
+	$(BPIP) --no-deps $(BENCH_NODEPS)
+	$(BPIP) $(BENCH_DEPS)
+	$(BVENV)/bin/python -c "import curvlinops, kronfluence.analyzer"
+	touch $@
+
+bench-install: $(BVENV)/.installed
+
+# Curvature ladder vs curvlinops and kronfluence (docs/benchmarks.md). ~10 min on 2 cores.
+bench: bench-install
+	$(BVENV)/bin/python benchmarks/bench_curvature.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(BVENV) build *.egg-info src/*.egg-info
