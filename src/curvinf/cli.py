@@ -25,5 +25,42 @@ def demo(
     run_demo(depth=depth, width=width, epochs=epochs, seed=seed)
 
 
+@app.command()
+def groundtruth(
+    out: str = typer.Option(..., help="parent directory of the ground-truth stores"),
+    dataset: str = typer.Option("digits", help="digits or diabetes"),
+    queries: int = typer.Option(0, help="use the first N query points (0: all)"),
+    depth: int = typer.Option(4, help="hidden layers"),
+    width: int = typer.Option(64, help="hidden units per layer"),
+    activation: str = typer.Option("relu", help="relu, gelu or tanh"),
+    epochs: int = typer.Option(100, help="training epochs of the base recipe"),
+    lr: float = typer.Option(0.05, help="learning rate"),
+    momentum: float = typer.Option(0.9, help="SGD momentum"),
+    weight_decay: float = typer.Option(0.0, help="weight decay"),
+    batch_size: int = typer.Option(64, help="minibatch size"),
+    seed: int = typer.Option(0, help="seed for the split, the initialisation and base batches"),
+    subsets: int = typer.Option(100, help="M, random subsets"),
+    alpha: float = typer.Option(0.5, help="subset fraction"),
+    seeds: int = typer.Option(5, help="R, retraining seeds per subset"),
+    subset_seed: int = typer.Option(0, help="seed for the subsets and retraining batch orders"),
+    measure: str = typer.Option("loss", help="loss or margin"),
+    matched_steps: bool = typer.Option(
+        False,
+        help="scale epochs by N/|S| so retrains take the base model's steps (default: same epochs)",
+    ),
+    vary_init: bool = typer.Option(False, help="fresh initialisation per retrained model"),
+    chunk: int = typer.Option(0, help="models trained together per chunk (0: from --memory-gib)"),
+    memory_gib: float = typer.Option(2.0, help="memory budget of one chunk, GiB"),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)"),
+    repair: bool = typer.Option(False, help="recompute corrupt or missing store files"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Build or resume the LDS ground truth (M subsets x R seeds retrained); print its store."""
+    options = dict(locals())
+    from curvinf.groundtruth import run_groundtruth
+
+    run_groundtruth(**options)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,874 @@
+"""LDS ground truth: retrain ``M`` subsets x ``R`` seeds, measure, keep it in a resumable store.
+
+For subset ``j`` (:func:`curvinf.lds.make_subsets`) and seed ``r``, model
+``(j, r)`` is trained by the base recipe on ``S_j`` and measured on every query:
+
+    meas[j, r, q] = f(z_q; θ*(S_j, r))            (M, R, Q), lower is better
+    truth[j, q]   = 1/R Σ_r meas[j, r, q]          (M, Q)
+
+Retraining protocol (defaults):
+
+- Initialisation: every retrained model starts from the base model's weights
+  at initialisation (``make_mlp(seed=model_seed)``), as influence functions
+  assume. ``vary_init=True`` draws a fresh initialisation per ``(j, r)``.
+- Seed ``r`` changes the minibatch order only (batch seed
+  ``retrain_seed(seed, j, r)``, a hash of ``(seed, j, r)``, so adding subsets
+  or seeds keeps the existing ones).
+- Steps: the base recipe's *epochs* (``matched_steps=False``, the default and
+  Park et al.'s protocol), so a half-data model takes half the steps;
+  ``matched_steps=True`` scales the epochs by ``N / |S_j|`` to match steps.
+
+Models are trained in chunks by :func:`curvinf.retrain.train_many` (vmap over
+stacked parameters); model ``i`` is subset ``i // R``, seed ``i % R``.
+
+Store layout (one directory per request, named by a hash of everything that
+determines the numbers: data, model, recipe, loss, measurement, subsets, seeds)::
+
+    <out>/<name>-<hash>/
+        manifest.json      human-readable request, layout, progress, cost, summary
+        base.pt            the base model's metrics
+        chunk-00000.pt ... one per chunk of models, checksummed, written atomically
+        .lock              held while a process builds the store
+
+Every chunk is written atomically (temp file, fsync, rename) before the
+manifest records it, so a run killed at any point (SIGKILL included) resumes
+from the last finished chunk and ends with the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvinf.data import DataSplit
+from curvinf.lds import LDSResult, lds, make_subsets, subset_size
+from curvinf.losses import MEASURES, check_targets
+from curvinf.models import ACTIVATIONS, make_mlp
+from curvinf.progress import progress_bar
+from curvinf.retrain import (
+    accuracy_many,
+    bytes_per_model,
+    losses_many,
+    measure_many,
+    stack_params,
+    subset_recipe,
+    train_many,
+)
+from curvinf.storage import (
+    CorruptFileError,
+    StoreLock,
+    read_blob,
+    read_json,
+    remove_temporaries,
+    request_hash,
+    tensor_digest,
+    write_blob,
+    write_json,
+)
+from curvinf.training import TrainingRecipe, train
+from curvinf.validation import check_choice, check_xy
+
+FORMAT = 1
+LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_MEMORY_BYTES = 2 * 2**30
+DEFAULT_MAX_CHUNK = 100
+
+
+class RetrainingWarning(UserWarning):
+    """Retrained models are far from the base model, or the ground truth is mostly noise."""
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    """Everything besides the data that determines the LDS ground truth.
+
+    Model: ``make_mlp(F, C, depth=, width=, activation=, seed=model_seed, dtype=)``.
+    Training: ``recipe`` (the base model's; its ``seed`` orders the base model's
+    batches), ``loss`` ``"ce"`` or ``"mse"``. Measurement: ``measure``
+    (``"loss"`` or ``"margin"``, lower is better). Subsets: ``num_subsets`` (M)
+    of fraction ``alpha``, seeded by ``seed``. Retraining: ``num_seeds`` (R)
+    batch-order seeds per subset, ``matched_steps`` and ``vary_init`` (module doc).
+    """
+
+    depth: int = 4
+    width: int = 64
+    activation: str = "relu"
+    model_seed: int = 0
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
+    loss: str = "ce"
+    measure: str = "loss"
+    num_subsets: int = 100
+    alpha: float = 0.5
+    num_seeds: int = 5
+    seed: int = 0
+    matched_steps: bool = False
+    vary_init: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("measure", self.measure, MEASURES)
+        check_choice("dtype", self.dtype, DTYPES)
+        if not isinstance(self.recipe, TrainingRecipe):
+            raise TypeError(f"recipe must be a TrainingRecipe, got {type(self.recipe).__name__}.")
+        if self.depth < 0 or self.width < 1:
+            raise ValueError(f"need depth >= 0 and width >= 1, got {self.depth}, {self.width}.")
+        if self.num_subsets < 2:
+            raise ValueError(f"num_subsets must be >= 2, got {self.num_subsets}.")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha (subset fraction) must lie in (0, 1), got {self.alpha}.")
+        if self.num_seeds < 1:
+            raise ValueError(f"num_seeds must be >= 1, got {self.num_seeds}.")
+        if self.measure == "margin" and self.loss != "ce":
+            raise ValueError("measure='margin' needs loss='ce'; use measure='loss'.")
+
+    @property
+    def num_models(self) -> int:
+        """M x R, the models to retrain."""
+        return self.num_subsets * self.num_seeds
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def make_model(self, data: DataSplit) -> nn.Module:
+        """The base model at initialisation."""
+        return make_mlp(
+            data.num_features,
+            data.num_outputs,
+            depth=self.depth,
+            width=self.width,
+            activation=self.activation,
+            seed=self.model_seed,
+            dtype=DTYPES[self.dtype],
+        )
+
+    def make_loss(self) -> nn.Module:
+        return LOSSES[self.loss]()
+
+
+@dataclass
+class GroundTruth:
+    """The LDS ground truth of one request, as built or loaded by :func:`ground_truth`.
+
+    Shapes: ``M`` subsets, ``R`` seeds, ``Q`` queries, ``N`` training examples.
+
+    - ``truth`` (M, Q) float64: measurement averaged over seeds (lower is better).
+    - ``masks`` (M, N) bool: the subsets. ``seeds`` (M, R) int64: batch seeds.
+    - ``measurements`` (M, R, Q): every retrained model's measurement.
+    - ``train_loss`` (M, R): final training loss of each model on its subset.
+    - ``query_loss`` (M, R): mean query loss; ``query_accuracy`` (M, R) or None.
+    - ``base``: the base model's ``train_loss``, ``query_loss``, ``query_accuracy``.
+    - ``warnings``: health problems (retrained models far from the base model,
+      ground truth dominated by seed noise); empty when none.
+    - ``path``: the store directory; ``manifest``: its manifest.
+    - ``models_trained``: models this call trained (0 when fully loaded).
+    """
+
+    truth: torch.Tensor
+    masks: torch.Tensor
+    seeds: torch.Tensor
+    measurements: torch.Tensor
+    train_loss: torch.Tensor
+    query_loss: torch.Tensor
+    query_accuracy: torch.Tensor | None
+    base: dict[str, float]
+    warnings: list[str]
+    path: Path
+    manifest: dict[str, Any]
+    models_trained: int
+    config: GroundTruthConfig
+
+    def lds(self, scores: torch.Tensor, **kwargs: Any) -> LDSResult:
+        """:func:`curvinf.lds.lds` of ``scores`` (Q, N) against this ground truth."""
+        return lds(scores, self.masks, self.truth, **kwargs)
+
+
+def retrain_seed(seed: int, subset: int, replicate: int, purpose: str = "batches") -> int:
+    """A 31-bit seed for model ``(subset, replicate)``: a hash, independent of M and R."""
+    digest = hashlib.sha256(f"curvinf/{purpose}/{seed}/{subset}/{replicate}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def retrain_seeds(
+    seed: int, num_subsets: int, num_seeds: int, purpose: str = "batches"
+) -> torch.Tensor:
+    """(M, R) int64 matrix of :func:`retrain_seed`."""
+    return torch.tensor(
+        [[retrain_seed(seed, j, r, purpose) for r in range(num_seeds)] for j in range(num_subsets)],
+        dtype=torch.int64,
+    )
+
+
+def data_fingerprint(data: DataSplit) -> dict[str, Any]:
+    """What identifies a split: its name, task, seed, shapes and a sha256 of its tensors."""
+    return {
+        "name": data.name,
+        "task": data.task,
+        "seed": data.seed,
+        "n_train": len(data.X_train),
+        "n_query": len(data.X_query),
+        "num_features": data.num_features,
+        "num_outputs": data.num_outputs,
+        "sha256": tensor_digest(data.X_train, data.y_train, data.X_query, data.y_query),
+    }
+
+
+def store_request(config: GroundTruthConfig, data: DataSplit) -> dict[str, Any]:
+    """The manifest's ``request``: everything that determines the numbers (hashed into the key)."""
+    n = len(data.X_train)
+    size = subset_size(n, config.alpha)
+    sub = subset_recipe(config.recipe, n, size, config.matched_steps)
+    return {
+        "format": FORMAT,
+        "data": data_fingerprint(data),
+        "model": {
+            "kind": "mlp",
+            "depth": config.depth,
+            "width": config.width,
+            "activation": config.activation,
+            "seed": config.model_seed,
+            "dtype": config.dtype,
+        },
+        "recipe": config.recipe.to_dict(),
+        "loss": config.loss,
+        "measure": config.measure,
+        "subsets": {
+            "num_subsets": config.num_subsets,
+            "alpha": config.alpha,
+            "size": size,
+            "seed": config.seed,
+        },
+        "retraining": {
+            "num_seeds": config.num_seeds,
+            "seed": config.seed,
+            "matched_steps": config.matched_steps,
+            "epochs": sub.epochs,
+            "vary_init": config.vary_init,
+        },
+    }
+
+
+def store_name(config: GroundTruthConfig, data: DataSplit) -> str:
+    """The store directory: ``<data>-d<depth>w<width>-e<epochs>-M<M>R<R>-<measure>-<hash12>``."""
+    key = request_hash(store_request(config, data))
+    return (
+        f"{data.name}-d{config.depth}w{config.width}{config.activation}-e{config.recipe.epochs}"
+        f"-M{config.num_subsets}R{config.num_seeds}-{config.measure}-{key[:12]}"
+    )
+
+
+def ground_truth(
+    data: DataSplit,
+    config: GroundTruthConfig,
+    store_dir: str | Path,
+    *,
+    progress: bool = True,
+    models_per_chunk: int | None = None,
+    max_memory_bytes: float = DEFAULT_MEMORY_BYTES,
+    repair: bool = False,
+    warn_factor: float = 2.0,
+    warn_margin: float = 0.1,
+    log: Callable[[str], None] | None = None,
+) -> GroundTruth:
+    """Build, resume or load the LDS ground truth of ``config`` on ``data``.
+
+    Args:
+        data: the train/query split (queries are every row of ``data.X_query``).
+        config: model, recipe, measurement, subsets and seeds.
+        store_dir: parent directory; the store is ``store_dir/<store_name>``.
+            If ``store_dir`` itself holds a ``manifest.json`` it is used as the
+            store, and must match the request.
+        progress: draw a progress bar over models x epochs.
+        models_per_chunk: models trained together and written as one file;
+            default: as many as ``max_memory_bytes`` allows, at most 100, chunks
+            of equal size. An existing store keeps the layout it was created with.
+        max_memory_bytes: memory budget of one chunk (rough estimate,
+            :func:`curvinf.retrain.bytes_per_model`).
+        repair: recompute corrupt or missing chunk files (and a corrupt
+            manifest) with a message, instead of raising.
+        warn_factor, warn_margin: a retrained metric ``a`` is "far" from the
+            base model's ``b`` when ``a > warn_factor * b + warn_margin``
+            (median over retrained models; losses).
+        log: where messages go (default: stderr).
+
+    Returns:
+        :class:`GroundTruth`.
+
+    Raises:
+        ValueError: the store at ``store_dir`` was built for another request.
+        CorruptFileError: a store file is damaged and ``repair`` is False.
+        FloatingPointError: a retrained model diverged.
+    """
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    if not isinstance(config, GroundTruthConfig):
+        raise TypeError(f"config must be a GroundTruthConfig, got {type(config).__name__}.")
+    if not isinstance(data, DataSplit):
+        raise TypeError(
+            f"data must be a DataSplit (curvinf.load_dataset), got {type(data).__name__}."
+        )
+    data = data.to(DTYPES[config.dtype])
+    loss = config.make_loss()
+    model = config.make_model(data)
+    check_xy(*data.train, name="train", model=model)
+    check_xy(*data.query, name="query", model=model)
+    if config.loss == "ce" and data.task != "classification":
+        raise ValueError(
+            f"loss='ce' needs a classification dataset; {data.name} is a regression task: "
+            "use loss='mse'."
+        )
+    check_targets(config.loss, data.num_outputs, data.y_train, "train y")
+
+    request = store_request(config, data)
+    key = request_hash(request)
+    store_dir = Path(store_dir)
+    path = (
+        store_dir
+        if (store_dir / "manifest.json").exists()
+        else store_dir / store_name(config, data)
+    )
+    path.mkdir(parents=True, exist_ok=True)
+
+    with StoreLock(path):
+        for leftover in remove_temporaries(path):
+            say(f"removed {leftover.name}, a partial file left by an interrupted run")
+        manifest = _open_manifest(
+            path, request, key, config, data, models_per_chunk, max_memory_bytes, repair, say
+        )
+        return _build(
+            path,
+            manifest,
+            config,
+            data,
+            model,
+            loss,
+            progress,
+            repair,
+            warn_factor,
+            warn_margin,
+            say,
+        )
+
+
+def _default_chunk(
+    config: GroundTruthConfig, data: DataSplit, model: nn.Module, max_memory_bytes: float
+) -> int:
+    per_model = bytes_per_model(
+        model, len(data.X_train), len(data.X_query), config.recipe.batch_size
+    )
+    cap = max(1, min(DEFAULT_MAX_CHUNK, int(max_memory_bytes // per_model)))
+    num_chunks = math.ceil(config.num_models / cap)
+    return math.ceil(config.num_models / num_chunks)
+
+
+def _open_manifest(
+    path: Path,
+    request: dict[str, Any],
+    key: str,
+    config: GroundTruthConfig,
+    data: DataSplit,
+    models_per_chunk: int | None,
+    max_memory_bytes: float,
+    repair: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    file = path / "manifest.json"
+    if file.exists():
+        try:
+            manifest = read_json(file)
+            if (
+                not isinstance(manifest, dict)
+                or "request" not in manifest
+                or "layout" not in manifest
+            ):
+                raise CorruptFileError(f"{file} lacks 'request' or 'layout'.")
+        except CorruptFileError as err:
+            if not repair:
+                raise CorruptFileError(
+                    f"{err} The store's manifest is damaged; pass repair=True (CLI --repair) to "
+                    "rebuild it (finished chunks that verify are kept), or delete the directory."
+                ) from err
+            say(f"{err} Rebuilding the manifest; chunks that verify are kept, the rest recomputed.")
+        else:
+            if manifest["request"] != request or manifest.get("key") != key:
+                diffs = _differences(manifest["request"], request)
+                raise ValueError(
+                    f"the store at {path} was built for a different request; differences "
+                    f"(stored vs requested): {'; '.join(diffs) or 'key only'}. Use another output "
+                    "directory, or delete this store to rebuild it."
+                )
+            if (
+                models_per_chunk is not None
+                and models_per_chunk != manifest["layout"]["models_per_chunk"]
+            ):
+                say(
+                    f"the store was created with {manifest['layout']['models_per_chunk']} models "
+                    f"per chunk; keeping that (requested {models_per_chunk})"
+                )
+            return manifest
+    if models_per_chunk is None:
+        models_per_chunk = _default_chunk(config, data, config.make_model(data), max_memory_bytes)
+    if models_per_chunk < 1:
+        raise ValueError(f"models_per_chunk must be >= 1, got {models_per_chunk}.")
+    num_models = config.num_models
+    manifest = {
+        "format": FORMAT,
+        "key": key,
+        "created": _now(),
+        "request": request,
+        "layout": {
+            "num_models": num_models,
+            "models_per_chunk": models_per_chunk,
+            "num_chunks": math.ceil(num_models / models_per_chunk),
+            "model_order": "model i is subset i // num_seeds, seed i % num_seeds",
+            "chunk_file": "chunk-{index:05d}.pt",
+        },
+        "progress": {"chunks_done": [], "models_done": 0, "complete": False},
+        "cost": {"models_trained_total": 0, "wall_s_total": 0.0, "base_wall_s": None},
+        "runs": [],
+        "summary": None,
+    }
+    write_json(file, manifest)
+    return manifest
+
+
+def _differences(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        out = []
+        for k in sorted(set(stored) | set(wanted)):
+            out += _differences(stored.get(k), wanted.get(k), f"{prefix}{k}.")
+        return out
+    return [] if stored == wanted else [f"{prefix.rstrip('.')}: {stored!r} vs {wanted!r}"]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _chunk_path(path: Path, index: int) -> Path:
+    return path / f"chunk-{index:05d}.pt"
+
+
+def _chunk_range(manifest: dict[str, Any], index: int) -> tuple[int, int]:
+    size, total = manifest["layout"]["models_per_chunk"], manifest["layout"]["num_models"]
+    return index * size, min(total, (index + 1) * size)
+
+
+def _read_checked(
+    file: Path, key: str, expect: dict[str, Any], repair: bool, say: Callable[[str], None]
+) -> dict | None:
+    """A verified blob, or None (after a message) if damaged and ``repair``."""
+    try:
+        blob = read_blob(file)
+        if not isinstance(blob, dict) or blob.get("key") != key:
+            raise CorruptFileError(f"{file} belongs to another store (key mismatch).")
+        for k, v in expect.items():
+            if blob.get(k) != v:
+                raise CorruptFileError(f"{file} holds {k}={blob.get(k)!r}, expected {v!r}.")
+        return blob
+    except CorruptFileError as err:
+        if not repair:
+            raise CorruptFileError(
+                f"{err} Pass repair=True (CLI --repair) to recompute it, or delete the file."
+            ) from err
+        say(f"{err} Recomputing it.")
+        file.unlink(missing_ok=True)
+        return None
+
+
+def _build(
+    path: Path,
+    manifest: dict[str, Any],
+    config: GroundTruthConfig,
+    data: DataSplit,
+    model: nn.Module,
+    loss: nn.Module,
+    progress: bool,
+    repair: bool,
+    warn_factor: float,
+    warn_margin: float,
+    say: Callable[[str], None],
+) -> GroundTruth:
+    key = manifest["key"]
+    X, y = data.train
+    Xq, yq = data.query
+    n, R = len(X), config.num_seeds
+    masks = make_subsets(n, config.num_subsets, config.alpha, config.seed)
+    seeds = retrain_seeds(config.seed, config.num_subsets, R)
+    sub = subset_recipe(config.recipe, n, int(masks[0].sum()), config.matched_steps)
+    run = {
+        "started": _now(),
+        "wall_s": 0.0,
+        "models_trained": 0,
+        "chunks_written": [],
+        "torch_threads": torch.get_num_threads(),
+    }
+    start_time = time.perf_counter()
+
+    def save_manifest(worked: bool = True) -> None:
+        if worked and not any(r is run for r in manifest["runs"]):
+            manifest["runs"].append(run)  # loads that train nothing are not runs
+        run["wall_s"] = round(time.perf_counter() - start_time, 3)
+        manifest["cost"]["wall_s_total"] = round(sum(r["wall_s"] for r in manifest["runs"]), 3)
+        write_json(path / "manifest.json", manifest)
+
+    # The base model, trained once on all the data by the ordinary path.
+    base_file = path / "base.pt"
+    base = _read_checked(base_file, key, {}, repair, say) if base_file.exists() else None
+    if base is None:
+        t0 = time.perf_counter()
+        trained = train(model, loss, X, y, config.recipe)
+        params = {k: v.detach()[None] for k, v in trained.model.named_parameters()}
+        base = {
+            "key": key,
+            **_metrics(
+                model, loss, params, data, torch.ones(1, n, dtype=torch.bool), config.measure
+            ),
+        }
+        write_blob(base_file, base)
+        manifest["cost"]["base_wall_s"] = round(time.perf_counter() - t0, 3)
+        save_manifest()
+
+    # Finished chunks: verify every file; recompute what is missing or damaged.
+    num_chunks = manifest["layout"]["num_chunks"]
+    chunks: dict[int, dict] = {}
+    listed = set(manifest["progress"]["chunks_done"])
+    for c in range(num_chunks):
+        file = _chunk_path(path, c)
+        a, b = _chunk_range(manifest, c)
+        if file.exists():
+            blob = _read_checked(file, key, {"start": a, "stop": b}, repair, say)
+            if blob is not None:
+                chunks[c] = blob
+        elif c in listed:
+            msg = f"{file} is listed as finished in the manifest but is missing"
+            if not repair:
+                raise CorruptFileError(f"{msg}; pass repair=True (CLI --repair) to recompute it.")
+            say(f"{msg}; recomputing it.")
+    manifest["progress"]["chunks_done"] = sorted(chunks)
+    manifest["progress"]["models_done"] = sum(
+        _chunk_range(manifest, c)[1] - _chunk_range(manifest, c)[0] for c in chunks
+    )
+    todo = [c for c in range(num_chunks) if c not in chunks]
+    if todo:
+        done = manifest["progress"]["models_done"]
+        if done:
+            say(f"resuming {path.name}: {done} of {config.num_models} models already trained")
+        remaining = sum(_chunk_range(manifest, c)[1] - _chunk_range(manifest, c)[0] for c in todo)
+        desc = f"retraining {remaining} models x {sub.epochs} epochs"
+        with progress_bar(remaining * sub.epochs, desc, progress) as advance:
+            for c in todo:
+                a, b = _chunk_range(manifest, c)
+                t0 = time.perf_counter()
+                blob = _train_chunk(config, data, model, loss, masks, seeds, sub, a, b, advance)
+                blob.update(key=key, start=a, stop=b, wall_s=round(time.perf_counter() - t0, 3))
+                write_blob(_chunk_path(path, c), blob)
+                chunks[c] = blob
+                manifest["progress"]["chunks_done"] = sorted(chunks)
+                manifest["progress"]["models_done"] += b - a
+                manifest["cost"]["models_trained_total"] += b - a
+                run["models_trained"] += b - a
+                run["chunks_written"].append(c)
+                save_manifest()
+
+    # Assemble (M, R, ...) arrays in model order.
+    M = config.num_subsets
+    cat = {
+        k: torch.cat([chunks[c][k] for c in range(num_chunks)])
+        for k in ("measurements", "train_loss", "query_loss")
+    }
+    measurements = cat["measurements"].reshape(M, R, -1)
+    train_loss = cat["train_loss"].reshape(M, R)
+    query_loss = cat["query_loss"].reshape(M, R)
+    query_accuracy = None
+    if chunks[0].get("query_accuracy") is not None:
+        query_accuracy = torch.cat(
+            [chunks[c]["query_accuracy"] for c in range(num_chunks)]
+        ).reshape(M, R)
+    truth = measurements.mean(1)
+    base_metrics = {k: float(base[k][0]) for k in ("train_loss", "query_loss")}
+    base_metrics["query_accuracy"] = (
+        float(base["query_accuracy"][0]) if base.get("query_accuracy") is not None else None
+    )
+    found = health_warnings(
+        base_metrics,
+        train_loss,
+        query_loss,
+        query_accuracy,
+        measurements,
+        epochs=sub.epochs,
+        matched_steps=config.matched_steps,
+        factor=warn_factor,
+        margin=warn_margin,
+    )
+    for msg in found:
+        warnings.warn(msg, RetrainingWarning, stacklevel=3)
+    manifest["progress"]["complete"] = True
+    manifest["summary"] = {
+        "base": base_metrics,
+        "retrained_median": {
+            "train_loss": float(train_loss.median()),
+            "query_loss": float(query_loss.median()),
+            "query_accuracy": None if query_accuracy is None else float(query_accuracy.median()),
+        },
+        "truth_mean": float(truth.mean()),
+        "warnings": found,
+    }
+    save_manifest(worked=False)
+    return GroundTruth(
+        truth=truth,
+        masks=masks,
+        seeds=seeds,
+        measurements=measurements,
+        train_loss=train_loss,
+        query_loss=query_loss,
+        query_accuracy=query_accuracy,
+        base=base_metrics,
+        warnings=found,
+        path=path,
+        manifest=manifest,
+        models_trained=run["models_trained"],
+        config=config,
+    )
+
+
+def _train_chunk(
+    config: GroundTruthConfig,
+    data: DataSplit,
+    model: nn.Module,
+    loss: nn.Module,
+    masks: torch.Tensor,
+    seeds: torch.Tensor,
+    recipe: TrainingRecipe,
+    start: int,
+    stop: int,
+    advance: Callable[[int], None],
+) -> dict[str, Any]:
+    """Train models ``start..stop-1`` together and measure them."""
+    R = config.num_seeds
+    ids = torch.arange(start, stop)
+    subsets = masks[ids // R]
+    init = None
+    if config.vary_init:
+        init_seeds = [retrain_seed(config.seed, int(i) // R, int(i) % R, "init") for i in ids]
+        init = stack_params([_with_seed(config, data, s) for s in init_seeds])
+    result = train_many(
+        model,
+        loss,
+        *data.train,
+        recipe,
+        subsets=subsets,
+        seeds=seeds.reshape(-1)[ids],
+        init=init,
+        on_epoch=advance,
+    )
+    return _metrics(model, loss, result.params, data, subsets, config.measure)
+
+
+def _with_seed(config: GroundTruthConfig, data: DataSplit, seed: int) -> nn.Module:
+    return make_mlp(
+        data.num_features,
+        data.num_outputs,
+        depth=config.depth,
+        width=config.width,
+        activation=config.activation,
+        seed=seed,
+        dtype=DTYPES[config.dtype],
+    )
+
+
+def _metrics(
+    model: nn.Module,
+    loss: nn.Module,
+    params: dict[str, torch.Tensor],
+    data: DataSplit,
+    subsets: torch.Tensor,
+    measure: str,
+) -> dict[str, Any]:
+    """Per stacked model: query measurements (K, Q), subset train loss, query loss and accuracy."""
+    X, y = data.train
+    Xq, yq = data.query
+    per_example = losses_many(model, loss, params, X, y)  # (K, N)
+    w = subsets.to(per_example.dtype)
+    return {
+        "measurements": measure_many(model, loss, params, Xq, yq, measure),
+        "train_loss": (per_example * w).sum(1) / w.sum(1),
+        "query_loss": losses_many(model, loss, params, Xq, yq).mean(1),
+        "query_accuracy": accuracy_many(model, params, Xq, yq)
+        if data.task == "classification"
+        else None,
+    }
+
+
+def health_warnings(
+    base: dict[str, float | None],
+    train_loss: torch.Tensor,
+    query_loss: torch.Tensor,
+    query_accuracy: torch.Tensor | None,
+    measurements: torch.Tensor,
+    *,
+    epochs: int,
+    matched_steps: bool,
+    factor: float = 2.0,
+    margin: float = 0.1,
+) -> list[str]:
+    """Why the ground truth may not mean much; empty when it looks healthy.
+
+    - Median retrained training loss (on its subset) or query loss above
+      ``factor * base + margin``: the retrained models have not trained like
+      the base model, and LDS against them measures little.
+    - Median query accuracy more than 10 points below the base model's.
+    - Seed noise: for most queries, the variance of the seed mean
+      (``Var_r / R``) exceeds the variance of the truth across subsets.
+    """
+    found = []
+    hint = "train longer or with a larger learning rate" + (
+        ""
+        if matched_steps
+        else ", or scale steps to the subset size (matched_steps=True, --matched-steps)"
+    )
+    med_train, med_query = float(train_loss.median()), float(query_loss.median())
+    if med_train > factor * base["train_loss"] + margin:
+        found.append(
+            f"retrained models have not converged: median training loss on their subsets "
+            f"{med_train:.4g} against {base['train_loss']:.4g} for the base model on all data "
+            f"after {epochs} epochs; LDS against this ground truth measures little. Fix: {hint}."
+        )
+    if med_query > factor * base["query_loss"] + margin:
+        found.append(
+            f"retrained models are far from the base model: median query loss {med_query:.4g} "
+            f"against {base['query_loss']:.4g} for the base model; LDS against this ground truth "
+            f"measures little. Fix: {hint}."
+        )
+    if query_accuracy is not None and base.get("query_accuracy") is not None:
+        med_acc = float(query_accuracy.median())
+        if med_acc < base["query_accuracy"] - 0.1:
+            found.append(
+                f"retrained models are far less accurate than the base model: median query "
+                f"accuracy {med_acc:.3f} against {base['query_accuracy']:.3f}. Fix: {hint}."
+            )
+    R = measurements.shape[1]
+    if R >= 2:
+        noise = measurements.var(1).mean(0) / R  # (Q,) variance of the seed mean
+        signal = measurements.mean(1).var(0)  # (Q,) variance across subsets
+        share = float((noise > signal).double().mean())
+        if share > 0.5:
+            found.append(
+                f"ground truth is dominated by retraining noise: for {100 * share:.0f}% of queries "
+                f"the seed-to-seed variance of the mean over {R} seeds exceeds its variance across "
+                "subsets; raise the number of seeds."
+            )
+    return found
+
+
+__all__ = [
+    "GroundTruth",
+    "GroundTruthConfig",
+    "RetrainingWarning",
+    "data_fingerprint",
+    "ground_truth",
+    "health_warnings",
+    "retrain_seed",
+    "retrain_seeds",
+    "store_name",
+    "store_request",
+]
+
+
+def run_groundtruth(
+    *,
+    out: str,
+    dataset: str,
+    queries: int,
+    depth: int,
+    width: int,
+    activation: str,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    subsets: int,
+    alpha: float,
+    seeds: int,
+    subset_seed: int,
+    measure: str,
+    matched_steps: bool,
+    vary_init: bool,
+    chunk: int,
+    memory_gib: float,
+    threads: int,
+    repair: bool,
+    progress: bool,
+) -> GroundTruth:
+    """The ``curvinf groundtruth`` command: build or resume a store, print where it is."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from curvinf.data import load_dataset
+
+    console = Console(stderr=True)
+    if threads:
+        torch.set_num_threads(threads)
+    data = load_dataset(dataset, seed=seed)
+    if queries:
+        data = replace(data, X_query=data.X_query[:queries], y_query=data.y_query[:queries])
+    config = GroundTruthConfig(
+        depth=depth,
+        width=width,
+        activation=activation,
+        model_seed=seed,
+        recipe=TrainingRecipe(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+        ),
+        loss="ce" if data.task == "classification" else "mse",
+        measure=measure,
+        num_subsets=subsets,
+        alpha=alpha,
+        num_seeds=seeds,
+        seed=subset_seed,
+        matched_steps=matched_steps,
+        vary_init=vary_init,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
+        gt = ground_truth(
+            data,
+            config,
+            out,
+            progress=progress,
+            models_per_chunk=chunk or None,
+            max_memory_bytes=memory_gib * 2**30,
+            repair=repair,
+            log=lambda msg: console.print(msg, style="yellow"),
+        )
+    summary = gt.manifest["summary"]["retrained_median"]
+    console.print(
+        f"{config.num_models} models ({gt.models_trained} trained now), "
+        f"{gt.manifest['cost']['wall_s_total']:.1f} s in all; median retrained train loss "
+        f"{summary['train_loss']:.4g}, query loss {summary['query_loss']:.4g}; base model "
+        f"{gt.base['train_loss']:.4g}, {gt.base['query_loss']:.4g}"
+    )
+    for msg in gt.warnings:
+        console.print(f"WARNING: {msg}", style="bold red")
+    print(gt.path)
+    return gt

@@ -1,0 +1,228 @@
+"""LDS ground truth: the resumable store, its failure modes, health warnings, and LDS on digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from curvinf.data import DataSplit, load_dataset
+from curvinf.groundtruth import (
+    GroundTruthConfig,
+    RetrainingWarning,
+    ground_truth,
+    health_warnings,
+)
+from curvinf.lds import make_subsets
+from curvinf.losses import example_measure
+from curvinf.storage import CorruptFileError
+from curvinf.training import TrainingRecipe, train
+
+TESTS = Path(__file__).parent
+# The tiny setup trains for 2 epochs: its retrains are unconverged on purpose (fast).
+pytestmark = pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models: one thread is faster, and far faster on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_setup() -> tuple[DataSplit, GroundTruthConfig]:
+    """300 training points, 30 queries, a one-hidden-layer MLP, 4 subsets x 2 seeds."""
+    d = load_dataset("digits", seed=0)
+    data = replace(
+        d, X_train=d.X_train[:300], y_train=d.y_train[:300], X_query=d.X_query[:30],
+        y_query=d.y_query[:30],
+    )  # fmt: skip
+    config = GroundTruthConfig(
+        depth=1, width=8, recipe=TrainingRecipe(epochs=2, batch_size=32), num_subsets=4,
+        num_seeds=2, alpha=0.5, seed=3,
+    )  # fmt: skip
+    return data, config
+
+
+def build(store: Path, **kwargs):
+    data, config = tiny_setup()
+    kwargs.setdefault("models_per_chunk", 3)
+    return ground_truth(data, config, store, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted build, shared by the tests that compare against it."""
+    return build(tmp_path_factory.mktemp("reference"))
+
+
+def test_build_then_load_trains_nothing(reference):
+    gt = reference
+    data, config = tiny_setup()
+    assert gt.truth.shape == (4, 30) and gt.measurements.shape == (4, 2, 30)
+    assert torch.equal(gt.truth, gt.measurements.mean(1))
+    assert torch.equal(gt.masks, make_subsets(300, 4, 0.5, seed=3))
+    assert gt.train_loss.shape == gt.query_loss.shape == gt.query_accuracy.shape == (4, 2)
+    assert gt.seeds.shape == (4, 2) and len(set(gt.seeds.flatten().tolist())) == 8
+    assert gt.models_trained == 8 and gt.path.parent.exists()
+    manifest = json.loads((gt.path / "manifest.json").read_text())
+    assert manifest["progress"] == {"chunks_done": [0, 1, 2], "models_done": 8, "complete": True}
+    assert manifest["cost"]["models_trained_total"] == 8 and manifest["cost"]["wall_s_total"] > 0
+    assert manifest["request"]["recipe"]["epochs"] == 2 and manifest["layout"]["num_chunks"] == 3
+    again = ground_truth(data, config, gt.path.parent, progress=False)
+    assert again.models_trained == 0 and torch.equal(again.truth, gt.truth)
+    assert len(json.loads((gt.path / "manifest.json").read_text())["runs"]) == 1
+
+
+def test_stored_model_equals_ordinary_training(reference):
+    data, config = tiny_setup()
+    j, r = 2, 1
+    subset = reference.masks[j].nonzero()[:, 0]
+    recipe = replace(config.recipe, seed=int(reference.seeds[j, r]))
+    model = train(
+        config.make_model(data), nn.CrossEntropyLoss(), *data.train, recipe, subset=subset
+    )
+    with torch.no_grad():
+        f = model.model(data.X_query)
+    want = torch.stack([example_measure("ce", "loss", f[i], data.y_query[i]) for i in range(30)])
+    torch.testing.assert_close(reference.measurements[j, r], want.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_mismatched_store_is_refused(reference):
+    data, config = tiny_setup()
+    other = replace(config, recipe=replace(config.recipe, epochs=3))
+    with pytest.raises(ValueError, match=r"different request.*recipe\.epochs: 2 vs 3"):
+        ground_truth(data, other, reference.path, progress=False)
+    # The same request keyed into the parent directory goes to its own store.
+    assert ground_truth(data, config, reference.path, progress=False).models_trained == 0
+
+
+def test_corrupt_files_are_detected_and_repaired(tmp_path, reference):
+    gt = build(tmp_path)
+    chunk = gt.path / "chunk-00001.pt"
+    chunk.write_bytes(chunk.read_bytes()[:-100])  # truncated
+    with pytest.raises(CorruptFileError, match="checksum.*repair=True"):
+        build(tmp_path)
+    messages: list[str] = []
+    fixed = build(tmp_path, repair=True, log=messages.append)
+    assert any("Recomputing" in m for m in messages) and fixed.models_trained == 3
+    assert torch.equal(fixed.truth, reference.truth)
+
+    (gt.path / "manifest.json").write_text('{"request": ')
+    with pytest.raises(CorruptFileError, match="manifest is damaged"):
+        build(tmp_path)
+    fixed = build(tmp_path, repair=True, log=messages.append)
+    assert fixed.models_trained == 0 and torch.equal(fixed.truth, reference.truth)
+
+    (gt.path / "chunk-00002.pt").unlink()
+    with pytest.raises(CorruptFileError, match="missing"):
+        build(tmp_path)
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import curvinf.groundtruth as g
+from test_groundtruth import build
+write = g.write_blob
+def write_then_stall(path, obj):
+    write(path, obj)
+    if "chunk-" in str(path):
+        time.sleep(120)  # killed here, after the first chunk is on disk
+g.write_blob = write_then_stall
+build(__import__("pathlib").Path({store!r}))
+"""
+
+
+def test_resume_after_sigkill(tmp_path, reference):
+    code = CHILD.format(tests=str(TESTS), store=str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/chunk-00000.pt")):
+        assert child.poll() is None, child.stderr.read().decode()
+        assert time.monotonic() < deadline, "the child never wrote its first chunk"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(30)
+    child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    assert len(list(tmp_path.glob("*/chunk-*.pt"))) == 1
+
+    resumed = build(tmp_path)
+    assert resumed.models_trained == 8 - 3  # only the two missing chunks
+    assert torch.equal(resumed.truth, reference.truth)
+    assert torch.equal(resumed.train_loss, reference.train_loss)
+    manifest = json.loads((resumed.path / "manifest.json").read_text())
+    assert manifest["runs"][-1]["chunks_written"] == [1, 2]
+    assert not list(resumed.path.glob(".*.tmp"))
+
+
+def test_health_warnings():
+    base = {"train_loss": 0.05, "query_loss": 0.33, "query_accuracy": 0.9}
+    g = torch.Generator().manual_seed(0)
+    meas = torch.randn(10, 3, 5, generator=g, dtype=torch.float64)
+    ok = health_warnings(
+        base, torch.full((10, 3), 0.08), torch.full((10, 3), 0.45), torch.full((10, 3), 0.88),
+        meas + 10 * torch.arange(10.0)[:, None, None], epochs=200, matched_steps=False,
+    )  # fmt: skip
+    assert ok == []
+    bad = health_warnings(
+        base, torch.full((10, 3), 1.1), torch.full((10, 3), 1.3), torch.full((10, 3), 0.6),
+        meas - meas.mean(1, keepdim=True), epochs=200, matched_steps=False,
+    )  # fmt: skip
+    assert len(bad) == 4
+    assert "not converged" in bad[0] and "--matched-steps" in bad[0]
+    assert "query loss 1.3 against 0.33" in bad[1] and "accurate" in bad[2] and "noise" in bad[3]
+
+
+def test_ground_truth_reports_warnings(tmp_path):
+    data, config = tiny_setup()
+    config = replace(config, alpha=0.2, recipe=replace(config.recipe, lr=0.01))
+    with pytest.warns(RetrainingWarning, match="not converged"):
+        gt = ground_truth(data, config, tmp_path, progress=False, warn_factor=1.0, warn_margin=0)
+    assert any("not converged" in w for w in gt.warnings)
+    manifest = json.loads((gt.path / "manifest.json").read_text())
+    assert manifest["summary"]["warnings"] == gt.warnings
+
+
+def test_cli_groundtruth(tmp_path):
+    from curvinf.cli import app
+
+    args = "groundtruth --depth 1 --width 8 --epochs 1 --subsets 2 --seeds 1 --queries 20"
+    result = CliRunner().invoke(app, [*args.split(), "--out", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (store,) = tmp_path.iterdir()
+    assert str(store) in result.output.replace("\n", "")
+    assert json.loads((store / "manifest.json").read_text())["progress"]["complete"]
+
+
+def test_identity_rung_has_positive_lds_on_digits(tmp_path):
+    from curvinf import Regularization, fit_curvature, influence_scores
+
+    d = load_dataset("digits", seed=0)
+    data = replace(d, X_query=d.X_query[:40], y_query=d.y_query[:40])
+    config = GroundTruthConfig(
+        depth=1, width=16, recipe=TrainingRecipe(epochs=8), num_subsets=24, num_seeds=1
+    )
+    gt = ground_truth(data, config, tmp_path, progress=False)
+    loss = nn.CrossEntropyLoss()
+    base = train(config.make_model(data), loss, *data.train, config.recipe).model
+    inv = fit_curvature("identity", base, loss, *data.train).inverse(Regularization())
+    scores = influence_scores(base, loss, inv, train=data.train, query=data.query)
+    good = gt.lds(scores, num_bootstrap=200)
+    assert good.mean > 0.1 and good.ci_low > 0, good
+    assert gt.lds(-scores, num_bootstrap=0).mean == pytest.approx(-good.mean)
