@@ -12,6 +12,11 @@ kfac            S ⊗ A per layer                                     per layer
 diag_ggn        diagonal of the GGN                                 diagonal
 identity        I (gradient dot product, the no-curvature floor)    diagonal
 ==============  ==================================================  ============
+
+Past dense memory, :func:`matrix_free` gives the exact rungs (hessian, ggn,
+block_hessian, block_ggn) as products only, inverted by the iterative solvers
+of :mod:`curvinf.curvature.solvers` (``CG``, ``Lanczos``, ``LiSSA``,
+``Preconditioned``): ``matrix_free("ggn", ...).inverse(reg, solver=CG())``.
 """
 
 from __future__ import annotations
@@ -28,12 +33,23 @@ from curvinf.curvature.dense import (
     hessian_blocks,
 )
 from curvinf.curvature.kronecker import KroneckerCurvature, fit_kronecker
+from curvinf.curvature.matfree import MATRIX_FREE_METHODS, MatrixFreeCurvature, matrix_free
 from curvinf.curvature.operators import (
     DEFAULT_MAX_DENSE_BYTES,
     Curvature,
     InverseCurvature,
+    InverseOperator,
 )
 from curvinf.curvature.regularization import Regularization
+from curvinf.curvature.solvers import (
+    CG,
+    ConvergenceError,
+    Lanczos,
+    LiSSA,
+    Preconditioned,
+    SolveReport,
+    solve_inverse,
+)
 from curvinf.params import ParamBlock
 from curvinf.validation import check_choice, check_dense_budget
 
@@ -50,15 +66,26 @@ METHODS = (
 LADDER = ("hessian", "ggn", "block_ggn", "ekfac", "kfac")
 
 __all__ = [
+    "CG",
     "LADDER",
+    "MATRIX_FREE_METHODS",
     "METHODS",
+    "ConvergenceError",
     "Curvature",
     "DenseCurvature",
     "DiagonalCurvature",
     "InverseCurvature",
+    "InverseOperator",
     "KroneckerCurvature",
+    "Lanczos",
+    "LiSSA",
+    "MatrixFreeCurvature",
+    "Preconditioned",
     "Regularization",
+    "SolveReport",
     "fit_curvature",
+    "matrix_free",
+    "solve_inverse",
 ]
 
 

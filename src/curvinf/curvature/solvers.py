@@ -1,0 +1,837 @@
+"""Iterative inverses of a curvature: ``(C + λI)⁻¹ V`` and truncated pseudo-inverses.
+
+Each solver is a validated settings dataclass; :func:`solve_inverse` (or
+``curvature.inverse(reg, solver=...)`` on a matrix-free rung) turns a
+curvature (anything with ``matvec`` (K, D) -> (K, D) and ``num_params``; dense
+and matrix-free rungs alike) and a :class:`Regularization` into an
+:class:`~curvinf.curvature.operators.InverseOperator`, so
+:func:`curvinf.influence_scores` takes it like a dense rung's inverse.
+
+==============  ===========================================  ======================
+solver          computes                                     regularisation
+==============  ===========================================  ======================
+CG              ``(C + λI)⁻¹ V``, batched CG, one product    damping only
+                with all unconverged RHS per iteration
+Lanczos         top-k eigenpairs ``C ≈ U Θ Uᵀ``; the reg     damping and truncation
+                rule on ``Θ``; complement as eigenvalue 0
+LiSSA           Neumann series ``1/s Σ_j (I - A/s)^j b``,    damping only
+                ``A = C + λI`` (full or minibatch products)
+Preconditioned  EK-FAC-preconditioned refinement: PCG or     damping only
+                Neumann/ASTRA iterations, from the EK-FAC
+                answer ``P V`` towards ``(C + λI)⁻¹ V``
+==============  ===========================================  ======================
+
+Truncation (``reg.eps > 0``) is a statement about eigenvalues, which the
+Krylov/Neumann solvers never see: CG, LiSSA and Preconditioned raise a
+``ValueError`` for ``eps > 0`` (use ``Lanczos`` for a truncated inverse).
+
+Every apply returns a :class:`SolveReport` per right-hand side (iterations,
+true relative residual ``‖b - A x‖ / ‖b‖``, converged, ``‖x‖``), kept in
+``inverse.reports``. A right-hand side that does not converge, breaks down
+(``pᵀAp <= 0``: indefinite ``C + λI``) or turns non-finite raises
+:class:`ConvergenceError` (``on_failure="raise"``, the default) or warns
+(``"warn"``); it is never returned silently.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from curvinf.curvature.operators import Curvature, InverseOperator, _as_rows
+from curvinf.curvature.regularization import Regularization
+from curvinf.progress import progress_bar
+from curvinf.validation import check_choice
+
+FAILURE_MODES = ("raise", "warn")
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ConvergenceError(RuntimeError):
+    """A solve did not converge or went non-finite; ``.report`` says which RHS and how far."""
+
+    def __init__(self, message: str, report: SolveReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class SolveReport:
+    """What one ``apply`` of an iterative inverse did, per right-hand side (K of them).
+
+    Attributes:
+        solver: solver name.
+        iterations: (K,) iterations each right-hand side ran (products with ``C``).
+        residual: (K,) true relative residual ``‖b - (C + λI) x‖ / ‖b‖`` (0 for b = 0);
+            NaN where the solver does not solve a linear system (Lanczos).
+        converged: (K,) bool.
+        solution_norm: (K,) ``‖x‖`` (extreme norms flag an ill-conditioned solve).
+        products: vector products with ``C`` the apply used in all.
+        seconds: wall time.
+        history: (T, K) relative residuals per iteration (NaN once a RHS stopped).
+        notes: what went wrong, in words ("" when all is well).
+    """
+
+    solver: str
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    converged: torch.Tensor
+    solution_norm: torch.Tensor
+    products: int = 0
+    seconds: float = 0.0
+    history: torch.Tensor | None = None
+    notes: str = ""
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    def summary(self) -> str:
+        k = len(self.converged)
+        bad = int((~self.converged).sum())
+        res = self.residual[torch.isfinite(self.residual)]
+        worst = f"{float(res.max()):.2e}" if res.numel() else "n/a"
+        return (
+            f"{self.solver}: {k - bad}/{k} converged, iterations "
+            f"{int(self.iterations.min()) if k else 0}-{int(self.iterations.max()) if k else 0}, "
+            f"worst residual {worst}, {self.products} products, {self.seconds:.1f}s"
+            + (f"; {self.notes}" if self.notes else "")
+        )
+
+
+@dataclass(frozen=True)
+class _Settings:
+    tol: float = 1e-6
+    max_iter: int = 1000
+    on_failure: str = "raise"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
+            raise ValueError(f"tol must lie in (0, 1), got {self.tol!r}.")
+        if not isinstance(self.max_iter, int) or self.max_iter < 0:
+            raise ValueError(f"max_iter must be an int >= 0, got {self.max_iter!r}.")
+        check_choice("on_failure", self.on_failure, FAILURE_MODES)
+
+
+@dataclass(frozen=True)
+class CG(_Settings):
+    """Conjugate gradients on ``(C + λI) x = b`` for every row ``b`` at once.
+
+    Each right-hand side keeps its own step sizes (independent CG, batched:
+    one product with the K still-active vectors per iteration) and stops at
+    relative residual ``‖r‖ / ‖b‖ <= tol``; a drifting recurrence is restarted
+    from the true residual (at most ``restarts`` times). The error then obeys
+    ``‖x - x*‖ / ‖x*‖ <= κ(C + λI) · tol``.
+    """
+
+    max_iter: int = 1000
+    restarts: int = 3
+
+
+@dataclass(frozen=True)
+class LiSSA(_Settings):
+    """Neumann series (Agarwal et al., 2017) for ``A = C + λI``.
+
+    ``x_{j+1} = x_j + (b - A_j x_j) / scale``, ``x_0 = b / scale``: the partial
+    sums ``1/s Σ_{i<=j} (I - A/s)^i b``. Converges iff every eigenvalue of ``A``
+    lies in ``(0, 2·scale)``; the error shrinks like ``(1 - λ_min(A)/scale)^j``,
+    so expect ``~ scale / λ_min(A)`` iterations per factor e. ``max_iter`` is the
+    depth.
+
+    Attributes:
+        scale: ``s``; ``None`` estimates ``λ_max(A)`` by ``power_iterations`` power
+            iterations and uses ``1.1`` times it.
+        batch_size: ``None`` uses the full-data curvature every step
+            (deterministic); an int uses a fresh seeded minibatch of training
+            examples per step (stochastic LiSSA; matrix-free rungs only).
+            Stopping then uses the minibatch residual; the reported residual is
+            the full-data one.
+        seed: minibatches and the power iteration's start vector.
+    """
+
+    max_iter: int = 10_000
+    scale: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    power_iterations: int = 30
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0 or None, got {self.scale!r}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size!r}.")
+        if self.power_iterations < 1:
+            raise ValueError(f"power_iterations must be >= 1, got {self.power_iterations}.")
+
+
+@dataclass(frozen=True)
+class Preconditioned(_Settings):
+    """Refine the EK-FAC answer towards the exact rung (Wang et al. 2025, ASTRA).
+
+    ``P ≈ (C + λI)⁻¹`` is the preconditioner (EK-FAC of the same data with the
+    same damping by default). Both methods start from the EK-FAC answer
+    ``x_0 = P b`` (so ``max_iter=0`` returns it exactly) and converge to
+    ``(C + λI)⁻¹ b``:
+
+    - ``method="cg"``: preconditioned CG with ``M = P``;
+    - ``method="neumann"``: preconditioned Neumann/Richardson iterations
+      ``x_{t+1} = x_t + step · P (b - A x_t)``, ASTRA's update (ASTRA starts at 0;
+      its first iterate with ``step=1`` is this ``x_0``). Converges iff
+      ``step · λ_max(P A) < 2``.
+
+    Attributes:
+        preconditioner: ``"ekfac"`` or ``"kfac"`` (fitted on a matrix-free
+            rung's own data and fisher), or any ``InverseOperator``.
+        preconditioner_reg: its regularisation; default ``Regularization(damping=λ, eps=0)``.
+        step: Neumann step size.
+    """
+
+    max_iter: int = 500
+    method: str = "cg"
+    preconditioner: object = "ekfac"
+    preconditioner_reg: Regularization | None = None
+    step: float = 1.0
+    restarts: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method", self.method, ("cg", "neumann"))
+        if isinstance(self.preconditioner, str):
+            check_choice("preconditioner", self.preconditioner, ("ekfac", "kfac"))
+        elif not isinstance(self.preconditioner, InverseOperator):
+            raise TypeError(
+                "preconditioner must be 'ekfac', 'kfac' or an InverseOperator, e.g. "
+                "fit_curvature('ekfac', ...).inverse(Regularization(damping=λ, eps=0))."
+            )
+        if not (math.isfinite(self.step) and self.step > 0):
+            raise ValueError(f"step must be a finite number > 0, got {self.step!r}.")
+
+
+@dataclass(frozen=True)
+class Lanczos(_Settings):
+    """Top-``k`` eigenpairs of ``C`` by Lanczos with full reorthogonalisation.
+
+    ``max_iter`` Lanczos steps (default ``min(D, 2k + 20)``) build a Krylov
+    basis from a seeded random start; the ``k`` largest Ritz pairs
+    ``C ≈ U Θ Uᵀ`` (U (D, k)) are kept. A Ritz pair is converged when its
+    residual ``‖C u - θ u‖ <= tol · max|Θ|``. The inverse applies the
+    :class:`Regularization` rule to ``Θ`` (same damping, same truncation, the
+    relative threshold taken against ``max Θ + λ``) and, on the complement
+    ``I - U Uᵀ``:
+
+    - ``complement="regularized"``: the complement's eigenvalues are taken as
+      0, under the same rule: ``1/λ`` if ``λ > τ``, else 0 (so ``eps=1e-4, λ=0``,
+      the paper's setting, projects the complement out);
+    - ``complement="zero"``: always 0 (pure truncated inverse on the subspace).
+    """
+
+    k: int = 100
+    max_iter: int | None = None  # type: ignore[assignment]
+    complement: str = "regularized"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
+            raise ValueError(f"tol must lie in (0, 1), got {self.tol!r}.")
+        check_choice("on_failure", self.on_failure, FAILURE_MODES)
+        check_choice("complement", self.complement, ("regularized", "zero"))
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}.")
+        if self.max_iter is not None and self.max_iter < self.k:
+            raise ValueError(f"max_iter ({self.max_iter}) must be >= k ({self.k}) or None.")
+
+
+SOLVERS = (CG, Lanczos, LiSSA, Preconditioned)
+
+
+# --------------------------------------------------------------------------- inverses
+
+
+class IterativeInverse(InverseOperator):
+    """``(C + λI)⁻¹`` applied by CG, LiSSA or preconditioned refinement, on demand.
+
+    Every :meth:`apply` solves afresh and appends a :class:`SolveReport` to
+    :attr:`reports`; :meth:`solve` returns the report with the answer.
+    """
+
+    def __init__(
+        self,
+        curvature: Curvature,
+        reg: Regularization,
+        solver: CG | LiSSA | Preconditioned,
+        preconditioner: InverseOperator | None = None,
+    ) -> None:
+        self.curvature = curvature
+        self.reg = reg
+        self.solver = solver
+        self.preconditioner = preconditioner
+        self.reports: list[SolveReport] = []
+        self._scale: float | None = None
+
+    @property
+    def last_report(self) -> SolveReport | None:
+        return self.reports[-1] if self.reports else None
+
+    def _A(self, V: torch.Tensor) -> torch.Tensor:
+        return self.curvature.matvec(V) + self.reg.damping * V
+
+    def solve(self, V: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
+        """``(C + λI)⁻¹`` on rows of ``V`` (K, D) -> ((K, D) float64, report)."""
+        V2, vector = _as_rows(V, self.num_params, "V")
+        t0 = time.perf_counter()
+        s = self.solver
+        if isinstance(s, CG):
+            X, rep = block_cg(
+                self._A,
+                V2,
+                tol=s.tol,
+                max_iter=s.max_iter,
+                restarts=s.restarts,
+                progress=s.progress,
+            )
+        elif isinstance(s, LiSSA):
+            X, rep = self._lissa(V2)
+        else:
+            P = self.preconditioner.apply  # type: ignore[union-attr]
+            if s.method == "cg":
+                X, rep = block_cg(
+                    self._A,
+                    V2,
+                    tol=s.tol,
+                    max_iter=s.max_iter,
+                    precond=P,
+                    x0=P(V2),
+                    restarts=s.restarts,
+                    progress=s.progress,
+                )
+            else:
+                X, rep = preconditioned_neumann(
+                    self._A, P, V2, step=s.step, tol=s.tol, max_iter=s.max_iter, progress=s.progress
+                )
+        rep.solver = _solver_name(s)
+        rep.seconds = time.perf_counter() - t0
+        self.reports.append(rep)
+        _check_report(rep, s.on_failure)
+        return (X[0] if vector else X), rep
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        return self.solve(V)[0]
+
+    def _lissa(self, B: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
+        s: LiSSA = self.solver  # type: ignore[assignment]
+        if self._scale is None:
+            self._scale = s.scale or 1.1 * power_iteration(
+                self._A, self.num_params, s.power_iterations, s.seed
+            )
+        if s.batch_size is None:
+            step_op: Operator = self._A
+            sampler = None
+        else:
+            if not hasattr(self.curvature, "ctx"):
+                raise ValueError(
+                    "stochastic LiSSA (batch_size=...) needs a matrix-free rung "
+                    "(curvinf.curvature.matfree.matrix_free); use batch_size=None here."
+                )
+            n = self.curvature.ctx.n
+            gen = torch.Generator().manual_seed(s.seed)
+
+            def sampler() -> Operator:
+                rows = torch.randperm(n, generator=gen)[: s.batch_size]
+                return lambda V: self.curvature.matvec(V, rows=rows) + self.reg.damping * V
+
+            step_op = self._A
+        return lissa(
+            step_op,
+            B,
+            scale=self._scale,
+            tol=s.tol,
+            max_iter=s.max_iter,
+            sampler=sampler,
+            progress=s.progress,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"IterativeInverse(method={self.curvature.method!r}, solver={self.solver}, "
+            f"reg={self.reg})"
+        )
+
+
+class LanczosInverse(InverseOperator):
+    """``C⁺ ≈ U diag(s) Uᵀ + c (I - U Uᵀ)`` from the top-k Ritz pairs of ``C``.
+
+    Attributes:
+        U: (D, k) Ritz vectors, orthonormal. ritz_values: (k,) descending.
+        ritz_residuals: (k,) ``‖C u_i - θ_i u_i‖``.
+        inv_values: (k,) regularised inverse eigenvalues ``s``.
+        complement_value: ``c``.
+        report: the eigen-solve's report (iterations, converged per Ritz pair
+            in ``converged``; ``residual`` holds the relative Ritz residuals).
+    """
+
+    def __init__(self, curvature: Curvature, reg: Regularization, solver: Lanczos) -> None:
+        self.curvature = curvature
+        self.reg = reg
+        self.solver = solver
+        t0 = time.perf_counter()
+        U, theta, res, steps = lanczos(
+            curvature.matvec,
+            curvature.num_params,
+            solver.k,
+            max_iter=solver.max_iter,
+            seed=solver.seed,
+            progress=solver.progress,
+        )
+        self.U, self.ritz_values, self.ritz_residuals = U, theta, res
+        full = len(theta) == curvature.num_params  # the whole space: no complement
+        parts = [theta] if full else [theta, torch.zeros(1, dtype=torch.float64)]
+        inv = reg.inverse_eigenvalues(parts, dim=curvature.num_params)
+        self.inv_values = inv[0]
+        zero_c = full or solver.complement == "zero"
+        self.complement_value = 0.0 if zero_c else float(inv[1][0])
+        scale = max(float(theta.abs().max()), 1e-300)
+        rel = res / scale
+        self.report = SolveReport(
+            solver="lanczos",
+            iterations=torch.full((len(theta),), steps),
+            residual=rel,
+            converged=rel <= solver.tol,
+            solution_norm=torch.full((len(theta),), float("nan")),
+            products=steps,
+            seconds=time.perf_counter() - t0,
+            notes=""
+            if bool((rel <= solver.tol).all())
+            else (
+                f"{int((rel > solver.tol).sum())} of the top {len(theta)} Ritz pairs have "
+                f"relative residual > {solver.tol:g}; raise max_iter (now {steps}) or lower k"
+            ),
+        )
+        self.reports: list[SolveReport] = [self.report]
+        _check_report(self.report, solver.on_failure)
+
+    @property
+    def rank(self) -> int:
+        """Directions with a non-zero inverse eigenvalue."""
+        kept = int((self.inv_values != 0).sum())
+        return kept + (self.num_params - len(self.ritz_values) if self.complement_value else 0)
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        V2, vector = _as_rows(V, self.num_params, "V")
+        coef = V2 @ self.U  # (K, k)
+        out = (coef * (self.inv_values - self.complement_value)) @ self.U.T
+        if self.complement_value:
+            out = out + self.complement_value * V2
+        return out[0] if vector else out
+
+    def __repr__(self) -> str:
+        return (
+            f"LanczosInverse(method={self.curvature.method!r}, k={len(self.ritz_values)}, "
+            f"reg={self.reg}, complement={self.complement_value:g})"
+        )
+
+
+def solve_inverse(
+    curvature: Curvature,
+    reg: Regularization | None,
+    solver: CG | Lanczos | LiSSA | Preconditioned,
+) -> InverseOperator:
+    """The inverse of ``curvature`` under ``reg`` by ``solver`` (see the module table)."""
+    reg = Regularization() if reg is None else reg
+    if not isinstance(reg, Regularization):
+        raise TypeError(f"reg must be a Regularization, got {type(reg).__name__}.")
+    if not isinstance(solver, SOLVERS):
+        raise TypeError(
+            f"solver must be one of CG, Lanczos, LiSSA, Preconditioned; got "
+            f"{type(solver).__name__}."
+        )
+    if isinstance(solver, Lanczos):
+        return LanczosInverse(curvature, reg, solver)
+    if reg.eps > 0:
+        raise ValueError(
+            f"{type(solver).__name__} solves (C + λI)⁻¹ V and cannot truncate eigenvalues, but "
+            f"reg.eps={reg.eps:g} asks for a pseudo-inverse. Pass Regularization(damping=λ, "
+            "eps=0) with λ > 0, or use solver=Lanczos(k=...) for a truncated inverse."
+        )
+    pre = None
+    if isinstance(solver, Preconditioned):
+        pre = solver.preconditioner
+        if isinstance(pre, str):
+            pre = _fit_preconditioner(
+                curvature,
+                pre,
+                solver.preconditioner_reg or Regularization(damping=reg.damping, eps=0.0),
+            )
+        if pre.num_params != curvature.num_params:
+            raise ValueError(
+                f"the preconditioner has {pre.num_params} parameters, the curvature "
+                f"{curvature.num_params}; fit both on the same model."
+            )
+    return IterativeInverse(curvature, reg, solver, pre)
+
+
+def _fit_preconditioner(curvature: Curvature, method: str, reg: Regularization) -> InverseOperator:
+    ctx = getattr(curvature, "ctx", None)
+    if ctx is None:
+        raise ValueError(
+            f"preconditioner={method!r} is fitted from a matrix-free rung's data; for "
+            f"{type(curvature).__name__} pass an InverseOperator, e.g. "
+            "fit_curvature('ekfac', ...).inverse(Regularization(damping=λ, eps=0))."
+        )
+    if reg.eps == 0 and reg.damping == 0:
+        raise ValueError(
+            "the EK-FAC preconditioner needs damping > 0 (its eigenvalues can be 0); "
+            "pass Regularization(damping=λ, eps=0) with λ > 0 or set preconditioner_reg."
+        )
+    from curvinf.curvature.kronecker import fit_kronecker
+
+    return fit_kronecker(ctx, method, curvature.max_dense_bytes, "expand").inverse(reg)
+
+
+def _solver_name(s: object) -> str:
+    if isinstance(s, Preconditioned):
+        name = s.preconditioner if isinstance(s.preconditioner, str) else "custom"
+        return f"{name}-{s.method}"
+    return type(s).__name__.lower()
+
+
+def _check_report(rep: SolveReport, on_failure: str) -> None:
+    if rep.all_converged:
+        return
+    msg = f"iterative inverse did not converge: {rep.summary()}"
+    if on_failure == "raise":
+        raise ConvergenceError(
+            msg + ". Raise max_iter, increase damping, or pass on_failure='warn' to keep the "
+            "unconverged answer (the report is in inverse.reports).",
+            rep,
+        )
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+def _row_norms(V: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(V, dim=1)
+
+
+def _finish(
+    A: Operator,
+    B: torch.Tensor,
+    X: torch.Tensor,
+    iterations: torch.Tensor,
+    history: list[torch.Tensor],
+    tol: float,
+    products: int,
+    notes: list[str],
+    failed: torch.Tensor,
+) -> SolveReport:
+    """True residuals (one more product), finiteness, and the report."""
+    bnorm = _row_norms(B)
+    finite = torch.isfinite(X).all(dim=1)
+    Xf = torch.where(finite[:, None], X, torch.zeros_like(X))
+    R = B - A(Xf)
+    res = torch.where(bnorm > 0, _row_norms(R) / bnorm.clamp_min(1e-300), _row_norms(R))
+    res = torch.where(finite, res, torch.full_like(res, float("nan")))
+    if not bool(finite.all()):
+        notes.append(f"{int((~finite).sum())} solution(s) non-finite")
+    converged = finite & (res <= tol) & ~failed
+    hist = torch.stack(history) if history else torch.zeros(0, len(B), dtype=torch.float64)
+    return SolveReport(
+        solver="",
+        iterations=iterations,
+        residual=res,
+        converged=converged,
+        solution_norm=_row_norms(X),
+        products=products + len(B),
+        history=hist,
+        notes="; ".join(notes),
+    )
+
+
+def block_cg(
+    A: Operator,
+    B: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    precond: Operator | None = None,
+    x0: torch.Tensor | None = None,
+    restarts: int = 3,
+    progress: bool = False,
+) -> tuple[torch.Tensor, SolveReport]:
+    """(Preconditioned) CG for ``A X_k = B_k`` on every row ``k`` of ``B`` (K, D) at once.
+
+    One product with the still-active rows per iteration; a row stops when
+    ``‖r‖ / ‖b‖ <= tol``, on breakdown (``pᵀ A p <= 0``: ``A`` not positive
+    definite) or when it turns non-finite. Returns ``(X (K, D), report)``.
+    """
+    K = len(B)
+    X = torch.zeros_like(B) if x0 is None else x0.clone()
+    M = precond if precond is not None else (lambda V: V)
+    bnorm = _row_norms(B)
+    iterations = torch.zeros(K, dtype=torch.long)
+    failed = torch.zeros(K, dtype=torch.bool)
+    done = bnorm == 0
+    X[done] = 0.0
+    history: list[torch.Tensor] = []
+    notes: list[str] = []
+    products = 0
+    total = 0
+    with progress_bar(max_iter, "CG iterations", progress) as advance:
+        for _round in range(restarts + 1):
+            act = torch.nonzero(~done & ~failed).squeeze(1)
+            if len(act) == 0:
+                break
+            R = B[act].clone()
+            if bool(X[act].any()):
+                R -= A(X[act])
+                products += len(act)
+            Z = M(R)
+            P = Z.clone()
+            rz = (R * Z).sum(1)
+            while True:
+                rel = _row_norms(R) / bnorm[act]
+                conv = rel <= tol
+                done[act[conv]] = True
+                keep = ~conv
+                act, R, P, rz = act[keep], R[keep], P[keep], rz[keep]
+                if len(act) == 0 or total >= max_iter:
+                    break
+                AP = A(P)
+                products += len(act)
+                pAp = (P * AP).sum(1)
+                bad = ~(pAp > 0) | ~torch.isfinite(pAp)
+                if bool(bad.any()):
+                    failed[act[bad]] = True
+                    notes.append(
+                        f"{int(bad.sum())} RHS broke down at iteration {total + 1} "
+                        "(pᵀAp <= 0 or non-finite: C + λI is not positive definite; add damping)"
+                    )
+                    ok = ~bad
+                    act, R, P, rz, AP, pAp = (t[ok] for t in (act, R, P, rz, AP, pAp))
+                    if len(act) == 0:
+                        break
+                alpha = rz / pAp
+                X[act] += alpha[:, None] * P
+                R = R - alpha[:, None] * AP
+                Z = M(R)
+                rz_new = (R * Z).sum(1)
+                P = Z + (rz_new / rz)[:, None] * P
+                rz = rz_new
+                iterations[act] += 1
+                total += 1
+                h = torch.full((K,), float("nan"), dtype=torch.float64)
+                h[act] = _row_norms(R) / bnorm[act]
+                history.append(h)
+                advance(1)
+            # the recurrence says converged: check the true residual, restart the drifted
+            chk = torch.nonzero(done & (bnorm > 0)).squeeze(1)
+            if len(chk) == 0 or _round == restarts:
+                break
+            true = _row_norms(B[chk] - A(X[chk])) / bnorm[chk]
+            products += len(chk)
+            drift = true > tol
+            if not bool(drift.any()) or total >= max_iter:
+                break
+            done[chk[drift]] = False
+            notes.append(f"restarted {int(drift.sum())} RHS whose true residual drifted above tol")
+    still = ~done & ~failed
+    if bool(still.any()):
+        notes.append(f"{int(still.sum())} RHS hit the iteration cap max_iter={max_iter}")
+    return X, _finish(A, B, X, iterations, history, tol, products, notes, failed)
+
+
+def lissa(
+    A: Operator,
+    B: torch.Tensor,
+    *,
+    scale: float,
+    tol: float,
+    max_iter: int,
+    sampler: Callable[[], Operator] | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, SolveReport]:
+    """Neumann series ``x_{j+1} = x_j + (b - A_j x_j) / scale``; see :class:`LiSSA`.
+
+    ``A_j = A`` (deterministic) or ``sampler()`` (a fresh minibatch operator per step).
+    The step's residual ``b - A_j x_j`` is computed anyway, so stopping at
+    ``‖r‖/‖b‖ <= tol`` is free; a growing residual (scale too small) stops
+    the row as diverged.
+    """
+    K = len(B)
+    X = B / scale
+    bnorm = _row_norms(B).clamp_min(1e-300)
+    iterations = torch.zeros(K, dtype=torch.long)
+    failed = torch.zeros(K, dtype=torch.bool)
+    active = _row_norms(B) > 0
+    history: list[torch.Tensor] = []
+    notes: list[str] = []
+    products = 0
+    with progress_bar(max_iter, "LiSSA depth", progress) as advance:
+        for _ in range(max_iter):
+            act = torch.nonzero(active).squeeze(1)
+            if len(act) == 0:
+                break
+            op = sampler() if sampler is not None else A
+            R = B[act] - op(X[act])
+            products += len(act)
+            rel = _row_norms(R) / bnorm[act]
+            h = torch.full((K,), float("nan"), dtype=torch.float64)
+            h[act] = rel
+            history.append(h)
+            conv = rel <= tol
+            div = ~torch.isfinite(rel) | (rel > 1e6)
+            failed[act[div]] = True
+            active[act[conv | div]] = False
+            upd = ~(conv | div)
+            if bool(upd.any()):
+                X[act[upd]] += R[upd] / scale
+            iterations[act[upd]] += 1
+            advance(1)
+    if bool(failed.any()):
+        notes.append(
+            f"{int(failed.sum())} RHS diverged (residual past 1e6·‖b‖ or non-finite): scale "
+            f"{scale:.3g} is below λ_max(C + λI)/2; raise scale or use scale=None"
+        )
+    if bool(active.any()):
+        notes.append(f"{int(active.sum())} RHS hit the depth cap max_iter={max_iter}")
+    return X, _finish(A, B, X, iterations, history, tol, products, notes, failed)
+
+
+def preconditioned_neumann(
+    A: Operator,
+    P: Operator,
+    B: torch.Tensor,
+    *,
+    step: float,
+    tol: float,
+    max_iter: int,
+    progress: bool = False,
+) -> tuple[torch.Tensor, SolveReport]:
+    """``x_0 = P b``, ``x_{t+1} = x_t + step · P (b - A x_t)``; see :class:`Preconditioned`."""
+    K = len(B)
+    X = P(B)
+    bnorm = _row_norms(B).clamp_min(1e-300)
+    iterations = torch.zeros(K, dtype=torch.long)
+    failed = torch.zeros(K, dtype=torch.bool)
+    active = _row_norms(B) > 0
+    history: list[torch.Tensor] = []
+    notes: list[str] = []
+    products = 0
+    with progress_bar(max_iter, "preconditioned Neumann", progress) as advance:
+        for _ in range(max_iter):
+            act = torch.nonzero(active).squeeze(1)
+            if len(act) == 0:
+                break
+            R = B[act] - A(X[act])
+            products += len(act)
+            rel = _row_norms(R) / bnorm[act]
+            h = torch.full((K,), float("nan"), dtype=torch.float64)
+            h[act] = rel
+            history.append(h)
+            conv = rel <= tol
+            div = ~torch.isfinite(rel) | (rel > 1e6)
+            failed[act[div]] = True
+            active[act[conv | div]] = False
+            upd = ~(conv | div)
+            if bool(upd.any()):
+                X[act[upd]] += step * P(R[upd])
+            iterations[act[upd]] += 1
+            advance(1)
+    if bool(failed.any()):
+        notes.append(
+            f"{int(failed.sum())} RHS diverged (residual past 1e6·‖b‖ or non-finite): "
+            f"step·λ_max(P A) >= 2; lower step (now {step:g}) or use method='cg'"
+        )
+    if bool(active.any()):
+        notes.append(f"{int(active.sum())} RHS hit the iteration cap max_iter={max_iter}")
+    return X, _finish(A, B, X, iterations, history, tol, products, notes, failed)
+
+
+def power_iteration(A: Operator, dim: int, iterations: int, seed: int = 0) -> float:
+    """Estimate of ``λ_max(A)`` (largest magnitude) from ``iterations`` power steps."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, dim, generator=gen, dtype=torch.float64)
+    v /= _row_norms(v)
+    lam = 0.0
+    for _ in range(iterations):
+        w = A(v)
+        lam = float((v * w).sum())
+        nrm = float(_row_norms(w))
+        if nrm == 0 or not math.isfinite(nrm):
+            break
+        v = w / nrm
+    return abs(lam)
+
+
+def lanczos(
+    matvec: Operator,
+    dim: int,
+    k: int,
+    *,
+    max_iter: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Top-``k`` Ritz pairs of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Returns ``(U (D, k), θ (k,) descending, residuals (k,), steps)`` with
+    residual ``|β_m s_{m,i}| = ‖C u_i - θ_i u_i‖``. Stops early (exactly) on an
+    invariant subspace.
+    """
+    m = min(dim, max_iter if max_iter is not None else 2 * k + 20)
+    k = min(k, m)
+    gen = torch.Generator().manual_seed(seed)
+    Qb = torch.zeros(m + 1, dim, dtype=torch.float64)
+    q = torch.randn(dim, generator=gen, dtype=torch.float64)
+    Qb[0] = q / torch.linalg.vector_norm(q)
+    alphas, betas = [], []
+    beta_last = 0.0
+    steps = 0
+    with progress_bar(m, "Lanczos steps", progress) as advance:
+        for j in range(m):
+            w = matvec(Qb[j : j + 1])[0]
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(f"Lanczos: the curvature product is non-finite at step {j + 1}.")
+            alpha = float(w @ Qb[j])
+            alphas.append(alpha)
+            for _ in range(2):  # full reorthogonalisation, twice is enough
+                w = w - Qb[: j + 1].T @ (Qb[: j + 1] @ w)
+            beta = float(torch.linalg.vector_norm(w))
+            steps = j + 1
+            advance(1)
+            scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
+            if beta <= 1e-12 * max(scale, 1e-300) or j == m - 1:
+                beta_last = beta if j == m - 1 else 0.0
+                break
+            betas.append(beta)
+            Qb[j + 1] = w / beta
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas[: steps - 1], dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    theta, S = torch.linalg.eigh(T)
+    order = torch.argsort(theta, descending=True)[: min(k, steps)]
+    U = Qb[:steps].T @ S[:, order]
+    res = (beta_last * S[-1, order]).abs()
+    return U, theta[order], res, steps
+
+
+__all__ = [
+    "CG",
+    "ConvergenceError",
+    "IterativeInverse",
+    "Lanczos",
+    "LanczosInverse",
+    "LiSSA",
+    "Preconditioned",
+    "SolveReport",
+    "solve_inverse",
+]
