@@ -73,10 +73,8 @@ def test_batched_equals_sequential_with_own_init_and_mse():
     batched = train_many(
         inits[0], loss, X, y, recipe, subsets=masks, seeds=[5, 6], init=stack_params(inits)
     )
-    for k in range(2):
-        alone = train(
-            inits[k], loss, X, y, replace(recipe, seed=5 + k), subset=masks[k].nonzero()[:, 0]
-        )
+    for k in range(2):  # train() takes the boolean mask itself
+        alone = train(inits[k], loss, X, y, replace(recipe, seed=5 + k), subset=masks[k])
         assert _max_diff(alone.model, unstack_model(inits[0], batched.params, k)) < 1e-5
 
 

@@ -93,6 +93,8 @@ def train(
 ) -> TrainingResult:
     """Train a copy of ``model`` on ``(X, y)`` (or the rows in ``subset``) with ``recipe``.
 
+    ``subset``: training indices, or an (N,) boolean mask of the rows to keep.
+
     The input model is left untouched. Same model, data, subset and recipe
     give the same weights, bit for bit.
     """
@@ -101,7 +103,17 @@ def train(
     check_model_finite(model)
     out_features = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
     check_targets(kind, out_features, y)
-    indices = torch.arange(len(X)) if subset is None else torch.as_tensor(subset).long()
+    if subset is None:
+        indices = torch.arange(len(X))
+    else:
+        subset = torch.as_tensor(subset)
+        if subset.dtype == torch.bool:  # a mask, as curvinf.lds.make_subsets gives
+            if subset.shape != (len(X),):
+                raise ValueError(
+                    f"a boolean subset mask must have shape ({len(X)},), got {tuple(subset.shape)}."
+                )
+            subset = subset.nonzero().squeeze(1)
+        indices = subset.long()
     if len(indices) == 0:
         raise ValueError("subset is empty; pass at least one training index.")
 
