@@ -436,7 +436,13 @@ def _open_manifest(
             "chunk_file": "chunk-{index:05d}.pt",
         },
         "progress": {"chunks_done": [], "models_done": 0, "complete": False},
-        "cost": {"models_trained_total": 0, "wall_s_total": 0.0, "base_wall_s": None},
+        "cost": {
+            "models_trained_total": 0,
+            "wall_s_total": 0.0,
+            "base_wall_s": None,
+            "retrain_wall_s": 0.0,
+            "retrain_cpu_s": 0.0,
+        },
         "runs": [],
         "summary": None,
     }
@@ -571,14 +577,18 @@ def _build(
         with progress_bar(remaining * sub.epochs, desc, progress) as advance:
             for c in todo:
                 a, b = _chunk_range(manifest, c)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 blob = _train_chunk(config, data, model, loss, masks, seeds, sub, a, b, advance)
-                blob.update(key=key, start=a, stop=b, wall_s=round(time.perf_counter() - t0, 3))
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                blob.update(key=key, start=a, stop=b, wall_s=round(wall, 3), cpu_s=round(cpu, 3))
                 write_blob(_chunk_path(path, c), blob)
                 chunks[c] = blob
                 manifest["progress"]["chunks_done"] = sorted(chunks)
                 manifest["progress"]["models_done"] += b - a
                 manifest["cost"]["models_trained_total"] += b - a
+                cost = manifest["cost"]
+                cost["retrain_wall_s"] = round(cost.get("retrain_wall_s", 0.0) + wall, 3)
+                cost["retrain_cpu_s"] = round(cost.get("retrain_cpu_s", 0.0) + cpu, 3)
                 run["models_trained"] += b - a
                 run["chunks_written"].append(c)
                 save_manifest()
