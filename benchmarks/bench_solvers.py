@@ -1,0 +1,312 @@
+"""Matrix-free solvers against the dense path (issue 5 acceptance).
+
+Parts (one process each, so peak RSS is the part's own):
+
+``small``  depth-4, width-64 MLP on digits (D = 17,290; dense still fits):
+           all-pairs scores (queries x 1,437 train) by
+           - the dense path: ``fit_curvature("ggn")`` + eigh + ``inverse`` + scores;
+           - CG on the matrix-free GGN, ``(G + λI)⁻¹``, against dense with the same λ;
+           - Lanczos top-k on the matrix-free GGN, paper regularisation
+             (``eps=1e-4``, no damping), against dense with the same rule.
+           CG cost is linear in the number of queries: ``--cg-queries`` solves a
+           subset and the report extrapolates to all queries.
+``scale``  depth-8, width-128 MLP (D = 125,194; a dense float64 GGN would be
+           125 GB): exact-rung scores by CG for ``--scale-queries`` queries,
+           rungs ``--scale-methods`` (ggn, hessian, block_ggn); time, products,
+           iterations and peak RSS.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_solvers.py --part small
+    .venv/bin/python benchmarks/bench_solvers.py --part scale
+
+Results go to ``benchmarks/data/solvers_<part>.json``; ``--part figure``
+draws ``docs/figures/solvers_*.png`` from them. Wall-clock seconds on the
+machine that ran them (2 cores shared with other jobs: compare ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from curvinf import (
+    Regularization,
+    TrainingRecipe,
+    fit_curvature,
+    influence_scores,
+    load_dataset,
+    make_mlp,
+    train,
+)
+from curvinf.curvature.matfree import matrix_free
+from curvinf.curvature.solvers import CG, Lanczos, power_iteration
+
+RESULTS = Path("benchmarks/data")  # JSON summaries (committed)
+SCORES = Path("benchmarks/results")  # score matrices (git-ignored)
+FIGURES = Path("docs/figures")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--part", choices=("small", "scale", "figure"), required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--damping", type=float, default=1e-3, help="λ of the CG comparisons")
+    p.add_argument("--tol", type=float, default=1e-6, help="CG relative residual")
+    p.add_argument("--max-iter", type=int, default=1000, help="CG iteration cap")
+    p.add_argument("--cg-queries", type=int, default=36, help="queries solved by CG (small)")
+    p.add_argument("--lanczos-k", type=int, default=1000)
+    p.add_argument("--lanczos-steps", type=int, default=1500)
+    p.add_argument("--scale-queries", type=int, default=36)
+    p.add_argument("--scale-methods", default="ggn,block_ggn,hessian")
+    p.add_argument("--scale-dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="results file (default by part)")
+    return p.parse_args(argv)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def trained_model(depth: int, width: int, args) -> tuple[nn.Module, object, float]:
+    data = load_dataset("digits", seed=args.seed)
+    loss = nn.CrossEntropyLoss()
+    model = make_mlp(data.num_features, data.num_outputs, depth=depth, width=width, seed=args.seed)
+    t0 = time.perf_counter()
+    res = train(model, loss, *data.train, TrainingRecipe(epochs=args.epochs, seed=args.seed))
+    print(f"trained depth={depth} width={width}: loss {res.final_loss:.4f}", flush=True)
+    return res.model, data, time.perf_counter() - t0
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    return {
+        "rel_frobenius": float((a - b).norm() / b.norm()),
+        "spearman": float(spearmanr(a.flatten().numpy(), b.flatten().numpy())[0]),
+    }
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def run_small(args) -> dict:
+    model, data, train_s = trained_model(4, 64, args)
+    loss = nn.CrossEntropyLoss()
+    D = sum(p.numel() for p in model.parameters())
+    Q = len(data.X_query)
+    q_cg = min(args.cg_queries, Q)
+    query_cg = (data.X_query[:q_cg], data.y_query[:q_cg])
+    damped = Regularization(damping=args.damping, eps=0.0)
+    paper = Regularization()
+    out: dict = {"D": D, "n_train": len(data.X_train), "n_query": Q, "train_s": train_s}
+
+    # dense path: fit, eigendecompose once, invert under both rules, score
+    t0 = time.perf_counter()
+    curv = fit_curvature("ggn", model, loss, *data.train)
+    t1 = time.perf_counter()
+    curv.eigen()
+    t2 = time.perf_counter()
+    inv_d = curv.inverse(damped)
+    S_dense = influence_scores(model, loss, inv_d, train=data.train, query=data.query)
+    t3 = time.perf_counter()
+    fit_s, eig_s, score_s = t1 - t0, t2 - t1, t3 - t2
+    S_dense_paper = influence_scores(
+        model, loss, curv.inverse(paper), train=data.train, query=data.query
+    )
+    lam_max = float(curv.eigenvalues()[-1])
+    out["dense"] = {
+        "fit_s": fit_s,
+        "eigh_s": eig_s,
+        "score_s": score_s,
+        "total_s": fit_s + eig_s + score_s,
+        "lambda_max": lam_max,
+        "rank_paper": curv.inverse(paper).rank,
+    }
+    print("dense", out["dense"], flush=True)
+    del curv, inv_d
+
+    # CG on the matrix-free GGN, damping λ
+    mf = matrix_free("ggn", model, loss, *data.train)
+    inv_cg = mf.inverse(damped, solver=CG(tol=args.tol, max_iter=args.max_iter, on_failure="warn"))
+    S_cg, cg_s = timed(
+        lambda: influence_scores(model, loss, inv_cg, train=data.train, query=query_cg)
+    )
+    rep = inv_cg.reports[0]
+    out["cg"] = {
+        "queries": q_cg,
+        "seconds": cg_s,
+        "seconds_all_queries_extrapolated": cg_s * Q / q_cg,
+        "products": mf.products,
+        "iterations_median": float(rep.iterations.double().median()),
+        "iterations_max": int(rep.iterations.max()),
+        "converged": int(rep.converged.sum()),
+        "worst_residual": float(rep.residual.max()),
+        "history_median": rep.history.nanmedian(dim=1).values.tolist(),
+        "agreement_vs_dense": agreement(S_cg, S_dense[:q_cg]),
+        "damping": args.damping,
+        "tol": args.tol,
+    }
+    print("cg", {k: v for k, v in out["cg"].items() if k != "history_median"}, flush=True)
+
+    # Lanczos top-k, the paper's truncation rule
+    mf.products = 0
+    inv_l, lz_fit_s = timed(
+        lambda: mf.inverse(
+            paper,
+            solver=Lanczos(k=args.lanczos_k, max_iter=args.lanczos_steps, on_failure="warn"),
+        )
+    )
+    S_l, lz_score_s = timed(
+        lambda: influence_scores(model, loss, inv_l, train=data.train, query=data.query)
+    )
+    out["lanczos"] = {
+        "k": len(inv_l.ritz_values),
+        "steps": int(inv_l.report.iterations[0]),
+        "converged_pairs": int(inv_l.report.converged.sum()),
+        "fit_s": lz_fit_s,
+        "score_s": lz_score_s,
+        "total_s": lz_fit_s + lz_score_s,
+        "rank": inv_l.rank,
+        "smallest_ritz_value": float(inv_l.ritz_values.min()),
+        "agreement_vs_dense_paper_rule": agreement(S_l, S_dense_paper),
+    }
+    print("lanczos", out["lanczos"], flush=True)
+    return out
+
+
+def run_scale(args) -> dict:
+    model, data, train_s = trained_model(8, 128, args)
+    loss = nn.CrossEntropyLoss()
+    D = sum(p.numel() for p in model.parameters())
+    q = min(args.scale_queries, len(data.X_query))
+    query = (data.X_query[:q], data.y_query[:q])
+    dtype = torch.float64 if args.scale_dtype == "float64" else torch.float32
+    reg = Regularization(damping=args.damping, eps=0.0)
+    out: dict = {
+        "D": D,
+        "n_train": len(data.X_train),
+        "queries": q,
+        "n_query_all": len(data.X_query),
+        "dtype": args.scale_dtype,
+        "train_s": train_s,
+        "damping": args.damping,
+        "tol": args.tol,
+        "dense_ggn_would_need_gib": 8 * D * D / 2**30,
+    }
+    for method in args.scale_methods.split(","):
+        rss0 = peak_rss_gib()
+        mf = matrix_free(method, model, loss, *data.train, dtype=dtype, vector_chunk=36)
+        _, one_s = timed(lambda mf=mf: mf.matvec(torch.randn(1, D, dtype=torch.float64)))
+        lam_max = power_iteration(mf.matvec, D, 20)
+        mf.products = 0
+        inv = mf.inverse(reg, solver=CG(tol=args.tol, max_iter=args.max_iter, on_failure="warn"))
+        S, s = timed(
+            lambda inv=inv: influence_scores(model, loss, inv, train=data.train, query=query)
+        )
+        rep = inv.reports[0]
+        out[method] = {
+            "seconds": s,
+            "seconds_per_query": s / q,
+            "seconds_all_queries_extrapolated": s * len(data.X_query) / q,
+            "one_product_s": one_s,
+            "lambda_max_estimate": lam_max,
+            "products": mf.products,
+            "iterations_median": float(rep.iterations.double().median()),
+            "iterations_max": int(rep.iterations.max()),
+            "converged": int(rep.converged.sum()),
+            "worst_residual": float(rep.residual.nan_to_num(float("inf")).max()),
+            "notes": rep.notes,
+            "max_ihvp_norm": float(rep.solution_norm.max()),
+            "history_median": rep.history.nanmedian(dim=1).values.tolist(),
+            "peak_rss_gib": peak_rss_gib(),
+            "peak_rss_before_gib": rss0,
+            "scores_finite": bool(torch.isfinite(S).all()),
+        }
+        SCORES.mkdir(parents=True, exist_ok=True)
+        torch.save(S, SCORES / f"solvers_scale_{method}_scores.pt")
+        print(method, {k: v for k, v in out[method].items() if k != "history_median"}, flush=True)
+        _write(args, out)
+    return out
+
+
+def _write(args, out: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) if args.out else RESULTS / f"solvers_{args.part}.json"
+    meta = {
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+    }
+    path.write_text(json.dumps({"meta": meta, **out}, indent=1))
+    return path
+
+
+def draw_figures() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    small = json.loads((RESULTS / "solvers_small.json").read_text())
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = ["dense", "CG (extrap.)", "Lanczos"]
+    vals = [
+        small["dense"]["total_s"],
+        small["cg"]["seconds_all_queries_extrapolated"],
+        small["lanczos"]["total_s"],
+    ]
+    ax[0].bar(names, vals, color=["0.5", "C0", "C1"])
+    ax[0].set_ylabel("seconds to all-pairs scores")
+    ax[0].set_title(f"depth-4 width-64 MLP, D={small['D']}")
+    ax[1].semilogy(small["cg"]["history_median"], label="CG, median over RHS")
+    ax[1].set_xlabel("iteration")
+    ax[1].set_ylabel("relative residual")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(FIGURES / "solvers_small.png", dpi=120)
+    scale: dict = {}
+    for path in sorted(RESULTS.glob("solvers_scale*.json")):
+        scale.update(json.loads(path.read_text()))
+    if scale:
+        fig, ax = plt.subplots(figsize=(5, 3.8))
+        for m in ("ggn", "block_ggn", "hessian"):
+            if m in scale:
+                ax.semilogy(scale[m]["history_median"], label=m)
+        ax.set_xlabel("CG iteration")
+        ax.set_ylabel("relative residual (median over RHS)")
+        ax.set_title(f"depth-8 width-128 MLP, D={scale['D']}, λ={scale['damping']:g}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(FIGURES / "solvers_scale.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("always")
+    if args.part == "figure":
+        draw_figures()
+        return
+    out = run_small(args) if args.part == "small" else run_scale(args)
+    out["peak_rss_gib"] = peak_rss_gib()
+    print("wrote", _write(args, out))
+
+
+if __name__ == "__main__":
+    main()
