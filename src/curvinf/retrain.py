@@ -4,7 +4,8 @@
 leading axis (``θ_k`` for ``k = 1..K``) and one training step is
 
     Xb[k], yb[k] = X[batch_k], y[batch_k]                  (K, B, F), (K, B)
-    g_k, ℓ_k = ∇_θ L_B(θ_k; Xb[k], yb[k])                   vmap(grad_and_value)
+    ℓ_k = L_B(θ_k; Xb[k], yb[k])                            vmap(functional_call)
+    g_k = ∇_{θ_k} Σ_j ℓ_j = ∇ L_B(θ_k; ...)                 one backward pass
     θ_k, b_k = sgd_step(θ_k, g_k, b_k)                     vmap(sgd_step)
 
 with ``functional_call`` over the stacked parameters. Model ``k`` draws its
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 from curvinf.losses import batch_loss, check_loss, check_targets, example_loss, example_measure
 from curvinf.training import TrainingRecipe, epoch_batches, sgd_step
@@ -167,7 +168,18 @@ def train_many(
     def objective(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return batch_loss(kind, functional_call(model, p, (xb,)), yb)
 
-    step = vmap(grad_and_value(objective))
+    per_model_loss = vmap(objective)
+
+    def step(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> tuple[Params, torch.Tensor]:
+        # The models are independent, so ∇_{θ_k} Σ_j L_j(θ_j) = ∇L_k(θ_k): one backward
+        # pass through the vmapped forward gives every model's gradient. Same numbers as
+        # vmap(grad_and_value(objective)), and faster (no batching of the backward pass).
+        leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
+        with torch.enable_grad():
+            values = per_model_loss(leaves, xb, yb)
+            grads = torch.autograd.grad(values.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True)), values.detach()
+
     update = vmap(lambda p, g, b: sgd_step(p, g, b, recipe))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     losses = torch.empty(K, recipe.epochs, dtype=torch.float64)
