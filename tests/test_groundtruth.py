@@ -100,6 +100,23 @@ def test_stored_model_equals_ordinary_training(reference):
     torch.testing.assert_close(reference.measurements[j, r], want.double(), rtol=1e-5, atol=1e-6)
 
 
+def test_vary_init_draws_one_initialisation_per_model(tmp_path, reference):
+    from curvinf.groundtruth import retrain_seed
+    from curvinf.models import make_mlp
+
+    data, config = tiny_setup()
+    gt = ground_truth(data, replace(config, vary_init=True), tmp_path, progress=False)
+    assert gt.path.name != reference.path.name
+    j, r = 1, 0
+    init = make_mlp(64, 10, depth=1, width=8, seed=retrain_seed(config.seed, j, r, "init"))
+    recipe = replace(config.recipe, seed=int(gt.seeds[j, r]))
+    alone = train(init, nn.CrossEntropyLoss(), *data.train, recipe, subset=gt.masks[j]).model
+    with torch.no_grad():
+        f = alone(data.X_query)
+    want = torch.stack([example_measure("ce", "loss", f[i], data.y_query[i]) for i in range(30)])
+    torch.testing.assert_close(gt.measurements[j, r], want.double(), rtol=1e-5, atol=1e-6)
+
+
 def test_mismatched_store_is_refused(reference):
     data, config = tiny_setup()
     other = replace(config, recipe=replace(config.recipe, epochs=3))
