@@ -1,0 +1,822 @@
+"""The study as a grid: presets, one configuration's run, a resumable result store.
+
+A :class:`Preset` is a grid over depth x width x training epochs x seeds; each
+point is a :class:`RunConfig` (one base model). For every configuration,
+:func:`run_config`
+
+1. builds or loads the LDS ground truth (:func:`curvinf.groundtruth.ground_truth`:
+   ``M`` subsets of fraction ``α`` retrained ``R`` times),
+2. trains the base model (the ground truth's recipe, so the same weights),
+3. fits every rung, scores all queries against all training points under every
+   regularisation, and computes the LDS with its bootstrap CI,
+4. measures each rung's error against the reference rung (the Hessian):
+   ``‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F`` and the same in influence space, the ladder's error
+   shares, and the diagnostics of :mod:`curvinf.diagnostics`.
+
+Result store (``out``)::
+
+    out/
+      grid.json                       the preset that was run
+      results.csv, results.jsonl      one row per configuration x regularisation x rung
+      run_log.jsonl                   one line per invocation: what ran, how long
+      groundtruth/<store>/            LDS ground truth stores (resumable, see groundtruth)
+      runs/<config id>/
+        config.json                   the configuration
+        model.pt                      base model weights (checksummed blob)
+        rungs/<rung>.pt               per rung: fit time, spectrum, scores, LDS, errors, diagnostics
+        diagnostics.json              off-block mass, basis overlap curves, mismatches, shares
+        rows.json                     the configuration's rows; its presence marks it done
+
+Every file is written atomically (:mod:`curvinf.storage`), so a run killed at any
+point resumes: finished configurations are skipped, finished rungs of an
+unfinished configuration are loaded, the ground truth resumes from its last chunk.
+A rung that cannot be computed (a dense matrix over ``max_dense_bytes``) becomes a
+``skipped`` row with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curvinf.curvature import LADDER, METHODS, Curvature, Regularization, fit_curvature
+from curvinf.data import DATASETS, load_dataset
+from curvinf.diagnostics import (
+    LADDER_STEPS,
+    error_shares,
+    influence_error,
+    inverse_error,
+    layer_basis_overlap,
+    negative_eigenvalues,
+    off_block_mass,
+    relative_frobenius_error,
+    spectrum_mismatch,
+)
+from curvinf.influence import influence_scores
+from curvinf.losses import MEASURES
+from curvinf.models import num_params
+from curvinf.params import param_blocks
+from curvinf.progress import progress_bar
+from curvinf.storage import (
+    atomic_write,
+    read_blob,
+    read_json,
+    request_hash,
+    write_blob,
+    write_json,
+)
+from curvinf.training import TrainingRecipe, train
+from curvinf.validation import check_choice
+
+DENSE_RUNGS = ("hessian", "ggn")
+KRONECKER_RUNGS = ("ekfac", "kfac")
+
+COLUMNS = (
+    "config",
+    "dataset",
+    "depth",
+    "width",
+    "epochs",
+    "seed",
+    "num_params",
+    "rung",
+    "reg",
+    "damping",
+    "eps",
+    "relative",
+    "status",
+    "reason",
+    "lds",
+    "lds_ci_low",
+    "lds_ci_high",
+    "lds_queries",
+    "inverse_error",
+    "influence_error",
+    "step",
+    "share_inverse",
+    "share_influence",
+    "rank",
+    "fit_seconds",
+    "score_seconds",
+    "off_block_mass",
+    "negative_eigenvalues",
+    "spectrum_mismatch",
+    "overlap_k10",
+    "base_train_loss",
+    "base_query_loss",
+    "base_query_accuracy",
+    "num_subsets",
+    "num_seeds",
+    "alpha",
+    "gt_warnings",
+)
+"""Columns of the results table, one row per configuration x regularisation x rung.
+
+``inverse_error``/``influence_error``: against the reference rung under the same
+regularisation. ``step``/``share_*``: the ladder step that *ends* at this rung and
+its share of the total error gap (:data:`curvinf.diagnostics.LADDER_STEPS`).
+``off_block_mass``: of the dense rung itself (hessian, ggn rows). ``negative_eigenvalues``:
+of the rung's spectrum. ``spectrum_mismatch``: sorted-spectrum error against block_ggn.
+``overlap_k10``: mean over layers of the top-10 basis overlap with block_ggn
+(K-FAC/EK-FAC rows). ``gt_warnings``: how many health warnings the ground truth raised."""
+
+
+def reg_label(reg: Regularization) -> str:
+    """A short, file-safe name: ``eps1e-04`` or ``damp1e-03+eps0+rel``."""
+    parts = []
+    if reg.damping:
+        parts.append(f"damp{reg.damping:.0e}")
+    parts.append(f"eps{reg.eps:.0e}" if reg.eps else "eps0")
+    if reg.relative:
+        parts.append("rel")
+    return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class LDSSettings:
+    """How the LDS ground truth is built and scored.
+
+    ``num_subsets`` (M) subsets of fraction ``alpha``, each retrained ``num_seeds`` (R)
+    times (batch order varies, initialisation shared) with the subsets seeded by
+    ``seed``; ``num_queries`` the first queries of the split (0: all); ``measure``
+    ``loss`` or ``margin``; ``num_bootstrap`` resamples of the CI.
+    """
+
+    num_subsets: int = 100
+    alpha: float = 0.5
+    num_seeds: int = 1
+    seed: int = 0
+    num_queries: int = 0
+    measure: str = "loss"
+    num_bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        check_choice("measure", self.measure, MEASURES)
+        if self.num_subsets < 2:
+            raise ValueError(f"num_subsets must be >= 2, got {self.num_subsets}.")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}.")
+        if self.num_seeds < 1 or self.num_queries < 0 or self.num_bootstrap < 0:
+            raise ValueError(
+                "need num_seeds >= 1, num_queries >= 0 and num_bootstrap >= 0; got "
+                f"{self.num_seeds}, {self.num_queries}, {self.num_bootstrap}."
+            )
+
+
+def _check_ints(name: str, values: tuple[int, ...], low: int) -> None:
+    if not values:
+        raise ValueError(f"{name} must not be empty.")
+    if any(not isinstance(v, int) or v < low for v in values):
+        raise ValueError(f"{name} must be integers >= {low}, got {values}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {values}.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One configuration of the grid: one base model, every rung and regularisation on it."""
+
+    depth: int
+    width: int
+    epochs: int
+    seed: int = 0
+    dataset: str = "digits"
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
+    rungs: tuple[str, ...] = LADDER
+    regularizations: tuple[Regularization, ...] = (Regularization(),)
+    lds: LDSSettings = field(default_factory=LDSSettings)
+    reference: str = "hessian"
+    fisher: str = "type2"
+    max_dense_bytes: float = 2**30
+
+    def __post_init__(self) -> None:
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("reference", self.reference, METHODS)
+        _check_ints("depth", (self.depth,), 0)
+        _check_ints("width/epochs", (self.width, self.epochs), 1)
+        if not self.rungs or len(set(self.rungs)) != len(self.rungs):
+            raise ValueError(f"rungs must be non-empty and distinct, got {self.rungs}.")
+        for r in self.rungs:
+            check_choice("rung", r, METHODS)
+        if not self.regularizations or not all(
+            isinstance(r, Regularization) for r in self.regularizations
+        ):
+            raise ValueError("regularizations must be a non-empty tuple of Regularization.")
+        if self.max_dense_bytes <= 0:
+            raise ValueError(f"max_dense_bytes must be > 0, got {self.max_dense_bytes}.")
+
+    @property
+    def recipe_used(self) -> TrainingRecipe:
+        """The base recipe with this configuration's epochs and seed."""
+        return replace(self.recipe, epochs=self.epochs, seed=self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recipe"] = self.recipe_used.to_dict()
+        d["regularizations"] = [asdict(r) for r in self.regularizations]
+        d["rungs"] = list(self.rungs)
+        return d
+
+    @property
+    def id(self) -> str:
+        """``d<depth>-w<width>-e<epochs>-s<seed>-<hash8>``; the hash covers every setting."""
+        return (
+            f"d{self.depth}-w{self.width}-e{self.epochs}-s{self.seed}-"
+            f"{request_hash(self.to_dict())[:8]}"
+        )
+
+    def cost(self) -> float:
+        """A rough relative cost, for running cheap configurations first."""
+        hidden = self.width * self.width * max(self.depth - 1, 0) + 74 * self.width
+        return hidden * (self.epochs + 10) * self.lds.num_subsets * self.lds.num_seeds
+
+    def groundtruth_config(self):
+        from curvinf.groundtruth import GroundTruthConfig
+
+        return GroundTruthConfig(
+            depth=self.depth,
+            width=self.width,
+            model_seed=self.seed,
+            recipe=self.recipe_used,
+            loss="ce" if self.dataset == "digits" else "mse",
+            measure=self.lds.measure,
+            num_subsets=self.lds.num_subsets,
+            alpha=self.lds.alpha,
+            num_seeds=self.lds.num_seeds,
+            seed=self.lds.seed,
+        )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A grid: ``depths x widths x epochs x seeds`` configurations sharing everything else."""
+
+    name: str
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    epochs: tuple[int, ...]
+    seeds: tuple[int, ...] = (0,)
+    rungs: tuple[str, ...] = LADDER
+    regularizations: tuple[Regularization, ...] = (Regularization(),)
+    lds: LDSSettings = field(default_factory=LDSSettings)
+    dataset: str = "digits"
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
+    reference: str = "hessian"
+    fisher: str = "type2"
+    max_dense_bytes: float = 2**30
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_ints("depths", self.depths, 0)
+        _check_ints("widths", self.widths, 1)
+        _check_ints("epochs", self.epochs, 1)
+        _check_ints("seeds", self.seeds, 0)
+        self.configs()  # validates the rest through RunConfig
+
+    def configs(self) -> list[RunConfig]:
+        """Every configuration, cheapest first (so a time-limited run covers the most)."""
+        out = [
+            RunConfig(
+                depth=d,
+                width=w,
+                epochs=e,
+                seed=s,
+                dataset=self.dataset,
+                recipe=self.recipe,
+                rungs=self.rungs,
+                regularizations=self.regularizations,
+                lds=self.lds,
+                reference=self.reference,
+                fisher=self.fisher,
+                max_dense_bytes=self.max_dense_bytes,
+            )
+            for d in self.depths
+            for w in self.widths
+            for e in self.epochs
+            for s in self.seeds
+        ]
+        return sorted(out, key=lambda c: (c.cost(), c.depth, c.width, c.epochs, c.seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["regularizations"] = [asdict(r) for r in self.regularizations]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preset:
+        d = dict(d)
+        d["regularizations"] = tuple(Regularization(**r) for r in d["regularizations"])
+        d["lds"] = LDSSettings(**d["lds"])
+        d["recipe"] = TrainingRecipe(**d["recipe"])
+        for k in ("depths", "widths", "epochs", "seeds", "rungs"):
+            d[k] = tuple(d[k])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(
+        name="paper",
+        depths=(1, 4, 8),
+        widths=(32, 64, 128),
+        epochs=(10, 100, 1000),
+        seeds=(0,),
+        lds=LDSSettings(num_subsets=100, alpha=0.5, num_seeds=1),
+        max_dense_bytes=2**30,
+        description=(
+            "The paper's grid: UCI digits, MLPs of depth {1, 4, 8} x width {32, 64, 128}, "
+            "trained {10, 100, 1000} epochs (SGD, momentum 0.9, lr 0.05, batch 64); all five "
+            "rungs, eigenvalue truncation eps = 1e-4, no damping; LDS with 100 subsets of "
+            "alpha = 0.5, one retraining per subset, one seed (all a 2-core machine allows). "
+            "Dense matrices are capped at 1 GiB (D <= 11,585): larger dense rungs are skipped."
+        ),
+    ),
+    "quick": Preset(
+        name="quick",
+        depths=(1,),
+        widths=(32,),
+        epochs=(10, 100),
+        seeds=(0,),
+        lds=LDSSettings(num_subsets=50, alpha=0.5, num_seeds=1, num_bootstrap=500),
+        max_dense_bytes=2**30,
+        description=(
+            "A corner of the paper grid that runs in minutes on 2 cores: depth 1, width 32 "
+            "(D = 2,410), 10 and 100 epochs, all five rungs, eps = 1e-4; LDS with 50 subsets "
+            "of alpha = 0.5, one retraining each."
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    check_choice("preset", name, PRESETS)
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------
+# One configuration.
+
+
+def _nan_if_none(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+class _Rungs:
+    """Fitted curvatures of one configuration, fitted lazily and kept for reuse."""
+
+    def __init__(self, config: RunConfig, model, loss, data, say: Callable[[str], None]) -> None:
+        self.config, self.model, self.loss, self.data, self.say = config, model, loss, data, say
+        self.fitted: dict[str, Curvature] = {}
+        self.failed: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        self._inverses: dict[tuple[str, str], Any] = {}
+
+    def get(self, rung: str) -> Curvature | None:
+        """The fitted rung, or None (the reason in ``failed``) if it cannot be computed."""
+        if rung in self.fitted or rung in self.failed:
+            return self.fitted.get(rung)
+        t0 = time.perf_counter()
+        try:
+            curv = fit_curvature(
+                rung,
+                self.model,
+                self.loss,
+                *self.data.train,
+                fisher=self.config.fisher,
+                seed=self.config.seed,
+                max_dense_bytes=self.config.max_dense_bytes,
+            )
+            curv.eigen()  # the decomposition is part of the fit's cost
+        except (ValueError, MemoryError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "memory" not in str(err).lower():
+                raise
+            self.failed[rung] = f"{type(err).__name__}: {err}"
+            self.say(f"  {rung}: skipped ({self.failed[rung]})")
+            return None
+        self.seconds[rung] = time.perf_counter() - t0
+        self.fitted[rung] = curv
+        return curv
+
+    def inverse(self, rung: str, reg: Regularization):
+        """``C⁺`` under ``reg``, cached; ``ValueError`` if ``reg`` cannot invert this rung."""
+        key = (rung, reg_label(reg))
+        if key not in self._inverses:
+            curv = self.get(rung)
+            if curv is None:
+                raise ValueError(f"{rung} is not available: {self.failed[rung]}")
+            self._inverses[key] = curv.inverse(reg)
+        return self._inverses[key]
+
+
+def _rung_result(
+    rung: str,
+    rungs: _Rungs,
+    config: RunConfig,
+    gt,
+    ref_scores: dict[str, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """Everything measured for one rung (a blob; tensors stay tensors)."""
+    curv = rungs.get(rung)
+    if curv is None:
+        return {"status": "skipped", "reason": rungs.failed[rung]}
+    data, model, loss = rungs.data, rungs.model, rungs.loss
+    evals = curv.eigenvalues()
+    out: dict[str, Any] = {
+        "status": "ok",
+        "reason": "",
+        "fit_seconds": rungs.seconds[rung],
+        "spectrum": evals.to(torch.float64),
+        "negative_eigenvalues": negative_eigenvalues(evals),
+        "per_reg": {},
+    }
+    if rung in DENSE_RUNGS or rung in ("block_hessian",):
+        blocks = [b.index for b in param_blocks(model, "layer")]
+        out["off_block_mass"] = off_block_mass(curv.dense(), blocks) if rung in DENSE_RUNGS else 0.0
+    ref_ok = rungs.get(config.reference) is not None
+    for reg in config.regularizations:
+        label = reg_label(reg)
+        t0 = time.perf_counter()
+        try:
+            inv = rungs.inverse(rung, reg)
+        except ValueError as err:  # e.g. indefinite Hessian with eps = 0
+            out["per_reg"][label] = {"status": "skipped", "reason": f"ValueError: {err}"}
+            continue
+        scores = influence_scores(
+            model, loss, inv, train=data.train, query=data.query, measure=config.lds.measure
+        )
+        res = gt.lds(scores, num_bootstrap=config.lds.num_bootstrap, seed=config.lds.seed)
+        entry: dict[str, Any] = {
+            "scores": scores.to(torch.float32),
+            "rank": inv.rank,
+            "lds": res.mean,
+            "lds_ci_low": res.ci_low,
+            "lds_ci_high": res.ci_high,
+            "lds_queries": res.num_valid,
+            "lds_per_query": res.per_query,
+            "inverse_error": math.nan,
+            "influence_error": math.nan,
+        }
+        if rung == config.reference:
+            entry["inverse_error"] = entry["influence_error"] = 0.0
+        elif ref_ok and ref_scores is not None and label in ref_scores:
+            entry["inverse_error"] = inverse_error(inv, rungs.inverse(config.reference, reg))
+            entry["influence_error"] = influence_error(scores.double(), ref_scores[label].double())
+        entry["score_seconds"] = time.perf_counter() - t0
+        out["per_reg"][label] = entry
+    if rung in KRONECKER_RUNGS:
+        block = rungs.get("block_ggn")
+        if block is not None:
+            curves = layer_basis_overlap(block, curv)
+            out["basis_overlap"] = {name: dict(c) for name, c in curves.items()}
+            out["spectrum_mismatch"] = spectrum_mismatch(evals, block.eigenvalues())
+    if rung == "kfac":
+        ekfac = rungs.get("ekfac")
+        if ekfac is not None:  # same basis: compare eigenvalue by eigenvalue
+            a = torch.cat([b.eigenvalues.reshape(-1) for b in curv.eigen()])
+            e = torch.cat([b.eigenvalues.reshape(-1) for b in ekfac.eigen()])
+            out["eigenvalue_mismatch_vs_ekfac"] = relative_frobenius_error(a, e)
+    return out
+
+
+def _ref_scores(blob: dict[str, Any] | None) -> dict[str, torch.Tensor] | None:
+    if blob is None or blob.get("status") != "ok":
+        return None
+    return {label: e["scores"] for label, e in blob["per_reg"].items() if "scores" in e}
+
+
+def run_config(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume, or load) one configuration; return its rows of the results table."""
+    import warnings
+
+    from curvinf.groundtruth import RetrainingWarning, ground_truth
+
+    say = log or (lambda msg: None)
+    out = Path(out)
+    run_dir = out / "runs" / config.id
+    done_file = run_dir / "rows.json"
+    if done_file.exists():
+        return read_json(done_file)
+    (run_dir / "rungs").mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config.to_dict())
+    t_start = time.perf_counter()
+
+    data = load_dataset(config.dataset, seed=config.seed)
+    if config.lds.num_queries:
+        q = config.lds.num_queries
+        data = replace(data, X_query=data.X_query[:q], y_query=data.y_query[:q])
+    gt_config = config.groundtruth_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RetrainingWarning)  # kept in gt.warnings and the table
+        gt = ground_truth(data, gt_config, out / "groundtruth", progress=progress, log=say)
+    loss = gt_config.make_loss()
+
+    model = gt_config.make_model(data)
+    model_file = run_dir / "model.pt"
+    if model_file.exists():
+        model.load_state_dict(read_blob(model_file))
+    else:
+        model = train(model, loss, *data.train, gt_config.recipe).model
+        write_blob(model_file, {k: v.detach() for k, v in model.state_dict().items()})
+
+    rungs = _Rungs(config, model, loss, data, say)
+    order = [config.reference] + [r for r in config.rungs if r != config.reference]
+    blobs: dict[str, dict[str, Any]] = {}
+    for rung in order:
+        file = run_dir / "rungs" / f"{rung}.pt"
+        if file.exists():
+            blobs[rung] = read_blob(file)
+            continue
+        say(f"  {config.id}: {rung}")
+        ref_scores = _ref_scores(blobs.get(config.reference))
+        blobs[rung] = _rung_result(rung, rungs, config, gt, ref_scores)
+        write_blob(file, blobs[rung])
+
+    diagnostics = _diagnostics(config, blobs)
+    write_json(run_dir / "diagnostics.json", diagnostics)
+    rows = _rows(config, model, gt, blobs, diagnostics)
+    write_json(run_dir / "timing.json", {"wall_seconds_this_call": time.perf_counter() - t_start})
+    write_json(done_file, rows)
+    return rows
+
+
+def _diagnostics(config: RunConfig, blobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Configuration-level diagnostics (JSON): shares, off-block mass, overlap, mismatches."""
+    ok = {r: b for r, b in blobs.items() if b["status"] == "ok"}
+    shares: dict[str, dict[str, dict[str, float]]] = {}
+    for reg in config.regularizations:
+        label = reg_label(reg)
+        shares[label] = {}
+        for measure in ("inverse_error", "influence_error"):
+            errs = {
+                r: b["per_reg"][label][measure]
+                for r, b in ok.items()
+                if measure in b["per_reg"].get(label, {})
+            }
+            try:
+                shares[label][measure] = error_shares(errs)
+            except ValueError as err:
+                shares[label][measure] = {name: math.nan for name, _, _ in LADDER_STEPS}
+                shares[label][f"{measure}_why_nan"] = str(err)  # type: ignore[assignment]
+    return {
+        "config": config.id,
+        "shares": shares,
+        "off_block_mass": {r: b["off_block_mass"] for r, b in ok.items() if "off_block_mass" in b},
+        "negative_eigenvalues": {r: b["negative_eigenvalues"] for r, b in ok.items()},
+        "num_eigenvalues": {r: int(b["spectrum"].numel()) for r, b in ok.items()},
+        "basis_overlap": {r: b["basis_overlap"] for r, b in ok.items() if "basis_overlap" in b},
+        "spectrum_mismatch_vs_block_ggn": {
+            r: b["spectrum_mismatch"] for r, b in ok.items() if "spectrum_mismatch" in b
+        },
+        "eigenvalue_mismatch_kfac_vs_ekfac": ok.get("kfac", {}).get(
+            "eigenvalue_mismatch_vs_ekfac", math.nan
+        ),
+        "skipped": {r: b["reason"] for r, b in blobs.items() if b["status"] != "ok"},
+    }
+
+
+def _mean_overlap(curves: dict[str, dict], k: int) -> float:
+    vals = [c[k] for c in curves.values() if k in c]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _rows(config, model, gt, blobs, diagnostics) -> list[dict[str, Any]]:
+    step_ending = {to: name for name, _, to in LADDER_STEPS}
+    rows = []
+    for rung in config.rungs:
+        blob = blobs[rung]
+        for reg in config.regularizations:
+            label = reg_label(reg)
+            entry = blob.get("per_reg", {}).get(label, {})
+            share = diagnostics["shares"][label]
+            step = step_ending.get(rung, "")
+            overlap = blob.get("basis_overlap")
+            rows.append(
+                {
+                    "config": config.id,
+                    "dataset": config.dataset,
+                    "depth": config.depth,
+                    "width": config.width,
+                    "epochs": config.epochs,
+                    "seed": config.seed,
+                    "num_params": num_params(model),
+                    "rung": rung,
+                    "reg": label,
+                    "damping": reg.damping,
+                    "eps": reg.eps,
+                    "relative": reg.relative,
+                    "status": entry.get("status", blob["status"]),
+                    "reason": entry.get("reason", blob["reason"]),
+                    "lds": _nan_if_none(entry.get("lds")),
+                    "lds_ci_low": _nan_if_none(entry.get("lds_ci_low")),
+                    "lds_ci_high": _nan_if_none(entry.get("lds_ci_high")),
+                    "lds_queries": entry.get("lds_queries", 0),
+                    "inverse_error": _nan_if_none(entry.get("inverse_error")),
+                    "influence_error": _nan_if_none(entry.get("influence_error")),
+                    "step": step,
+                    "share_inverse": share["inverse_error"].get(step, math.nan),
+                    "share_influence": share["influence_error"].get(step, math.nan),
+                    "rank": entry.get("rank", 0),
+                    "fit_seconds": _nan_if_none(blob.get("fit_seconds")),
+                    "score_seconds": _nan_if_none(entry.get("score_seconds")),
+                    "off_block_mass": _nan_if_none(blob.get("off_block_mass")),
+                    "negative_eigenvalues": blob.get("negative_eigenvalues", -1),
+                    "spectrum_mismatch": _nan_if_none(blob.get("spectrum_mismatch")),
+                    "overlap_k10": _mean_overlap(overlap, 10) if overlap else math.nan,
+                    "base_train_loss": gt.base["train_loss"],
+                    "base_query_loss": gt.base["query_loss"],
+                    "base_query_accuracy": _nan_if_none(gt.base.get("query_accuracy")),
+                    "num_subsets": config.lds.num_subsets,
+                    "num_seeds": config.lds.num_seeds,
+                    "alpha": config.lds.alpha,
+                    "gt_warnings": len(gt.warnings),
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The grid.
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return str(v)
+
+
+def write_table(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
+    """``results.csv`` and ``results.jsonl`` in ``out`` (atomic); returns their paths."""
+    import csv
+    import io
+
+    out = Path(out)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(row.get(c, "")) for c in COLUMNS])
+    csv_path, jsonl_path = out / "results.csv", out / "results.jsonl"
+    atomic_write(csv_path, buf.getvalue().encode())
+    lines = [json.dumps({c: row.get(c) for c in COLUMNS}) for row in rows]
+    atomic_write(jsonl_path, ("\n".join(lines) + "\n").encode())
+    return csv_path, jsonl_path
+
+
+def read_table(out: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``out/results.jsonl``."""
+    path = Path(out) / "results.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; run `curvinf reproduce --out {out}` first."
+        )
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _worker(config: RunConfig, out: str, deadline: float | None, threads: int) -> dict:
+    """Run one configuration in a worker process; never raises."""
+    if threads:
+        torch.set_num_threads(threads)
+    if deadline is not None and time.time() > deadline:
+        return {"config": config.id, "state": "not started (time budget)"}
+    t0 = time.perf_counter()
+    try:
+        rows = run_config(config, out)
+    except Exception as err:  # recorded, not fatal: the rest of the grid goes on
+        return {
+            "config": config.id,
+            "state": "failed",
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+            "seconds": time.perf_counter() - t0,
+        }
+    return {"config": config.id, "state": "done", "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class GridRun:
+    """What :func:`run_grid` did: rows of finished configurations and a log of each."""
+
+    rows: list[dict[str, Any]]
+    log: list[dict[str, Any]]
+    seconds: float
+    table: Path
+
+
+def run_grid(
+    preset: Preset,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    max_minutes: float | None = None,
+    only: Iterable[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> GridRun:
+    """Run every configuration of ``preset`` into ``out`` (skipping finished ones), then write
+    the results table.
+
+    Args:
+        workers: configurations run in parallel processes (torch threads split among them).
+        max_minutes: start no configuration after this many minutes (the running ones finish).
+        only: configuration ids or ``d<depth>-w<width>-e<epochs>`` prefixes to run (default all).
+        progress: a progress bar over configurations.
+    """
+    say = log or (lambda msg: None)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid_file = out / "grid.json"
+    if grid_file.exists():
+        stored = read_json(grid_file)
+        if stored != json.loads(json.dumps(preset.to_dict())):
+            say(f"note: {grid_file} held another preset; finished configurations are kept")
+    write_json(grid_file, preset.to_dict())
+    configs = preset.configs()
+    if only:
+        wanted = tuple(only)
+        configs = [c for c in configs if c.id.startswith(wanted)]
+    t0 = time.time()
+    deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    log_entries: list[dict[str, Any]] = []
+    with progress_bar(len(configs), f"{preset.name}: configurations", progress) as advance:
+        if workers == 1:
+            for config in configs:
+                say(f"{config.id}: running")
+                entry = _worker(config, str(out), deadline, threads)
+                log_entries.append(entry)
+                say(f"{config.id}: {entry['state']} ({entry.get('seconds', 0):.0f} s)")
+                if entry["state"] == "failed":
+                    say(entry["error"])
+                advance(1)
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_worker, c, str(out), deadline, threads) for c in configs]
+                for fut in as_completed(futures):
+                    entry = fut.result()
+                    log_entries.append(entry)
+                    say(f"{entry['config']}: {entry['state']} ({entry.get('seconds', 0):.0f} s)")
+                    advance(1)
+    rows = collect_rows(out, preset)
+    csv_path, _ = write_table(rows, out)
+    seconds = time.time() - t0
+    record = {
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "preset": preset.name,
+        "workers": workers,
+        "max_minutes": max_minutes,
+        "seconds": round(seconds, 1),
+        "configs": {e["config"]: e["state"] for e in log_entries},
+        "config_seconds": {e["config"]: round(e.get("seconds", 0.0), 1) for e in log_entries},
+        "errors": {e["config"]: e["error"] for e in log_entries if e["state"] == "failed"},
+    }
+    with open(out / "run_log.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return GridRun(rows, log_entries, seconds, csv_path)
+
+
+def collect_rows(out: str | Path, preset: Preset) -> list[dict[str, Any]]:
+    """Rows of every finished configuration of ``preset`` in ``out``, in grid order."""
+    rows = []
+    for config in preset.configs():
+        file = Path(out) / "runs" / config.id / "rows.json"
+        if file.exists():
+            rows += read_json(file)
+    return rows
+
+
+__all__ = [
+    "COLUMNS",
+    "PRESETS",
+    "GridRun",
+    "LDSSettings",
+    "Preset",
+    "RunConfig",
+    "collect_rows",
+    "get_preset",
+    "read_table",
+    "reg_label",
+    "run_config",
+    "run_grid",
+    "write_table",
+]

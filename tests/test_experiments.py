@@ -1,0 +1,161 @@
+"""The grid runner end to end on a tiny grid: table columns, an LDS for every rung, resume,
+skipped rungs, and preset validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import curvinf.experiments as ex
+from curvinf import LADDER, Regularization, TrainingRecipe
+from curvinf.experiments import (
+    COLUMNS,
+    PRESETS,
+    LDSSettings,
+    Preset,
+    RunConfig,
+    read_table,
+    run_grid,
+)
+
+TINY = Preset(
+    name="tiny",
+    depths=(1,),
+    widths=(4,),
+    epochs=(1,),
+    recipe=TrainingRecipe(lr=0.05, batch_size=128),
+    regularizations=(Regularization(), Regularization(damping=1e-3, eps=1e-6)),
+    lds=LDSSettings(num_subsets=6, num_queries=12, num_bootstrap=50),
+)
+
+
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    result = run_grid(TINY, out, progress=False)
+    return out, result
+
+
+def test_table_columns_and_every_rung_has_an_lds(grid_dir):
+    out, result = grid_dir
+    rows = read_table(out)
+    assert rows == json.loads(json.dumps(result.rows))
+    assert all(tuple(r) == COLUMNS for r in rows)
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.split(",") == list(COLUMNS)
+    assert len(rows) == len(LADDER) * 2  # configs x rungs x regularisations
+    for r in rows:
+        assert r["status"] == "ok", r["reason"]
+        assert math.isfinite(r["lds"]) and -1 <= r["lds"] <= 1
+        assert r["lds_ci_low"] <= r["lds_ci_high"]
+        assert math.isfinite(r["inverse_error"]) and math.isfinite(r["influence_error"])
+    hess = [r for r in rows if r["rung"] == "hessian"]
+    assert all(r["inverse_error"] == 0.0 and r["step"] == "" for r in hess)
+    assert all(math.isfinite(r["off_block_mass"]) for r in hess)
+    # Shares of the four steps sum to 1 per configuration and regularisation.
+    for config in {r["config"] for r in rows}:
+        for reg in {r["reg"] for r in rows}:
+            shares = [
+                r["share_inverse"]
+                for r in rows
+                if r["config"] == config and r["reg"] == reg and r["step"]
+            ]
+            assert len(shares) == 4 and sum(shares) == pytest.approx(1.0)
+    diag = json.loads((out / "runs" / rows[0]["config"] / "diagnostics.json").read_text())
+    assert set(diag["basis_overlap"]) == {"ekfac", "kfac"}
+    assert len((out / "run_log.jsonl").read_text().splitlines()) == 1
+
+
+def test_rerun_skips_finished_work(grid_dir, monkeypatch):
+    out, first = grid_dir
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished configuration was recomputed")
+
+    monkeypatch.setattr(ex, "fit_curvature", boom)
+    monkeypatch.setattr(ex, "train", boom)
+    again = run_grid(TINY, out, progress=False)
+    assert [e["state"] for e in again.log] == ["done"]
+    assert again.rows == first.rows
+
+
+def test_interrupted_configuration_resumes_the_missing_rung(grid_dir, monkeypatch):
+    out, first = grid_dir
+    config = TINY.configs()[0]
+    run_dir = out / "runs" / config.id
+    (run_dir / "rows.json").unlink()  # as if killed before the end
+    (run_dir / "rungs" / "kfac.pt").unlink()
+    fitted = []
+    real = ex.fit_curvature
+
+    def counting(method, *args, **kwargs):
+        fitted.append(method)
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(ex, "fit_curvature", counting)
+    again = run_grid(TINY, out, progress=False)
+    # kfac, the reference for its errors, and what its diagnostics compare it with.
+    assert sorted(fitted) == ["block_ggn", "ekfac", "hessian", "kfac"]
+    assert [r["lds"] for r in again.rows] == pytest.approx([r["lds"] for r in first.rows])
+
+
+def test_too_large_dense_rung_is_skipped_with_reason(tmp_path):
+    preset = Preset(
+        name="small-budget",
+        depths=(1,),
+        widths=(4,),
+        epochs=(1,),
+        recipe=TrainingRecipe(batch_size=128),
+        lds=LDSSettings(num_subsets=4, num_queries=8, num_bootstrap=0),
+        max_dense_bytes=8 * 280**2,  # D = 310 over budget; blocks (<= 260) fit
+    )
+    rows = run_grid(preset, tmp_path, progress=False).rows
+    by = {r["rung"]: r for r in rows}
+    for rung in ("hessian", "ggn"):
+        assert by[rung]["status"] == "skipped"
+        assert "memory budget" in by[rung]["reason"]
+        assert math.isnan(by[rung]["lds"])
+    for rung in ("block_ggn", "ekfac", "kfac"):
+        assert by[rung]["status"] == "ok" and math.isfinite(by[rung]["lds"])
+        assert math.isnan(by[rung]["inverse_error"])  # no reference
+        assert math.isnan(by[rung]["share_inverse"])
+
+
+def test_presets_are_valid_and_paper_is_the_full_grid():
+    paper = PRESETS["paper"]
+    assert paper.depths == (1, 4, 8) and paper.widths == (32, 64, 128)
+    assert paper.epochs == (10, 100, 1000) and paper.rungs == LADDER
+    assert paper.lds.alpha == 0.5 and paper.lds.num_subsets == 100
+    assert len(paper.configs()) == 27
+    assert set(PRESETS["quick"].configs()) <= set(paper.configs()) or all(
+        c.depth in paper.depths and c.width in paper.widths and c.epochs in paper.epochs
+        for c in PRESETS["quick"].configs()
+    )
+    assert Preset.from_dict(json.loads(json.dumps(paper.to_dict()))) == paper
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"depths": ()}, "depths must not be empty"),
+        ({"widths": (0,)}, "widths must be integers >= 1"),
+        ({"epochs": (10, 10)}, "duplicates"),
+        ({"rungs": ("hessian", "magic")}, "unknown rung"),
+    ],
+)
+def test_preset_validation(kwargs, match):
+    base = {"name": "x", "depths": (1,), "widths": (4,), "epochs": (1,)}
+    with pytest.raises(ValueError, match=match):
+        Preset(**{**base, **kwargs})
+    with pytest.raises(ValueError, match="alpha"):
+        LDSSettings(alpha=1.5)
+    with pytest.raises(ValueError, match="preset"):
+        ex.get_preset("huge")
+
+
+def test_config_id_changes_with_settings():
+    a = RunConfig(depth=1, width=4, epochs=1)
+    b = RunConfig(depth=1, width=4, epochs=1, lds=LDSSettings(num_subsets=7))
+    assert a.id.startswith("d1-w4-e1-s0-") and a.id != b.id
