@@ -39,9 +39,7 @@ def test_make_subsets_rejects_bad_arguments(n, m, alpha, match):
 
 def _hand_case():
     """N = 4 training points, M = 4 subsets, Q = 2 queries with known Spearman."""
-    masks = torch.tensor(
-        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool
-    )
+    masks = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
     # Query 0: -truth ranks 1, 3, 2, 4 against predicted 1, 2, 3, 4:
     # rho = 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8. Query 1: perfect, rho = 1.
