@@ -5,6 +5,12 @@
 - GGN ``G = 1/N Σ_n J_nᵀ Q_n Q_nᵀ J_n = 1/N MᵀM`` with ``M`` the stacked
   per-example pseudo-gradients (N·K, D) (see :mod:`curvinf.losses` for ``Q``).
   Blocks slice ``M`` by columns; the diagonal is ``1/N Σ M²``.
+
+Models whose parameters all sit in ``nn.Linear`` layers on (N, features)
+inputs (MLPs; for the Hessian: an ``nn.Sequential`` of ``Linear`` and
+elementwise activations) take the exact, cheaper Kronecker-structured route
+of :mod:`curvinf.curvature.structured` (same matrices, ``K``-fold and ~6-fold
+fewer flops); every other model takes the generic route above.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, jvp, vmap
 
+from curvinf.curvature import structured
 from curvinf.curvature.context import FitContext
 from curvinf.curvature.operators import (
     Curvature,
@@ -47,9 +54,16 @@ class DenseCurvature(Curvature):
 
     def dense(self) -> torch.Tensor:
         check_dense_budget(self.num_params, self.max_dense_bytes, f"{self.method}.dense()")
+        whole = torch.arange(self.num_params)
+        if len(self.blocks) == 1 and torch.equal(self.blocks[0][0].index, whole):
+            return self.blocks[0][1].clone()
         D = torch.zeros(self.num_params, self.num_params, dtype=torch.float64)
         for block, C in self.blocks:
-            D[block.index[:, None], block.index[None, :]] = C
+            a, b = int(block.index[0]), int(block.index[-1]) + 1
+            if b - a == block.size and torch.equal(block.index, torch.arange(a, b)):
+                D[a:b, a:b] = C  # a contiguous range: plain slicing, no index scatter
+            else:
+                D[block.index[:, None], block.index[None, :]] = C
         return D
 
     def block_matrices(self) -> dict[str, torch.Tensor]:
@@ -72,6 +86,9 @@ def hessian_blocks(
     ctx: FitContext, blocks: list[ParamBlock], *, basis_chunk: int = 512
 ) -> list[tuple[ParamBlock, torch.Tensor]]:
     """Exact Hessian of the mean loss restricted to each block: list of (d_b, d_b)."""
+    fast = structured.hessian_blocks(ctx, blocks)
+    if fast is not None:
+        return fast
     out = []
     with progress_bar(sum(b.size for b in blocks), "Hessian columns", ctx.progress) as advance:
         for block in blocks:
@@ -97,6 +114,9 @@ def _chunk_hessian(kind, f, theta, xb, yb, basis_chunk: int) -> torch.Tensor:
 
 def ggn_blocks(ctx: FitContext, blocks: list[ParamBlock]) -> list[tuple[ParamBlock, torch.Tensor]]:
     """GGN blocks ``1/N M[:, b]ᵀ M[:, b]`` accumulated over data chunks."""
+    fast = structured.ggn_blocks(ctx, blocks)
+    if fast is not None:
+        return fast
     acc = [torch.zeros(b.size, b.size, dtype=torch.float64) for b in blocks]
     gen = ctx.generator()
     with progress_bar(ctx.n, "GGN examples", ctx.progress) as advance:
