@@ -159,3 +159,39 @@ def test_config_id_changes_with_settings():
     a = RunConfig(depth=1, width=4, epochs=1)
     b = RunConfig(depth=1, width=4, epochs=1, lds=LDSSettings(num_subsets=7))
     assert a.id.startswith("d1-w4-e1-s0-") and a.id != b.id
+
+
+def test_report_tables_and_figures(grid_dir):
+    from curvinf.report import RUNG_COLORS, write_report
+
+    out, _ = grid_dir
+    path = write_report(out)
+    text = path.read_text()
+    for heading in ("LDS per rung", "Approximation error", "Share of the error gap", "Diagnostics"):
+        assert heading in text
+    for name in (
+        "lds_by_setting",
+        "lds_vs_error",
+        "error_shares",
+        "off_block_mass",
+        "basis_overlap",
+        "spectra",
+    ):
+        png = out / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/{name}.png" in text
+    assert len(set(RUNG_COLORS.values())) == len(RUNG_COLORS)
+
+
+def test_cli_report_and_reproduce_help(grid_dir):
+    from typer.testing import CliRunner
+
+    from curvinf.cli import app
+
+    out, _ = grid_dir
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "report.md" in res.output
+    res = runner.invoke(app, ["reproduce", "--help"])
+    assert res.exit_code == 0 and "--preset" in res.output and "--workers" in res.output

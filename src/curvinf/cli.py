@@ -62,5 +62,44 @@ def groundtruth(
     run_groundtruth(**options)
 
 
+@app.command()
+def reproduce(
+    preset: str = typer.Option("quick", help="quick (minutes) or paper (the full grid)"),
+    out: str = typer.Option("", help="result directory (default: results/<preset>)"),
+    workers: int = typer.Option(1, help="configurations run in parallel processes"),
+    max_minutes: float = typer.Option(0, help="start no configuration after this (0: no limit)"),
+    only: list[str] = typer.Option([], help="run only configuration ids with this prefix"),
+    seeds: str = typer.Option("", help="comma-separated seeds overriding the preset's"),
+    max_dense_gib: float = typer.Option(0, help="cap on one dense matrix, GiB (0: preset's)"),
+    progress: bool = typer.Option(True, help="show progress"),
+) -> None:
+    """Run the study's grid (resuming finished work) and write report.md with figures."""
+    from rich.console import Console
+
+    from curvinf.experiments import reproduce as run
+
+    console = Console(stderr=True)
+    path = run(
+        preset,
+        out or f"results/{preset}",
+        workers=workers,
+        max_minutes=max_minutes or None,
+        only=only or None,
+        seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None,
+        max_dense_gib=max_dense_gib or None,
+        progress=progress,
+        log=console.print,
+    )
+    print(path)
+
+
+@app.command()
+def report(out: str = typer.Argument(..., help="result directory of `curvinf reproduce`")) -> None:
+    """Redraw report.md and its figures from the stored results in OUT."""
+    from curvinf.report import write_report
+
+    print(write_report(out))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

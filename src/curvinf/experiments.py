@@ -805,6 +805,43 @@ def collect_rows(out: str | Path, preset: Preset) -> list[dict[str, Any]]:
     return rows
 
 
+def reproduce(
+    preset: str | Preset,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    max_minutes: float | None = None,
+    only: Iterable[str] | None = None,
+    seeds: tuple[int, ...] | None = None,
+    max_dense_gib: float | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """The ``curvinf reproduce`` command: run (or resume) the grid, then write the report.
+
+    ``seeds`` and ``max_dense_gib`` override the preset's seeds and dense-matrix cap
+    (a different value gives different configuration ids). Returns ``out/report.md``.
+    """
+    from curvinf.report import write_report
+
+    grid = get_preset(preset) if isinstance(preset, str) else preset
+    if seeds is not None:
+        grid = replace(grid, seeds=tuple(seeds))
+    if max_dense_gib is not None:
+        grid = replace(grid, max_dense_bytes=float(max_dense_gib) * 2**30)
+    result = run_grid(
+        grid, out, workers=workers, max_minutes=max_minutes, only=only, progress=progress, log=log
+    )
+    say = log or (lambda msg: None)
+    failed = [e for e in result.log if e["state"] == "failed"]
+    for e in failed:
+        say(f"{e['config']} failed: {e['error']}")
+    say(f"{len(result.rows)} rows in {result.table} after {result.seconds / 60:.1f} min")
+    if not result.rows:
+        raise RuntimeError("no configuration finished, so there is nothing to report.")
+    return write_report(out)
+
+
 __all__ = [
     "COLUMNS",
     "PRESETS",
@@ -816,6 +853,7 @@ __all__ = [
     "get_preset",
     "read_table",
     "reg_label",
+    "reproduce",
     "run_config",
     "run_grid",
     "write_table",

@@ -1,0 +1,596 @@
+"""The study's report from a result store: markdown tables and PNG figures.
+
+:func:`write_report` reads ``results.jsonl`` and each configuration's
+``diagnostics.json`` (and rung spectra) written by :mod:`curvinf.experiments`, and
+writes ``report.md`` with figures under ``figures/``:
+
+- ``lds_by_setting.png``: LDS per rung against depth, width and epochs, with CIs;
+- ``lds_vs_error.png``: LDS against the inverse and influence-space error;
+- ``error_shares.png``: each ladder step's share of the error gap, per configuration;
+- ``off_block_mass.png``: off-block mass of the Hessian and GGN against depth and epochs;
+- ``basis_overlap.png``: top-k basis overlap of EK-FAC/K-FAC with the block-GGN per layer;
+- ``spectra.png``: the rungs' eigenvalue spectra.
+
+Every figure draws a rung in the same colour (:data:`RUNG_COLORS`); a ladder step
+takes the colour of the rung it ends at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from curvinf.curvature import METHODS
+from curvinf.diagnostics import LADDER_STEPS
+from curvinf.experiments import read_table
+from curvinf.storage import atomic_write, read_blob, read_json
+
+RUNG_COLORS: dict[str, str] = {
+    "hessian": "#222222",
+    "ggn": "#1f77b4",
+    "block_hessian": "#9467bd",
+    "block_ggn": "#2ca02c",
+    "ekfac": "#ff7f0e",
+    "kfac": "#d62728",
+    "diag_ggn": "#8c564b",
+    "identity": "#7f7f7f",
+}
+"""One colour per rung, used by every figure."""
+
+STEP_COLORS: dict[str, str] = {name: RUNG_COLORS[to] for name, _, to in LADDER_STEPS}
+STEP_LABELS: dict[str, str] = {
+    "ggn_substitution": "GGN substitution (H → GGN)",
+    "block_diagonalisation": "block-diagonalisation (GGN → block-GGN)",
+    "kronecker_basis": "Kronecker basis (block-GGN → EK-FAC)",
+    "kronecker_eigenvalues": "Kronecker eigenvalues (EK-FAC → K-FAC)",
+}
+AXES = ("depth", "width", "epochs")
+
+assert set(RUNG_COLORS) == set(METHODS)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if _finite(v) else "–"
+
+
+def _rungs_in(rows: list[dict]) -> list[str]:
+    present = {r["rung"] for r in rows}
+    return [m for m in METHODS if m in present]
+
+
+def _configs_in(rows: list[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in sorted(rows, key=lambda r: (r["depth"], r["width"], r["epochs"], r["seed"])):
+        seen.setdefault(r["config"], None)
+    return list(seen)
+
+
+def _short(row: dict) -> str:
+    return f"d{row['depth']} w{row['width']} e{row['epochs']}" + (
+        f" s{row['seed']}" if row["seed"] else ""
+    )
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------------------
+# Figures. Each takes rows (and diagnostics) and a path, writes one PNG, returns the path.
+
+
+def plot_lds_by_setting(rows: list[dict], path: Path) -> Path:
+    """LDS per rung against each of depth, width, epochs that varies (mean over the others;
+    error bars: the CI when one configuration, else the mean of the CI ends)."""
+    plt = _pyplot()
+    ok = [r for r in rows if r["status"] == "ok" and _finite(r["lds"])]
+    axes_used = [a for a in AXES if len({r[a] for r in rows}) > 1] or ["epochs"]
+    fig, axs = plt.subplots(1, len(axes_used), figsize=(4.6 * len(axes_used), 3.8), squeeze=False)
+    for ax, axis in zip(axs[0], axes_used, strict=True):
+        values = sorted({r[axis] for r in rows})
+        for k, rung in enumerate(_rungs_in(rows)):
+            xs, ys, lo, hi = [], [], [], []
+            for v in values:
+                sel = [r for r in ok if r["rung"] == rung and r[axis] == v]
+                if not sel:
+                    continue
+                mean = sum(r["lds"] for r in sel) / len(sel)
+                low = sum(r["lds_ci_low"] for r in sel) / len(sel)
+                high = sum(r["lds_ci_high"] for r in sel) / len(sel)
+                xs.append(values.index(v) + (k - 2) * 0.06)
+                ys.append(mean)
+                lo.append(max(mean - low, 0.0) if _finite(low) else 0.0)
+                hi.append(max(high - mean, 0.0) if _finite(high) else 0.0)
+            if xs:
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[lo, hi],
+                    color=RUNG_COLORS[rung],
+                    marker="o",
+                    capsize=3,
+                    label=rung,
+                )
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlabel(axis if axis != "epochs" else "training epochs")
+        ax.set_ylabel("LDS (Spearman, mean over queries)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"LDS vs {axis}")
+    axs[0][0].legend(title="rung", fontsize=8)
+    fig.suptitle("Attribution quality per rung (bars: 95% bootstrap CI)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_lds_vs_error(rows: list[dict], path: Path) -> Path:
+    """LDS against the inverse and influence-space error, one point per configuration x rung."""
+    plt = _pyplot()
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4))
+    measures = (
+        ("inverse_error", "relative error of the inverse  ‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F"),
+        ("influence_error", "influence-space error  ‖G_q(C̃⁺ − H⁺)G_trᵀ‖_F / ‖G_q H⁺ G_trᵀ‖_F"),
+    )
+    for ax, (col, label) in zip(axs, measures, strict=True):
+        for rung in _rungs_in(rows):
+            sel = [
+                r
+                for r in rows
+                if r["rung"] == rung and _finite(r["lds"]) and _finite(r[col]) and r[col] > 0
+            ]
+            if sel:
+                ax.scatter(
+                    [r[col] for r in sel],
+                    [r["lds"] for r in sel],
+                    color=RUNG_COLORS[rung],
+                    label=rung,
+                    s=36,
+                    edgecolor="white",
+                    linewidth=0.5,
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("LDS")
+        ax.grid(alpha=0.3)
+    axs[0].legend(title="rung (reference has error 0)", fontsize=8)
+    fig.suptitle("Better curvature, better attribution? (one point per configuration)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_error_shares(rows: list[dict], path: Path) -> Path:
+    """Stacked bars: each ladder step's share of the total error gap, per configuration."""
+    plt = _pyplot()
+    configs = _configs_in(rows)
+    first = {c: next(r for r in rows if r["config"] == c) for c in configs}
+    fig, axs = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(configs) + 4), 4.2), sharey=True)
+    for ax, (col, title) in zip(
+        axs,
+        (("share_inverse", "inverse error"), ("share_influence", "influence-space error")),
+        strict=True,
+    ):
+        pos = [0.0] * len(configs)
+        neg = [0.0] * len(configs)
+        for name, _, _ in LADDER_STEPS:
+            vals = []
+            for c in configs:
+                sel = [r[col] for r in rows if r["config"] == c and r["step"] == name]
+                vals.append(sel[0] if sel and _finite(sel[0]) else 0.0)
+            bottoms = [p if v >= 0 else n for v, p, n in zip(vals, pos, neg, strict=True)]
+            ax.bar(
+                range(len(configs)),
+                vals,
+                bottom=bottoms,
+                color=STEP_COLORS[name],
+                label=STEP_LABELS[name],
+                edgecolor="white",
+                linewidth=0.5,
+            )
+            pos = [p + max(v, 0) for p, v in zip(pos, vals, strict=True)]
+            neg = [n + min(v, 0) for n, v in zip(neg, vals, strict=True)]
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(configs)), [_short(first[c]) for c in configs], rotation=45)
+        ax.set_title(f"share of the {title} gap H → K-FAC")
+        ax.set_xlabel("configuration (depth, width, epochs)")
+        ax.grid(axis="y", alpha=0.3)
+    axs[0].set_ylabel("share of the total gap (sums to 1)")
+    handles, labels = axs[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_off_block_mass(rows: list[dict], path: Path) -> Path:
+    """Off-block mass of the Hessian (solid) and GGN (dashed) against depth and epochs
+    (mean over widths and seeds)."""
+    plt = _pyplot()
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (axis, other) in zip(axs, (("depth", "epochs"), ("epochs", "depth")), strict=True):
+        xs_all = sorted({r[axis] for r in rows})
+        top = max(r[other] for r in rows)
+        for rung, style in (("hessian", "-"), ("ggn", "--")):
+            for ov in sorted({r[other] for r in rows}):
+                pts = []
+                for x in xs_all:
+                    sel = [
+                        r["off_block_mass"]
+                        for r in rows
+                        if r["rung"] == rung
+                        and r[axis] == x
+                        and r[other] == ov
+                        and _finite(r["off_block_mass"])
+                    ]
+                    if sel:
+                        pts.append((xs_all.index(x), sum(sel) / len(sel)))
+                if pts:
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        style,
+                        marker="o",
+                        color=RUNG_COLORS[rung],
+                        alpha=0.4 + 0.6 * (ov == top),
+                        label=f"{rung}, {other} {ov}",
+                    )
+        ax.set_xticks(range(len(xs_all)), [str(x) for x in xs_all])
+        ax.set_xlabel(axis if axis != "epochs" else "training epochs")
+        ax.set_ylabel("off-block mass  ‖C − blockdiag(C)‖_F / ‖C‖_F")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Cross-layer coupling: Hessian (solid) and GGN (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pick(items: Sequence[str], n: int) -> list[str]:
+    if len(items) <= n:
+        return list(items)
+    step = (len(items) - 1) / (n - 1)
+    return [items[round(i * step)] for i in range(n)]
+
+
+def plot_basis_overlap(rows: list[dict], diagnostics: dict[str, dict], path: Path) -> Path:
+    """Per configuration (up to 9), per layer: ``‖V_kᵀU_k‖²_F / k`` against ``k`` for EK-FAC
+    (solid) and K-FAC (dashed), each basis ordered by its own eigenvalues."""
+    plt = _pyplot()
+    configs = [c for c in _configs_in(rows) if diagnostics.get(c, {}).get("basis_overlap")]
+    configs = _pick(configs, 9)
+    first = {c: next(r for r in rows if r["config"] == c) for c in configs}
+    n = max(len(configs), 1)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axs = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, c in zip(axs.flat, configs, strict=False):
+        curves = diagnostics[c]["basis_overlap"]
+        for rung, style in (("ekfac", "-"), ("kfac", "--")):
+            layers = curves.get(rung, {})
+            for i, (layer, curve) in enumerate(layers.items()):
+                ks = sorted(int(k) for k in curve)
+                ax.plot(
+                    ks,
+                    [curve[str(k)] if str(k) in curve else curve[k] for k in ks],
+                    style,
+                    color=cmap(i / max(len(layers) - 1, 1)),
+                    label=f"layer {layer}" if rung == "ekfac" else None,
+                )
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("k (top eigenvectors)")
+        ax.set_ylabel("overlap ‖V_kᵀU_k‖²_F / k")
+        ax.set_title(_short(first[c]), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axs.flat)[len(configs) :]:
+        ax.axis("off")
+    fig.suptitle("Block-GGN vs Kronecker eigenbasis (solid: EK-FAC order, dashed: K-FAC order)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_spectra(out: Path, rows: list[dict], path: Path) -> Path:
+    """Sorted ``|λ|`` of every rung (negative Hessian ones hollow), up to 4 configurations."""
+    plt = _pyplot()
+    configs = _pick(_configs_in(rows), 4)
+    first = {c: next(r for r in rows if r["config"] == c) for c in configs}
+    fig, axs = plt.subplots(
+        1, max(len(configs), 1), figsize=(4.6 * len(configs), 3.8), squeeze=False
+    )
+    for ax, c in zip(axs[0], configs, strict=False):
+        for rung in _rungs_in(rows):
+            file = out / "runs" / c / "rungs" / f"{rung}.pt"
+            if not file.exists():
+                continue
+            blob = read_blob(file)
+            if blob.get("status") != "ok":
+                continue
+            ev = blob["spectrum"].double().flip(0)
+            idx = range(1, len(ev) + 1)
+            ax.plot(idx, ev.abs().clamp_min(1e-16).tolist(), color=RUNG_COLORS[rung], label=rung)
+            neg = (ev < 0).nonzero().squeeze(1).tolist()
+            if neg and rung == "hessian":
+                ax.scatter(
+                    [i + 1 for i in neg],
+                    ev[neg].abs().clamp_min(1e-16).tolist(),
+                    s=4,
+                    facecolors="none",
+                    edgecolors=RUNG_COLORS[rung],
+                    label="hessian, λ < 0",
+                )
+        ax.axhline(1e-4, color="grey", linestyle=":", linewidth=1, label="ε = 1e-4")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("eigenvalue index (largest first)")
+        ax.set_ylabel("|λ|")
+        ax.set_title(_short(first[c]), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Curvature spectra per rung")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Tables.
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def lds_table(rows: list[dict], reg: str | None = None) -> str:
+    """Markdown: one row per configuration, one column per rung, ``LDS [CI]``."""
+    rows = [r for r in rows if reg is None or r["reg"] == reg]
+    rungs = _rungs_in(rows)
+    body = []
+    for c in _configs_in(rows):
+        sel = {r["rung"]: r for r in rows if r["config"] == c}
+        first = next(iter(sel.values()))
+        cells = [str(first["depth"]), str(first["width"]), str(first["epochs"])]
+        for rung in rungs:
+            r = sel.get(rung)
+            if r is None or r["status"] != "ok":
+                cells.append("skipped")
+            else:
+                cells.append(
+                    f"{_fmt(r['lds'])} [{_fmt(r['lds_ci_low'], 2)}, {_fmt(r['lds_ci_high'], 2)}]"
+                )
+        body.append(cells)
+    return _table(["depth", "width", "epochs", *rungs], body)
+
+
+def error_table(rows: list[dict], reg: str | None = None) -> str:
+    """Markdown: per configuration, each rung's inverse / influence-space error."""
+    rows = [r for r in rows if reg is None or r["reg"] == reg]
+    rungs = [r for r in _rungs_in(rows) if r != "hessian"]
+    body = []
+    for c in _configs_in(rows):
+        sel = {r["rung"]: r for r in rows if r["config"] == c}
+        first = next(iter(sel.values()))
+        cells = [_short(first)]
+        for rung in rungs:
+            r = sel.get(rung)
+            ok = r is not None and r["status"] == "ok"
+            cells.append(
+                f"{_fmt(r['inverse_error'])} / {_fmt(r['influence_error'])}" if ok else "–"
+            )
+        body.append(cells)
+    return _table(["configuration", *[f"{r}: inverse / influence" for r in rungs]], body)
+
+
+def shares_table(rows: list[dict], reg: str | None = None) -> str:
+    """Markdown: per configuration, each step's share of the inverse (and influence) gap."""
+    rows = [r for r in rows if reg is None or r["reg"] == reg]
+    body = []
+    for c in _configs_in(rows):
+        sel = {r["step"]: r for r in rows if r["config"] == c and r["step"]}
+        first = next(r for r in rows if r["config"] == c)
+        cells = [_short(first)]
+        for name, _, _ in LADDER_STEPS:
+            r = sel.get(name)
+            cells.append(
+                f"{_fmt(100 * r['share_inverse'], 1)}% / {_fmt(100 * r['share_influence'], 1)}%"
+                if r is not None and _finite(r["share_inverse"])
+                else "–"
+            )
+        body.append(cells)
+    return _table(["configuration", *[STEP_LABELS[n] for n, _, _ in LADDER_STEPS]], body)
+
+
+def diagnostics_table(rows: list[dict], diagnostics: dict[str, dict]) -> str:
+    """Markdown: off-block mass, negative Hessian eigenvalues, overlap, eigenvalue mismatch."""
+    body = []
+    for c in _configs_in(rows):
+        sel = {r["rung"]: r for r in rows if r["config"] == c}
+        first = next(iter(sel.values()))
+        d = diagnostics.get(c, {})
+        hess = sel.get("hessian", {})
+        neg = hess.get("negative_eigenvalues", -1) if hess.get("status") == "ok" else -1
+        n_h = d.get("num_eigenvalues", {}).get("hessian")
+        body.append(
+            [
+                _short(first),
+                str(first["num_params"]),
+                _fmt(d.get("off_block_mass", {}).get("hessian")),
+                _fmt(d.get("off_block_mass", {}).get("ggn")),
+                f"{neg} / {n_h}" if neg >= 0 and n_h else "–",
+                _fmt(sel.get("ekfac", {}).get("overlap_k10")),
+                _fmt(d.get("spectrum_mismatch_vs_block_ggn", {}).get("ekfac")),
+                _fmt(d.get("spectrum_mismatch_vs_block_ggn", {}).get("kfac")),
+                _fmt(d.get("eigenvalue_mismatch_kfac_vs_ekfac")),
+            ]
+        )
+    header = [
+        "configuration",
+        "D",
+        "off-block mass H",
+        "off-block mass GGN",
+        "negative λ(H)",
+        "overlap@10 (EK-FAC, mean over layers)",
+        "spectrum mismatch EK-FAC vs block-GGN",
+        "K-FAC vs block-GGN",
+        "K-FAC vs EK-FAC (same basis)",
+    ]
+    return _table(header, body)
+
+
+# ---------------------------------------------------------------------------------------
+# The report.
+
+
+def load_diagnostics(out: Path, rows: list[dict]) -> dict[str, dict]:
+    """``config id -> diagnostics.json`` for every configuration in ``rows``."""
+    diags = {}
+    for c in {r["config"] for r in rows}:
+        file = out / "runs" / c / "diagnostics.json"
+        if file.exists():
+            diags[c] = read_json(file)
+    return diags
+
+
+def write_report(out: str | Path, *, title: str | None = None) -> Path:
+    """Draw every figure into ``out/figures`` and write ``out/report.md``; return its path."""
+    out = Path(out)
+    rows = read_table(out)
+    if not rows:
+        raise ValueError(f"{out}/results.jsonl has no rows; no configuration has finished yet.")
+    grid = read_json(out / "grid.json") if (out / "grid.json").exists() else {}
+    runs = []
+    if (out / "run_log.jsonl").exists():
+        runs = [json.loads(x) for x in (out / "run_log.jsonl").read_text().splitlines() if x]
+    diags = load_diagnostics(out, rows)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    figures = {
+        "lds_by_setting": plot_lds_by_setting(rows, fig_dir / "lds_by_setting.png"),
+        "lds_vs_error": plot_lds_vs_error(rows, fig_dir / "lds_vs_error.png"),
+        "error_shares": plot_error_shares(rows, fig_dir / "error_shares.png"),
+        "off_block_mass": plot_off_block_mass(rows, fig_dir / "off_block_mass.png"),
+        "basis_overlap": plot_basis_overlap(rows, diags, fig_dir / "basis_overlap.png"),
+        "spectra": plot_spectra(out, rows, fig_dir / "spectra.png"),
+    }
+    regs = list(dict.fromkeys(r["reg"] for r in rows))
+    configs = _configs_in(rows)
+    preset_name = grid.get("name", "?")
+    total = None
+    if grid:
+        from curvinf.experiments import Preset
+
+        total = len(Preset.from_dict(grid).configs())
+    lines = [f"# {title or f'curvinf study: preset `{preset_name}`'}", ""]
+    if grid.get("description"):
+        lines += [grid["description"], ""]
+    lines += [
+        f"Configurations finished: {len(configs)}" + (f" of {total}" if total else "") + ".",
+        "",
+    ]
+    if runs:
+        lines += ["| run finished (UTC) | configurations | wall time |", "|---|---|---|"]
+        for run in runs:
+            states = defaultdict(int)
+            for s in run["configs"].values():
+                states[s] += 1
+            summary = ", ".join(f"{n} {s}" for s, n in states.items()) or "none"
+            lines.append(f"| {run['finished']} | {summary} | {run['seconds'] / 60:.1f} min |")
+        lines.append("")
+    for reg in regs:
+        sub = [r for r in rows if r["reg"] == reg]
+        lines += [
+            f"## Regularisation `{reg}`",
+            "",
+            "### LDS per rung (mean over queries, [95% bootstrap CI over subsets])",
+            "",
+            lds_table(sub),
+            "",
+            "### Approximation error against the Hessian (inverse / influence space)",
+            "",
+            error_table(sub),
+            "",
+            "### Share of the error gap H → K-FAC per ladder step (inverse / influence space)",
+            "",
+            shares_table(sub),
+            "",
+        ]
+    lines += [
+        "## Diagnostics",
+        "",
+        diagnostics_table([r for r in rows if r["reg"] == regs[0]], diags),
+        "",
+    ]
+    skipped = sorted({(r["config"], r["rung"], r["reason"]) for r in rows if r["status"] != "ok"})
+    if skipped:
+        lines += ["## Skipped rungs", ""]
+        lines += [f"- `{c}` {rung}: {why}" for c, rung, why in skipped]
+        lines.append("")
+    warned = sorted({r["config"] for r in rows if r.get("gt_warnings")})
+    if warned:
+        lines += [
+            "Ground-truth health warnings were raised for: "
+            + ", ".join(f"`{c}`" for c in warned)
+            + " (see `groundtruth/*/manifest.json`).",
+            "",
+        ]
+    captions = {
+        "lds_by_setting": "LDS per rung across depth / width / epochs",
+        "lds_vs_error": "LDS against approximation error",
+        "error_shares": "Error share of each ladder step",
+        "off_block_mass": "Off-block mass against depth and epochs",
+        "basis_overlap": "Basis overlap, block-GGN vs Kronecker basis",
+        "spectra": "Spectra",
+    }
+    lines += ["## Figures", ""]
+    for key, fig in figures.items():
+        lines += [f"### {captions[key]}", "", f"![{captions[key]}](figures/{fig.name})", ""]
+    lines += [
+        "Table: `results.csv` / `results.jsonl` (one row per configuration x "
+        "regularisation x rung); per-configuration artefacts under `runs/`.",
+        "",
+    ]
+    path = out / "report.md"
+    atomic_write(path, "\n".join(lines).encode())
+    return path
+
+
+__all__ = [
+    "RUNG_COLORS",
+    "STEP_COLORS",
+    "diagnostics_table",
+    "error_table",
+    "lds_table",
+    "load_diagnostics",
+    "plot_basis_overlap",
+    "plot_error_shares",
+    "plot_lds_by_setting",
+    "plot_lds_vs_error",
+    "plot_off_block_mass",
+    "plot_spectra",
+    "shares_table",
+    "write_report",
+]
