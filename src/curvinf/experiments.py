@@ -67,7 +67,6 @@ from curvinf.influence import influence_scores
 from curvinf.losses import MEASURES
 from curvinf.models import num_params
 from curvinf.params import param_blocks
-from curvinf.progress import progress_bar
 from curvinf.storage import (
     atomic_write,
     read_blob,
@@ -236,10 +235,27 @@ class RunConfig:
             f"{request_hash(self.to_dict())[:8]}"
         )
 
+    @property
+    def num_params(self) -> int:
+        """D of the MLP (digits: 64 inputs, 10 outputs; diabetes: 10 inputs, 1 output)."""
+        return sum(self.layer_sizes)
+
     def cost(self) -> float:
-        """A rough relative cost, for running cheap configurations first."""
-        hidden = self.width * self.width * max(self.depth - 1, 0) + 74 * self.width
-        return hidden * (self.epochs + 10) * self.lds.num_subsets * self.lds.num_seeds
+        """Rough seconds on 2 busy cores, for running cheap configurations first: retraining
+        (models x epochs x D) plus, when the dense rungs fit, their ``O(D³)`` eigh and errors."""
+        D = self.num_params
+        retrain = 1e-5 * D * self.epochs * (self.lds.num_subsets * self.lds.num_seeds + 2)
+        dense = 4e-9 * D**3 if 8.0 * D * D <= self.max_dense_bytes else 0.0
+        blocks = [d for d in self.layer_sizes if 8.0 * d * d <= self.max_dense_bytes]
+        return retrain + dense + 4e-9 * sum(d**3 for d in blocks)
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """Parameters per layer (weight and bias), the block-GGN's block sizes."""
+        n_in, n_out = (64, 10) if self.dataset == "digits" else (10, 1)
+        fans = [n_in] + [self.width] * self.depth
+        outs = [self.width] * self.depth + [n_out]
+        return [(a + 1) * b for a, b in zip(fans, outs, strict=True)]
 
     def groundtruth_config(self):
         from curvinf.groundtruth import GroundTruthConfig
@@ -689,15 +705,22 @@ def read_table(out: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _worker(config: RunConfig, out: str, deadline: float | None, threads: int) -> dict:
-    """Run one configuration in a worker process; never raises."""
+def _worker(
+    config: RunConfig,
+    out: str,
+    deadline: float | None,
+    threads: int,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run one configuration (in this or a worker process); never raises."""
     if threads:
         torch.set_num_threads(threads)
     if deadline is not None and time.time() > deadline:
         return {"config": config.id, "state": "not started (time budget)"}
     t0 = time.perf_counter()
     try:
-        rows = run_config(config, out)
+        rows = run_config(config, out, progress=progress, log=log)
     except Exception as err:  # recorded, not fatal: the rest of the grid goes on
         return {
             "config": config.id,
@@ -736,7 +759,7 @@ def run_grid(
         workers: configurations run in parallel processes (torch threads split among them).
         max_minutes: start no configuration after this many minutes (the running ones finish).
         only: configuration ids or ``d<depth>-w<width>-e<epochs>`` prefixes to run (default all).
-        progress: a progress bar over configurations.
+        progress: progress bars of the work inside a configuration (``workers=1``).
     """
     say = log or (lambda msg: None)
     if workers < 1:
@@ -757,26 +780,25 @@ def run_grid(
     deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     log_entries: list[dict[str, Any]] = []
-    with progress_bar(len(configs), f"{preset.name}: configurations", progress) as advance:
-        if workers == 1:
-            for config in configs:
-                say(f"{config.id}: running")
-                entry = _worker(config, str(out), deadline, threads)
-                log_entries.append(entry)
-                say(f"{config.id}: {entry['state']} ({entry.get('seconds', 0):.0f} s)")
-                if entry["state"] == "failed":
-                    say(entry["error"])
-                advance(1)
-        else:
-            import multiprocessing as mp
+    n = len(configs)
 
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_worker, c, str(out), deadline, threads) for c in configs]
-                for fut in as_completed(futures):
-                    entry = fut.result()
-                    log_entries.append(entry)
-                    say(f"{entry['config']}: {entry['state']} ({entry.get('seconds', 0):.0f} s)")
-                    advance(1)
+    def report(i: int, entry: dict[str, Any]) -> None:
+        log_entries.append(entry)
+        say(f"[{i}/{n}] {entry['config']}: {entry['state']} ({entry.get('seconds', 0):.0f} s)")
+        if entry["state"] == "failed":
+            say(entry["error"])
+
+    if workers == 1:  # in this process: the ground truth's progress bar, rung-by-rung log
+        for i, config in enumerate(configs, 1):
+            say(f"[{i}/{n}] {config.id}: running")
+            report(i, _worker(config, str(out), deadline, threads, progress, say))
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_worker, c, str(out), deadline, threads) for c in configs]
+            for i, fut in enumerate(as_completed(futures), 1):
+                report(i, fut.result())
     rows = collect_rows(out, preset)
     csv_path, _ = write_table(rows, out)
     seconds = time.time() - t0

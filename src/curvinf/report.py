@@ -206,7 +206,7 @@ def plot_error_shares(rows: list[dict], path: Path) -> Path:
             neg = [n + min(v, 0) for n, v in zip(neg, vals, strict=True)]
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(configs)), [_short(first[c]) for c in configs], rotation=45)
-        ax.set_title(f"share of the {title} gap H → K-FAC")
+        ax.set_title(f"{title} gap, H → K-FAC", fontsize=10)
         ax.set_xlabel("configuration (depth, width, epochs)")
         ax.grid(axis="y", alpha=0.3)
     axs[0].set_ylabel("share of the total gap (sums to 1)")
@@ -304,7 +304,11 @@ def plot_basis_overlap(rows: list[dict], diagnostics: dict[str, dict], path: Pat
         ax.legend(fontsize=7)
     for ax in list(axs.flat)[len(configs) :]:
         ax.axis("off")
-    fig.suptitle("Block-GGN vs Kronecker eigenbasis (solid: EK-FAC order, dashed: K-FAC order)")
+    fig.suptitle(
+        "Top-k overlap of block-GGN and Kronecker eigenvectors\n"
+        "(solid: Kronecker basis in EK-FAC order, dashed: in K-FAC order)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -327,7 +331,8 @@ def plot_spectra(out: Path, rows: list[dict], path: Path) -> Path:
             blob = read_blob(file)
             if blob.get("status") != "ok":
                 continue
-            ev = blob["spectrum"].double().flip(0)
+            ev = blob["spectrum"].double()
+            ev = ev[ev.abs().argsort(descending=True)]
             idx = range(1, len(ev) + 1)
             ax.plot(idx, ev.abs().clamp_min(1e-16).tolist(), color=RUNG_COLORS[rung], label=rung)
             neg = (ev < 0).nonzero().squeeze(1).tolist()
@@ -335,7 +340,7 @@ def plot_spectra(out: Path, rows: list[dict], path: Path) -> Path:
                 ax.scatter(
                     [i + 1 for i in neg],
                     ev[neg].abs().clamp_min(1e-16).tolist(),
-                    s=4,
+                    s=6,
                     facecolors="none",
                     edgecolors=RUNG_COLORS[rung],
                     label="hessian, λ < 0",
@@ -343,7 +348,7 @@ def plot_spectra(out: Path, rows: list[dict], path: Path) -> Path:
         ax.axhline(1e-4, color="grey", linestyle=":", linewidth=1, label="ε = 1e-4")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("eigenvalue index (largest first)")
+        ax.set_xlabel("eigenvalue index (largest |λ| first)")
         ax.set_ylabel("|λ|")
         ax.set_title(_short(first[c]), fontsize=10)
         ax.grid(alpha=0.3)
@@ -488,15 +493,16 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
     diags = load_diagnostics(out, rows)
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
-    figures = {
-        "lds_by_setting": plot_lds_by_setting(rows, fig_dir / "lds_by_setting.png"),
-        "lds_vs_error": plot_lds_vs_error(rows, fig_dir / "lds_vs_error.png"),
-        "error_shares": plot_error_shares(rows, fig_dir / "error_shares.png"),
-        "off_block_mass": plot_off_block_mass(rows, fig_dir / "off_block_mass.png"),
-        "basis_overlap": plot_basis_overlap(rows, diags, fig_dir / "basis_overlap.png"),
-        "spectra": plot_spectra(out, rows, fig_dir / "spectra.png"),
-    }
     regs = list(dict.fromkeys(r["reg"] for r in rows))
+    main = [r for r in rows if r["reg"] == regs[0]]  # figures: the first regularisation
+    figures = {
+        "lds_by_setting": plot_lds_by_setting(main, fig_dir / "lds_by_setting.png"),
+        "lds_vs_error": plot_lds_vs_error(main, fig_dir / "lds_vs_error.png"),
+        "error_shares": plot_error_shares(main, fig_dir / "error_shares.png"),
+        "off_block_mass": plot_off_block_mass(main, fig_dir / "off_block_mass.png"),
+        "basis_overlap": plot_basis_overlap(main, diags, fig_dir / "basis_overlap.png"),
+        "spectra": plot_spectra(out, main, fig_dir / "spectra.png"),
+    }
     configs = _configs_in(rows)
     preset_name = grid.get("name", "?")
     total = None
@@ -565,7 +571,7 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
         "basis_overlap": "Basis overlap, block-GGN vs Kronecker basis",
         "spectra": "Spectra",
     }
-    lines += ["## Figures", ""]
+    lines += ["## Figures", "", f"Figures use the regularisation `{regs[0]}`.", ""]
     for key, fig in figures.items():
         lines += [f"### {captions[key]}", "", f"![{captions[key]}](figures/{fig.name})", ""]
     lines += [
