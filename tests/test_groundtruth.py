@@ -238,6 +238,10 @@ def test_identity_rung_has_positive_lds_on_digits(tmp_path):
     gt = ground_truth(data, config, tmp_path, progress=False)
     loss = nn.CrossEntropyLoss()
     base = train(config.make_model(data), loss, *data.train, config.recipe).model
+    stored = gt.base_model(data)
+    assert all(
+        torch.equal(p, q) for p, q in zip(base.parameters(), stored.parameters(), strict=True)
+    )
     inv = fit_curvature("identity", base, loss, *data.train).inverse(Regularization())
     scores = influence_scores(base, loss, inv, train=data.train, query=data.query)
     good = gt.lds(scores, num_bootstrap=200)

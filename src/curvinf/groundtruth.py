@@ -26,7 +26,7 @@ determines the numbers: data, model, recipe, loss, measurement, subsets, seeds):
 
     <out>/<name>-<hash>/
         manifest.json      human-readable request, layout, progress, cost, summary
-        base.pt            the base model's metrics
+        base.pt            the base model's weights and metrics
         chunk-00000.pt ... one per chunk of models, checksummed, written atomically
         .lock              held while a process builds the store
 
@@ -171,7 +171,9 @@ class GroundTruth:
     - ``measurements`` (M, R, Q): every retrained model's measurement.
     - ``train_loss`` (M, R): final training loss of each model on its subset.
     - ``query_loss`` (M, R): mean query loss; ``query_accuracy`` (M, R) or None.
-    - ``base``: the base model's ``train_loss``, ``query_loss``, ``query_accuracy``.
+    - ``base``: the base model's ``train_loss``, ``query_loss``, ``query_accuracy``;
+      ``base_params``: its trained weights (:meth:`base_model` builds the module). It is
+      trained by :func:`curvinf.training.train` on all the data with ``config.recipe``.
     - ``warnings``: health problems (retrained models far from the base model,
       ground truth dominated by seed noise); empty when none.
     - ``path``: the store directory; ``manifest``: its manifest.
@@ -191,6 +193,15 @@ class GroundTruth:
     manifest: dict[str, Any]
     models_trained: int
     config: GroundTruthConfig
+    base_params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def base_model(self, data: DataSplit) -> nn.Module:
+        """The trained base model (``config.make_model(data)`` holding ``base_params``)."""
+        model = self.config.make_model(data)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(self.base_params[name])
+        return model
 
     def lds(self, scores: torch.Tensor, **kwargs: Any) -> LDSResult:
         """:func:`curvinf.lds.lds` of ``scores`` (Q, N) against this ground truth."""
@@ -534,12 +545,15 @@ def _build(
     # The base model, trained once on all the data by the ordinary path.
     base_file = path / "base.pt"
     base = _read_checked(base_file, key, {}, repair, say) if base_file.exists() else None
+    if base is not None and "params" not in base:
+        base = None  # written before base weights were stored: retrain (deterministic)
     if base is None:
         t0 = time.perf_counter()
         trained = train(model, loss, X, y, config.recipe)
         params = {k: v.detach()[None] for k, v in trained.model.named_parameters()}
         base = {
             "key": key,
+            "params": {k: v[0].clone() for k, v in params.items()},
             **_metrics(
                 model, loss, params, data, torch.ones(1, n, dtype=torch.bool), config.measure
             ),
@@ -655,6 +669,7 @@ def _build(
         manifest=manifest,
         models_trained=run["models_trained"],
         config=config,
+        base_params=base["params"],
     )
 
 
