@@ -68,6 +68,7 @@ from curvinf.retrain import (
 )
 from curvinf.storage import (
     CorruptFileError,
+    StoreBusyError,
     StoreLock,
     read_blob,
     read_json,
@@ -693,16 +694,23 @@ def _train_chunk(
     if config.vary_init:
         init_seeds = [retrain_seed(config.seed, int(i) // R, int(i) % R, "init") for i in ids]
         init = stack_params([_with_seed(config, data, s) for s in init_seeds])
-    result = train_many(
-        model,
-        loss,
-        *data.train,
-        recipe,
-        subsets=subsets,
-        seeds=seeds.reshape(-1)[ids],
-        init=init,
-        on_epoch=advance,
-    )
+    try:
+        result = train_many(
+            model,
+            loss,
+            *data.train,
+            recipe,
+            subsets=subsets,
+            seeds=seeds.reshape(-1)[ids],
+            init=init,
+            on_epoch=advance,
+        )
+    except FloatingPointError as err:
+        raise FloatingPointError(
+            f"{err} (models {start}..{stop - 1} of this chunk; model i is subset i // {R}, "
+            f"seed i % {R}). The retrained models must train stably in the base recipe: lower "
+            "the learning rate, or check the base model's recipe."
+        ) from err
     return _metrics(model, loss, result.params, data, subsets, config.measure)
 
 
@@ -853,43 +861,47 @@ def run_groundtruth(
     console = Console(stderr=True)
     if threads:
         torch.set_num_threads(threads)
-    data = load_dataset(dataset, seed=seed)
-    if queries:
-        data = replace(data, X_query=data.X_query[:queries], y_query=data.y_query[:queries])
-    config = GroundTruthConfig(
-        depth=depth,
-        width=width,
-        activation=activation,
-        model_seed=seed,
-        recipe=TrainingRecipe(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            epochs=epochs,
-            seed=seed,
-        ),
-        loss="ce" if data.task == "classification" else "mse",
-        measure=measure,
-        num_subsets=subsets,
-        alpha=alpha,
-        num_seeds=seeds,
-        seed=subset_seed,
-        matched_steps=matched_steps,
-        vary_init=vary_init,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
-        gt = ground_truth(
-            data,
-            config,
-            out,
-            progress=progress,
-            models_per_chunk=chunk or None,
-            max_memory_bytes=memory_gib * 2**30,
-            repair=repair,
-            log=lambda msg: console.print(msg, style="yellow"),
+    try:
+        data = load_dataset(dataset, seed=seed)
+        if queries:
+            data = replace(data, X_query=data.X_query[:queries], y_query=data.y_query[:queries])
+        config = GroundTruthConfig(
+            depth=depth,
+            width=width,
+            activation=activation,
+            model_seed=seed,
+            recipe=TrainingRecipe(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                batch_size=batch_size,
+                epochs=epochs,
+                seed=seed,
+            ),
+            loss="ce" if data.task == "classification" else "mse",
+            measure=measure,
+            num_subsets=subsets,
+            alpha=alpha,
+            num_seeds=seeds,
+            seed=subset_seed,
+            matched_steps=matched_steps,
+            vary_init=vary_init,
         )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
+            gt = ground_truth(
+                data,
+                config,
+                out,
+                progress=progress,
+                models_per_chunk=chunk or None,
+                max_memory_bytes=memory_gib * 2**30,
+                repair=repair,
+                log=lambda msg: console.print(msg, style="yellow"),
+            )
+    except (ValueError, FloatingPointError, StoreBusyError) as err:
+        console.print(f"error: {err}", style="bold red")  # CorruptFileError is a ValueError
+        raise SystemExit(1) from err
     summary = gt.manifest["summary"]["retrained_median"]
     console.print(
         f"{config.num_models} models ({gt.models_trained} trained now), "

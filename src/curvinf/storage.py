@@ -32,6 +32,10 @@ class CorruptFileError(ValueError):
     """A store file is truncated, altered or unreadable."""
 
 
+class StoreBusyError(RuntimeError):
+    """Another process holds the store's lock."""
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
     path = Path(path)
@@ -127,7 +131,7 @@ class StoreLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
             self._fh.close()
-            raise RuntimeError(
+            raise StoreBusyError(
                 f"{self.path.parent} is being built by another process (its lock is held); wait "
                 "for it to finish or use another output directory."
             ) from err
@@ -140,6 +144,7 @@ class StoreLock:
 
 __all__ = [
     "CorruptFileError",
+    "StoreBusyError",
     "StoreLock",
     "atomic_write",
     "canonical_json",
