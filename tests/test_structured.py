@@ -94,3 +94,52 @@ def test_structured_route_is_taken(kind):
     ctx = FitContext.build(model, loss, X, y)
     assert structured.hessian_blocks(ctx, ctx.blocks()) is not None
     assert structured.ggn_blocks(ctx, ctx.blocks("tensor")) is not None
+
+
+@pytest.mark.parametrize("measure", ["loss", "margin"])
+def test_outer_product_grads_equal_vmap(monkeypatch, kind, measure):
+    from curvinf import influence
+
+    if kind == "mse" and measure == "margin":
+        pytest.skip("margin is for classification")
+    model, loss, X, y = problem(kind, act="tanh", n=13)
+    fast = influence.per_example_grads(model, loss, X, y, measure=measure, chunk_size=5)
+    monkeypatch.setattr(influence, "_outer_product_grads", lambda *a: False)
+    slow = influence.per_example_grads(model, loss, X, y, measure=measure, chunk_size=5)
+    assert rel(fast, slow) < 1e-12
+
+
+def test_outer_product_grads_fall_back_for_shared_layers(kind):
+    from curvinf import influence
+
+    _, loss, X, y = problem(kind)
+    model = Shared(3 if kind == "ce" else 2).double()
+    out = torch.empty(len(X), sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    assert not influence._outer_product_grads(model, kind, "loss", X, y, out)
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_gemm_kronecker_apply_equals_batched(kind, method):
+    from curvinf import Regularization
+    from curvinf.curvature.operators import KroneckerEigenBlock
+
+    model, loss, X, y = problem(kind, act="tanh", depth=3, width=4)
+    inv = fit_curvature(method, model, loss, X, y).inverse(Regularization(damping=0.1, eps=0))
+    V = torch.randn(
+        7, inv.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    slow = torch.zeros_like(V)
+    for b, s in zip(inv.blocks, inv.inv_evals, strict=True):
+        slow[:, b.index] = KroneckerEigenBlock.scale(b, V[:, b.index], s)
+    assert rel(inv.apply(V), slow) < 1e-12
+
+
+@pytest.mark.parametrize("fisher", ["type2", "mc"])
+def test_ekfac_capture_cache_changes_nothing(monkeypatch, kind, fisher):
+    from curvinf.curvature import kronecker
+
+    model, loss, X, y = problem(kind, act="tanh")
+    kw = {"fisher": fisher, "chunk_size": 5, "seed": 3}
+    cached = fit_curvature("ekfac", model, loss, X, y, **kw).dense()
+    monkeypatch.setattr(kronecker, "CAPTURE_CACHE_BYTES", 0)
+    assert torch.equal(cached, fit_curvature("ekfac", model, loss, X, y, **kw).dense())

@@ -148,25 +148,44 @@ def _reduce(a: torch.Tensor, s: torch.Tensor, variant: str) -> tuple[torch.Tenso
     return a, s
 
 
+CAPTURE_CACHE_BYTES = 256 * 2**20
+
+
 def kronecker_factors(
-    ctx: FitContext, adapters: list[LayerAdapter], variant: str = "expand"
+    ctx: FitContext,
+    adapters: list[LayerAdapter],
+    variant: str = "expand",
+    cache: list | None = None,
 ) -> list[LayerFactors]:
-    """``A = 1/(N T) Σ ã ãᵀ`` and ``S = 1/N Σ_n Σ_k Σ_t s sᵀ`` per layer."""
+    """``A = 1/(N T) Σ ã ãᵀ`` and ``S = 1/N Σ_n Σ_k Σ_t s sᵀ`` per layer.
+
+    If ``cache`` is a list, the (reduced) ``ã`` and ``s`` of every chunk are
+    appended to it for the EK-FAC pass, as long as they take at most
+    ``CAPTURE_CACHE_BYTES``; past that it is emptied and the pass recomputes them.
+    """
     check_choice("kfac variant", variant, KFAC_VARIANTS)
     A = [None] * len(adapters)
     S = [None] * len(adapters)
     gen = ctx.generator()
+    kept = 0
     with progress_bar(ctx.n, "K-FAC factors", ctx.progress) as advance:
         for xb, yb in ctx.chunks():
             a_all, s_all = _capture(ctx, adapters, xb, yb, gen)
-            for i, (a, s) in enumerate(zip(a_all, s_all, strict=True)):
-                a, s = _reduce(a, s, variant)
+            reduced = [_reduce(a, s, variant) for a, s in zip(a_all, s_all, strict=True)]
+            for i, (a, s) in enumerate(reduced):
                 a2 = a.reshape(-1, a.shape[-1])
                 s2 = s.reshape(-1, s.shape[-1])
                 cA = a2.T @ a2 / a.shape[1]
                 cS = s2.T @ s2
                 A[i] = cA if A[i] is None else A[i] + cA
                 S[i] = cS if S[i] is None else S[i] + cS
+            if cache is not None and kept >= 0:
+                kept += sum(8 * (a.numel() + s.numel()) for a, s in reduced)
+                if kept <= CAPTURE_CACHE_BYTES:
+                    cache.append(reduced)
+                else:
+                    cache.clear()
+                    kept = -1
             advance(len(xb))
     return [
         LayerFactors(ad.name, a / ctx.n, s / ctx.n) for ad, a, s in zip(adapters, A, S, strict=True)
@@ -178,22 +197,47 @@ def corrected_eigenvalues(
     adapters: list[LayerAdapter],
     bases: list[tuple[torch.Tensor, torch.Tensor]],
     variant: str = "expand",
+    cache: list | None = None,
 ) -> list[torch.Tensor]:
     """EK-FAC ``Λ*`` (out, in+1) per layer: mean over examples of the squared gradient
-    in the Kronecker basis, ``Σ_k (U_Sᵀ (Σ_t s_nkt ã_ntᵀ) U_A)²``."""
-    out = [None] * len(adapters)
-    gen = ctx.generator()
-    with progress_bar(ctx.n, "EK-FAC correction", ctx.progress) as advance:
+    in the Kronecker basis, ``Σ_k (U_Sᵀ (Σ_t s_nkt ã_ntᵀ) U_A)²``.
+
+    ``cache``: the chunks' reduced ``(ã, s)`` from :func:`kronecker_factors`; empty or
+    ``None`` recomputes them (same samples: the generator restarts from the seed)."""
+
+    def chunks():
+        if cache:
+            yield from cache
+            return
+        gen = ctx.generator()
         for xb, yb in ctx.chunks():
             a_all, s_all = _capture(ctx, adapters, xb, yb, gen)
-            for i, (a, s) in enumerate(zip(a_all, s_all, strict=True)):
-                a, s = _reduce(a, s, variant)
+            yield [_reduce(a, s, variant) for a, s in zip(a_all, s_all, strict=True)]
+
+    out = [None] * len(adapters)
+    with progress_bar(ctx.n, "EK-FAC correction", ctx.progress) as advance:
+        for reduced in chunks():
+            for i, (a, s) in enumerate(reduced):
                 U_S, U_A = bases[i]
                 g = torch.einsum("nkto,nti->nkoi", s @ U_S, a @ U_A)
                 c = g.pow(2).sum(dim=(0, 1))
                 out[i] = c if out[i] is None else out[i] + c
-            advance(len(xb))
+            advance(len(reduced[0][0]))
     return [c / ctx.n for c in out]
+
+
+class _GemmKroneckerEigenBlock(KroneckerEigenBlock):
+    """:class:`KroneckerEigenBlock` whose rotations are 2-D GEMMs over all rows at once
+    (``(K·out, in') @ U_in`` and ``(K·in', out) @ U_out``) instead of K small batched
+    products; same numbers."""
+
+    def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        K, (out, n_in) = len(V), s.shape
+        M = self.to_matrix(V).reshape(K * out, n_in) @ self.U_in  # (K·out, in')
+        Mt = M.view(K, out, n_in).transpose(1, 2).reshape(K * n_in, out) @ self.U_out
+        Mt = (Mt.view(K, n_in, out) * s.T).reshape(K * n_in, out) @ self.U_out.T
+        M = Mt.view(K, n_in, out).transpose(1, 2).reshape(K * out, n_in) @ self.U_in.T
+        return self.from_matrix(M.view(K, out, n_in))
 
 
 class KroneckerCurvature(Curvature):
@@ -223,7 +267,7 @@ class KroneckerCurvature(Curvature):
                 if self.corrected_evals is not None
                 else lS[:, None] * lA[None, :]
             )
-            blocks.append(KroneckerEigenBlock(ad.index, U_S, U_A, evals, ad.has_bias))
+            blocks.append(_GemmKroneckerEigenBlock(ad.index, U_S, U_A, evals, ad.has_bias))
         return blocks
 
 
@@ -244,12 +288,13 @@ def fit_kronecker(
 ) -> KroneckerCurvature:
     """Fit K-FAC (``method="kfac"``) or EK-FAC (``"ekfac"``): factors, bases, corrections."""
     adapters = layer_adapters(ctx.model, method)
-    factors = kronecker_factors(ctx, adapters, variant)
+    cache: list | None = [] if method == "ekfac" else None
+    factors = kronecker_factors(ctx, adapters, variant, cache)
     bases = factor_eigendecompositions(factors)
     corrected = None
     if method == "ekfac":
         corrected = corrected_eigenvalues(
-            ctx, adapters, [(U_S, U_A) for _, U_S, _, U_A in bases], variant
+            ctx, adapters, [(U_S, U_A) for _, U_S, _, U_A in bases], variant, cache
         )
     return KroneckerCurvature(
         method, ctx.num_params, adapters, factors, max_dense_bytes, corrected, bases
