@@ -204,6 +204,11 @@ def test_health_warnings():
     assert len(bad) == 4
     assert "not converged" in bad[0] and "--matched-steps" in bad[0]
     assert "query loss 1.3 against 0.33" in bad[1] and "accurate" in bad[2] and "noise" in bad[3]
+    overfit = health_warnings(
+        base, torch.full((10, 3), 0.01), torch.full((10, 3), 1.3), None,
+        meas + 10 * torch.arange(10.0)[:, None, None], epochs=200, matched_steps=True,
+    )  # fmt: skip
+    assert len(overfit) == 1 and "generalise much worse" in overfit[0]
 
 
 def test_ground_truth_reports_warnings(tmp_path):

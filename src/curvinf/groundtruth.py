@@ -784,10 +784,18 @@ def health_warnings(
             f"after {epochs} epochs; LDS against this ground truth measures little. Fix: {hint}."
         )
     if med_query > factor * base["query_loss"] + margin:
+        unconverged = bool(found)
+        why = (
+            hint
+            if unconverged
+            else "the retrained models fit their subsets but generalise much worse than the "
+            "base model (overfitting on less data); consider weight decay, a larger alpha or "
+            "fewer epochs"
+        )
         found.append(
             f"retrained models are far from the base model: median query loss {med_query:.4g} "
             f"against {base['query_loss']:.4g} for the base model; LDS against this ground truth "
-            f"measures little. Fix: {hint}."
+            f"measures little. Fix: {why}."
         )
     if query_accuracy is not None and base.get("query_accuracy") is not None:
         med_acc = float(query_accuracy.median())
