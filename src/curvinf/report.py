@@ -138,8 +138,13 @@ def plot_lds_by_setting(rows: list[dict], path: Path) -> Path:
 
 
 def plot_lds_vs_error(rows: list[dict], path: Path) -> Path:
-    """LDS against the inverse and influence-space error, one point per configuration x rung."""
+    """LDS against the inverse and influence-space error, one point per configuration x rung
+    (colour: rung, marker: training epochs)."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+
+    markers = dict(zip(sorted({r["epochs"] for r in rows}), "os^Dvp*", strict=False))
     fig, axs = plt.subplots(1, 2, figsize=(10, 4))
     measures = (
         ("inverse_error", "relative error of the inverse  ‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F"),
@@ -147,27 +152,46 @@ def plot_lds_vs_error(rows: list[dict], path: Path) -> Path:
     )
     for ax, (col, label) in zip(axs, measures, strict=True):
         for rung in _rungs_in(rows):
-            sel = [
-                r
-                for r in rows
-                if r["rung"] == rung and _finite(r["lds"]) and _finite(r[col]) and r[col] > 0
-            ]
-            if sel:
-                ax.scatter(
-                    [r[col] for r in sel],
-                    [r["lds"] for r in sel],
-                    color=RUNG_COLORS[rung],
-                    label=rung,
-                    s=36,
-                    edgecolor="white",
-                    linewidth=0.5,
-                )
+            for epochs, marker in markers.items():
+                sel = [
+                    r
+                    for r in rows
+                    if r["rung"] == rung
+                    and r["epochs"] == epochs
+                    and _finite(r["lds"])
+                    and _finite(r[col])
+                    and r[col] > 0
+                ]
+                if sel:
+                    ax.scatter(
+                        [r[col] for r in sel],
+                        [r["lds"] for r in sel],
+                        color=RUNG_COLORS[rung],
+                        marker=marker,
+                        s=40,
+                        edgecolor="white",
+                        linewidth=0.5,
+                    )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel("LDS")
         ax.grid(alpha=0.3)
-    axs[0].legend(title="rung (reference has error 0)", fontsize=8)
-    fig.suptitle("Better curvature, better attribution? (one point per configuration)")
+    rung_handles = [
+        Line2D([], [], color=RUNG_COLORS[r], marker="o", linestyle="", label=r)
+        for r in _rungs_in(rows)
+        if r != "hessian"
+    ]
+    epoch_handles = [
+        Line2D([], [], color="grey", marker=m, linestyle="", label=f"{e} epochs")
+        for e, m in markers.items()
+    ]
+    axs[0].legend(handles=rung_handles + epoch_handles, fontsize=7, title="rung / training")
+    fig.suptitle(
+        "LDS against approximation error (reference: Hessian, error 0; one point per "
+        "configuration x rung)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -252,8 +276,8 @@ def plot_off_block_mass(rows: list[dict], path: Path) -> Path:
                     )
         ax.set_xticks(range(len(xs_all)), [str(x) for x in xs_all])
         ax.set_xlabel(axis if axis != "epochs" else "training epochs")
-        ax.set_ylabel("off-block mass  ‖C − blockdiag(C)‖_F / ‖C‖_F")
-        ax.set_ylim(bottom=0)
+        ax.set_ylabel("off-block mass ‖C − blockdiag(C)‖_F / ‖C‖_F", fontsize=9)
+        ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Cross-layer coupling: Hessian (solid) and GGN (dashed)")
