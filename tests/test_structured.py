@@ -143,3 +143,27 @@ def test_ekfac_capture_cache_changes_nothing(monkeypatch, kind, fisher):
     cached = fit_curvature("ekfac", model, loss, X, y, **kw).dense()
     monkeypatch.setattr(kronecker, "CAPTURE_CACHE_BYTES", 0)
     assert torch.equal(cached, fit_curvature("ekfac", model, loss, X, y, **kw).dense())
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+@pytest.mark.parametrize("measure", ["loss", "margin"])
+def test_kronecker_scores_equal_flat_route(monkeypatch, kind, method, measure):
+    from curvinf import Regularization, influence
+
+    if kind == "mse" and measure == "margin":
+        pytest.skip("margin is for classification")
+    model, loss, X, y = problem(kind, act="tanh", n=13)
+    inv = fit_curvature(method, model, loss, X, y).inverse(Regularization(damping=0.1, eps=0))
+    kw = {"train": (X, y), "query": (X[:4], y[:4]), "measure": measure, "chunk_size": 5}
+    fast = influence.influence_scores(model, loss, inv, **kw)
+    monkeypatch.setattr(influence, "_kronecker_scores", lambda *a: None)
+    assert rel(fast, influence.influence_scores(model, loss, inv, **kw)) < 1e-12
+
+
+def test_kronecker_scores_only_for_kronecker_inverses(kind):
+    from curvinf import Regularization, influence
+
+    model, loss, X, y = problem(kind, act="tanh")
+    inv = fit_curvature("block_ggn", model, loss, X, y).inverse(Regularization(damping=0.1))
+    args = (model, kind, "loss", inv, (X, y), (X, y), 5, lambda n: None)
+    assert influence._kronecker_scores(*args) is None

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from curvinf.curvature.kronecker import layer_adapters
-from curvinf.curvature.operators import InverseOperator
+from curvinf.curvature.kronecker import LayerAdapter, layer_adapters
+from curvinf.curvature.operators import InverseOperator, KroneckerEigenBlock
 from curvinf.losses import MEASURES, check_loss, check_targets, example_measure
 from curvinf.progress import progress_bar
 from curvinf.validation import check_choice, check_model_finite, check_xy
@@ -75,19 +75,20 @@ def per_example_grads(
     return out
 
 
-def _outer_product_grads(
-    model: nn.Module, kind: str, measure: str, X: torch.Tensor, y: torch.Tensor, out: torch.Tensor
-) -> bool:
-    """Per-example gradients of a ``Linear``-only model into ``out`` (n, D); ``False`` if
-    the model is not one (``out`` is then untouched)."""
+def _layer_factors(
+    model: nn.Module, kind: str, measure: str, X: torch.Tensor, y: torch.Tensor
+) -> tuple[list[LayerAdapter], list[torch.Tensor], list[torch.Tensor]] | None:
+    """``(adapters, ã, s)`` of a ``Linear``-only model on (n, F) inputs: per layer the
+    augmented inputs ``ã`` (n, in') and ``s = ∂f(z_n)/∂z_l`` (n, out), so that the
+    per-example gradient of the layer is ``s ãᵀ``; ``None`` for other models."""
     if X.ndim != 2:
-        return False
+        return None
     try:
         adapters = layer_adapters(model, "per-example gradients")
     except TypeError:
-        return False
-    if sum(ad.index.numel() for ad in adapters) != out.shape[1]:
-        return False
+        return None
+    if sum(ad.index.numel() for ad in adapters) != sum(p.numel() for p in model.parameters()):
+        return None
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
     calls = [0] * len(adapters)
@@ -107,7 +108,7 @@ def _outer_product_grads(
         with torch.enable_grad():
             f = model(X)
             if calls != [1] * len(adapters) or any(z.ndim != 2 for z in outputs.values()):
-                return False
+                return None
             r = vmap(grad(lambda fn, t: example_measure(kind, measure, fn, t)))(f.detach(), y)
             s = torch.autograd.grad(f, [outputs[i] for i in range(len(adapters))], r)
     finally:
@@ -115,19 +116,90 @@ def _outer_product_grads(
             h.remove()
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
+    a_tilde = [ad.inputs(inputs[i])[:, 0] for i, ad in enumerate(adapters)]
+    return adapters, a_tilde, list(s)
+
+
+def _outer_product_grads(
+    model: nn.Module, kind: str, measure: str, X: torch.Tensor, y: torch.Tensor, out: torch.Tensor
+) -> bool:
+    """Per-example gradients of a ``Linear``-only model into ``out`` (n, D); ``False`` if
+    the model is not one (``out`` is then untouched)."""
+    factors = _layer_factors(model, kind, measure, X, y)
+    if factors is None:
+        return False
     n = len(X)
-    for i, ad in enumerate(adapters):
-        a, g = inputs[i], s[i]
-        start = int(ad.index[0])
-        w = g.shape[1] * a.shape[1]
+    for ad, a, g in zip(*factors, strict=True):
+        start, n_in = int(ad.index[0]), ad.module.weight.shape[1]
+        w = g.shape[1] * n_in
         torch.mul(
             g[:, :, None],
-            a[:, None, :],
-            out=out[:, start : start + w].view(n, *g.shape[1:], a.shape[1]),
+            a[:, None, :n_in],
+            out=out[:, start : start + w].view(n, g.shape[1], n_in),
         )
         if ad.has_bias:
             out[:, start + w : start + w + g.shape[1]] = g
     return True
+
+
+def _kronecker_scores(
+    model: nn.Module,
+    kind: str,
+    measure: str,
+    inv: InverseOperator,
+    train: tuple[torch.Tensor, torch.Tensor],
+    query: tuple[torch.Tensor, torch.Tensor],
+    chunk_size: int,
+    advance,
+) -> torch.Tensor | None:
+    """Scores for a K-FAC / EK-FAC inverse of a ``Linear``-only model without flat gradients.
+
+    Per layer, with ``ŝ = U_Sᵀ s`` and ``â = U_Aᵀ ã`` (the rotated factors of the
+    per-example gradient ``s ãᵀ``) and inverse eigenvalues ``λ⁺`` (out, in'),
+
+        score[q, n] = Σ_layers Σ_{o,i} λ⁺[o,i] ŝ_q[o] â_q[i] ŝ_n[o] â_n[i],
+
+    one GEMM (Q, out·in') x (out·in', n) per layer: the flops of ``G_q C⁺ G_trᵀ``
+    without forming, rotating back or reordering gradients. ``None`` if the inverse
+    or the model lacks that structure.
+    """
+    blocks = getattr(inv, "blocks", None)
+    inv_evals = getattr(inv, "inv_evals", None)
+    if not blocks or inv_evals is None:
+        return None
+    if not all(isinstance(b, KroneckerEigenBlock) for b in blocks):
+        return None
+    model = copy.deepcopy(model).to(torch.float64)
+    (Xt, yt), (Xq, yq) = train, query
+    Xq, Xt = Xq.to(torch.float64), Xt.to(torch.float64)
+    yq, yt = (yq.to(torch.float64), yt.to(torch.float64)) if kind == "mse" else (yq, yt)
+    fq = _layer_factors(model, kind, measure, Xq, yq)
+    if fq is None:
+        return None
+    adapters = fq[0]
+    order = {int(ad.index[0]): i for i, ad in enumerate(adapters)}
+    layer_of = [order.get(int(b.index[0])) for b in blocks]
+    if sorted(i for i in layer_of if i is not None) != list(range(len(adapters))):
+        return None
+    for b, i in zip(blocks, layer_of, strict=True):
+        if not torch.equal(b.index, adapters[i].index) or b.has_bias != adapters[i].has_bias:
+            return None
+
+    def rotated(a: torch.Tensor, s: torch.Tensor, b: KroneckerEigenBlock) -> torch.Tensor:
+        return ((s @ b.U_out)[:, :, None] * (a @ b.U_in)[:, None, :]).reshape(len(a), -1)
+
+    pre = [
+        rotated(fq[1][i], fq[2][i], b) * lam.reshape(1, -1)
+        for b, i, lam in zip(blocks, layer_of, inv_evals, strict=True)
+    ]
+    scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64)
+    for a in range(0, len(Xt), chunk_size):
+        ft = _layer_factors(model, kind, "loss", Xt[a : a + chunk_size], yt[a : a + chunk_size])
+        out = scores[:, a : a + chunk_size]
+        for b, i, P in zip(blocks, layer_of, pre, strict=True):
+            out.addmm_(P, rotated(ft[1][i], ft[2][i], b).T)
+        advance(len(ft[1][0]))
+    return scores
 
 
 def influence_scores(
@@ -144,7 +216,10 @@ def influence_scores(
     """All-pairs scores ``G_q C⁺ G_trᵀ``: (Q, N) float64 (sign convention in the module doc).
 
     Query gradients are preconditioned once (Q x D); training gradients are
-    computed ``chunk_size`` at a time, so memory is ``O((Q + chunk) D)``.
+    computed ``chunk_size`` at a time, so memory is ``O((Q + chunk) D)``. For a
+    K-FAC / EK-FAC inverse of a ``Linear``-only model the same sum is taken per
+    layer in the Kronecker eigenbasis from the gradients' outer-product factors
+    (:func:`_kronecker_scores`), without flat per-example gradients.
     """
     if not isinstance(inv, InverseOperator):
         raise TypeError(
@@ -167,15 +242,18 @@ def influence_scores(
         out_features = model(Xq[:1].to(next(model.parameters()).dtype)).shape[1]
     check_targets(kind, out_features, yt, "train y")
     check_targets(kind, out_features, yq, "query y")
-    pre = []
-    for a in range(0, len(Xq), chunk_size):
-        Gq = per_example_grads(
-            model, loss, Xq[a : a + chunk_size], yq[a : a + chunk_size], measure=measure
-        )
-        pre.append(inv.apply(Gq))
-    P = torch.cat(pre)
-    scores = torch.empty(len(Xq), len(Xt), dtype=torch.float64)
     with progress_bar(len(Xt), "influence scores", progress) as advance:
+        fast = _kronecker_scores(model, kind, measure, inv, train, query, chunk_size, advance)
+        if fast is not None:
+            return fast
+        pre = []
+        for a in range(0, len(Xq), chunk_size):
+            Gq = per_example_grads(
+                model, loss, Xq[a : a + chunk_size], yq[a : a + chunk_size], measure=measure
+            )
+            pre.append(inv.apply(Gq))
+        P = torch.cat(pre)
+        scores = torch.empty(len(Xq), len(Xt), dtype=torch.float64)
         for a in range(0, len(Xt), chunk_size):
             Gt = per_example_grads(
                 model, loss, Xt[a : a + chunk_size], yt[a : a + chunk_size], chunk_size=chunk_size
