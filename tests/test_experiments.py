@@ -195,3 +195,22 @@ def test_cli_report_and_reproduce_help(grid_dir):
     assert "report.md" in res.output
     res = runner.invoke(app, ["reproduce", "--help"])
     assert res.exit_code == 0 and "--preset" in res.output and "--workers" in res.output
+
+
+@pytest.mark.slow
+def test_parallel_workers_match_sequential(tmp_path):
+    from dataclasses import replace
+
+    two = replace(TINY, epochs=(1, 2), regularizations=(Regularization(),))
+    seq = run_grid(two, tmp_path / "seq", progress=False)
+    par = run_grid(two, tmp_path / "par", workers=2, progress=False)
+    assert sorted(e["state"] for e in par.log) == ["done", "done"]
+    key = lambda r: (r["config"], r["rung"])  # noqa: E731
+    for a, b in zip(sorted(seq.rows, key=key), sorted(par.rows, key=key), strict=True):
+        assert key(a) == key(b) and a["lds"] == pytest.approx(b["lds"])
+
+
+def test_time_budget_starts_nothing_after_the_deadline(tmp_path):
+    result = run_grid(TINY, tmp_path, max_minutes=0.0, progress=False)
+    assert [e["state"] for e in result.log] == ["not started (time budget)"]
+    assert result.rows == [] and read_table(tmp_path) == []
