@@ -21,7 +21,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_solvers.py --part scale
 
 Results go to ``benchmarks/data/solvers_<part>.json``; ``--part figure``
-draws ``docs/figures/solvers_*.png`` from them. Wall-clock seconds on the
+draws ``docs/figures/solvers_*.png`` from them and prints the tables of
+``docs/benchmarks.md``. Wall-clock seconds on the
 machine that ran them (2 cores shared with other jobs: compare ratios).
 """
 
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--part", choices=("small", "scale", "figure"), required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--damping", type=float, default=1e-3, help="λ of the CG comparisons")
     p.add_argument("--tol", type=float, default=1e-6, help="CG relative residual")
     p.add_argument("--max-iter", type=int, default=1000, help="CG iteration cap")
@@ -85,7 +87,9 @@ def trained_model(depth: int, width: int, args) -> tuple[nn.Module, object, floa
     loss = nn.CrossEntropyLoss()
     model = make_mlp(data.num_features, data.num_outputs, depth=depth, width=width, seed=args.seed)
     t0 = time.perf_counter()
-    res = train(model, loss, *data.train, TrainingRecipe(epochs=args.epochs, seed=args.seed))
+    res = train(
+        model, loss, *data.train, TrainingRecipe(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    )
     print(f"trained depth={depth} width={width}: loss {res.final_loss:.4f}", flush=True)
     return res.model, data, time.perf_counter() - t0
 
@@ -256,6 +260,54 @@ def _write(args, out: dict) -> Path:
     return path
 
 
+def markdown_tables() -> str:
+    """The tables of ``docs/benchmarks.md`` (Matrix-free solvers) from the JSON results."""
+    lines = []
+    small_path = RESULTS / "solvers_small.json"
+    if small_path.exists():
+        s = json.loads(small_path.read_text())
+        d, cg, lz = s["dense"], s["cg"], s["lanczos"]
+        lines += [
+            f"depth-4 width-64, D = {s['D']}, {s['n_query']} queries x {s['n_train']} train:",
+            "",
+            "| path | seconds (all queries) | agreement with dense |",
+            "|---|---|---|",
+            f"| dense GGN: fit {d['fit_s']:.0f} + eigh {d['eigh_s']:.0f} + scores "
+            f"{d['score_s']:.0f} | {d['total_s']:.0f} | reference |",
+            f"| CG, λ={cg['damping']:g}, tol {cg['tol']:g} ({cg['queries']} queries, "
+            f"{cg['iterations_median']:.0f} it. median) | {cg['seconds']:.0f} "
+            f"(extrapolated {cg['seconds_all_queries_extrapolated']:.0f}) | Spearman "
+            f"{cg['agreement_vs_dense']['spearman']:.6f}, rel. Frobenius "
+            f"{cg['agreement_vs_dense']['rel_frobenius']:.1e} |",
+            f"| Lanczos k={lz['k']} ({lz['steps']} steps), eps=1e-4 | {lz['total_s']:.0f} | "
+            f"Spearman {lz['agreement_vs_dense_paper_rule']['spearman']:.4f}, rel. Frobenius "
+            f"{lz['agreement_vs_dense_paper_rule']['rel_frobenius']:.2e} |",
+            "",
+        ]
+    scale: dict = {}
+    for path in sorted(RESULTS.glob("solvers_scale*.json")):
+        scale.update(json.loads(path.read_text()))
+    rows = [m for m in ("ggn", "block_ggn", "hessian") if m in scale]
+    if rows:
+        lines += [
+            f"depth-8 width-128, D = {scale['D']}, λ = {scale['damping']:g}, tol "
+            f"{scale['tol']:g}, {scale['dtype']}:",
+            "",
+            "| rung | queries | seconds | s / query | CG it. (median, max) | converged | "
+            "peak RSS GiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m in rows:
+            r = scale[m]
+            q = round(r["seconds"] / r["seconds_per_query"])
+            lines.append(
+                f"| {m} | {q} | {r['seconds']:.0f} | {r['seconds_per_query']:.0f} | "
+                f"{r['iterations_median']:.0f}, {r['iterations_max']} | {r['converged']}/{q} | "
+                f"{r['peak_rss_gib']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def draw_figures() -> None:
     import matplotlib
 
@@ -263,7 +315,14 @@ def draw_figures() -> None:
     import matplotlib.pyplot as plt
 
     FIGURES.mkdir(parents=True, exist_ok=True)
-    small = json.loads((RESULTS / "solvers_small.json").read_text())
+    print(markdown_tables())
+    small_path = RESULTS / "solvers_small.json"
+    if small_path.exists():
+        _draw_small(plt, json.loads(small_path.read_text()))
+    _draw_scale(plt)
+
+
+def _draw_small(plt, small: dict) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     names = ["dense", "CG (extrap.)", "Lanczos"]
     vals = [
@@ -280,6 +339,9 @@ def draw_figures() -> None:
     ax[1].legend()
     fig.tight_layout()
     fig.savefig(FIGURES / "solvers_small.png", dpi=120)
+
+
+def _draw_scale(plt) -> None:
     scale: dict = {}
     for path in sorted(RESULTS.glob("solvers_scale*.json")):
         scale.update(json.loads(path.read_text()))
