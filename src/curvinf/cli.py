@@ -101,5 +101,38 @@ def report(out: str = typer.Argument(..., help="result directory of `curvinf rep
     print(write_report(out))
 
 
+@app.command("sweep-regularization")
+def sweep_regularization(
+    out: str = typer.Option(..., help="sweep directory (rows, ground-truth store, figures)"),
+    dataset: str = typer.Option("digits", help="digits or diabetes"),
+    depth: int = typer.Option(1, help="hidden layers"),
+    width: int = typer.Option(32, help="hidden units per layer"),
+    epochs: int = typer.Option(100, help="training epochs"),
+    lr: float = typer.Option(0.05, help="learning rate"),
+    seed: int = typer.Option(0, help="seed for split, init, batches and subsets"),
+    subsets: int = typer.Option(100, help="M, LDS subsets"),
+    seeds: int = typer.Option(1, help="R, retraining seeds per subset"),
+    queries: int = typer.Option(0, help="use the first N query points (0: all)"),
+    rungs: str = typer.Option("hessian,ggn,block_ggn,ekfac,kfac", help="comma-separated rungs"),
+    eps: str = typer.Option("1e-8,1e-7,1e-6,1e-5,1e-4,1e-3,1e-2", help="truncation grid (δ=0)"),
+    damping: str = typer.Option(
+        "1e-8,1e-7,1e-6,1e-5,1e-4,1e-3,1e-2,1e-1", help="damping grid (ε=0)"
+    ),
+    product: bool = typer.Option(False, help="also every (ε, δ) pair"),
+    relative: bool = typer.Option(False, help="ε relative to the largest eigenvalue"),
+    cg_damping: str = typer.Option("1e-6,1e-4,1e-2", help="CG on the exact GGN ('' : none)"),
+    cg_queries: int = typer.Option(16, help="right-hand sides of the CG rows"),
+    cg_max_iter: int = typer.Option(500, help="CG iteration cap"),
+    figures: str = typer.Option("", help="figure directory (default: OUT/figures)"),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Sweep damping and truncation for every rung: LDS, error vs the Hessian, pathologies."""
+    options = dict(locals())
+    from curvinf.sweep import run_sweep_cli
+
+    run_sweep_cli(**options)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
