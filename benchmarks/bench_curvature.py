@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="time torch.linalg.eigh of the dense matrix: for the first dense method\n"
         "(both are D x D, the same cost), for each, or not at all",
     )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     p.add_argument("--no-peers", action="store_true", help="time curvinf only")
     p.add_argument("--cl-columns", type=int, default=512, help="curvlinops: identity columns/call")
     p.add_argument(
@@ -303,6 +306,8 @@ def part_kron(args, model, train_data, query_data) -> list[dict]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}; "
