@@ -283,6 +283,13 @@ def markdown_tables() -> str:
             f"Spearman {lz['agreement_vs_dense_paper_rule']['spearman']:.4f}, rel. Frobenius "
             f"{lz['agreement_vs_dense_paper_rule']['rel_frobenius']:.2e} |",
             "",
+            f"Dense GGN: largest eigenvalue {d['lambda_max']:.3g}, rank under eps=1e-4 "
+            f"{d['rank_paper']}; Lanczos: rank {lz['rank']}, {lz['converged_pairs']} of "
+            f"{lz['k']} Ritz pairs converged, smallest Ritz value "
+            f"{lz['smallest_ritz_value']:.2e}. CG: {cg['converged']}/{cg['queries']} "
+            f"right-hand sides converged, worst residual {cg['worst_residual']:.1e}, "
+            f"{cg['products']} products. Peak RSS {s.get('peak_rss_gib', float('nan')):.2f} GiB.",
+            "",
         ]
     scale: dict = {}
     for path in sorted(RESULTS.glob("solvers_scale*.json")):
@@ -290,19 +297,21 @@ def markdown_tables() -> str:
     rows = [m for m in ("ggn", "block_ggn", "hessian") if m in scale]
     if rows:
         lines += [
-            f"depth-8 width-128, D = {scale['D']}, λ = {scale['damping']:g}, tol "
+            f"depth-8 width-128, D = {scale['D']} (a dense float64 GGN would need "
+            f"{scale['dense_ggn_would_need_gib']:.0f} GiB), λ = {scale['damping']:g}, tol "
             f"{scale['tol']:g}, {scale['dtype']}:",
             "",
-            "| rung | queries | seconds | s / query | CG it. (median, max) | converged | "
-            "peak RSS GiB |",
-            "|---|---|---|---|---|---|---|",
+            "| rung | queries | seconds | s / query | s / product | CG it. (median, max) | "
+            "converged | worst residual | peak RSS GiB |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for m in rows:
             r = scale[m]
             q = round(r["seconds"] / r["seconds_per_query"])
             lines.append(
                 f"| {m} | {q} | {r['seconds']:.0f} | {r['seconds_per_query']:.0f} | "
-                f"{r['iterations_median']:.0f}, {r['iterations_max']} | {r['converged']}/{q} | "
+                f"{r['one_product_s']:.2f} | {r['iterations_median']:.0f}, "
+                f"{r['iterations_max']} | {r['converged']}/{q} | {r['worst_residual']:.1e} | "
                 f"{r['peak_rss_gib']:.2f} |"
             )
     return "\n".join(lines)
