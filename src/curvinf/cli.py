@@ -71,6 +71,9 @@ def reproduce(
     only: list[str] = typer.Option([], help="run only configuration ids with this prefix"),
     seeds: str = typer.Option("", help="comma-separated seeds overriding the preset's"),
     max_dense_gib: float = typer.Option(0, help="cap on one dense matrix, GiB (0: preset's)"),
+    matched_steps: bool = typer.Option(
+        False, help="retrain LDS subsets for the base model's number of steps"
+    ),
     progress: bool = typer.Option(True, help="show progress"),
 ) -> None:
     """Run the study's grid (resuming finished work) and write report.md with figures."""
@@ -87,6 +90,7 @@ def reproduce(
         only=only or None,
         seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None,
         max_dense_gib=max_dense_gib or None,
+        matched_steps=matched_steps,
         progress=progress,
         log=console.print,
     )

@@ -149,7 +149,9 @@ class LDSSettings:
     ``num_subsets`` (M) subsets of fraction ``alpha``, each retrained ``num_seeds`` (R)
     times (batch order varies, initialisation shared) with the subsets seeded by
     ``seed``; ``num_queries`` the first queries of the split (0: all); ``measure``
-    ``loss`` or ``margin``; ``num_bootstrap`` resamples of the CI.
+    ``loss`` or ``margin``; ``num_bootstrap`` resamples of the CI; ``matched_steps``
+    retrains subsets for ``epochs · N / |S|`` epochs (the base model's number of steps)
+    instead of the base epochs (Park et al.'s protocol, the default).
     """
 
     num_subsets: int = 100
@@ -159,6 +161,7 @@ class LDSSettings:
     num_queries: int = 0
     measure: str = "loss"
     num_bootstrap: int = 1000
+    matched_steps: bool = False
 
     def __post_init__(self) -> None:
         check_choice("measure", self.measure, MEASURES)
@@ -225,6 +228,8 @@ class RunConfig:
         d["recipe"] = self.recipe_used.to_dict()
         d["regularizations"] = [asdict(r) for r in self.regularizations]
         d["rungs"] = list(self.rungs)
+        if not self.lds.matched_steps:  # the default is left out: ids of older runs stay valid
+            del d["lds"]["matched_steps"]
         return d
 
     @property
@@ -271,6 +276,7 @@ class RunConfig:
             alpha=self.lds.alpha,
             num_seeds=self.lds.num_seeds,
             seed=self.lds.seed,
+            matched_steps=self.lds.matched_steps,
         )
 
 
@@ -836,13 +842,15 @@ def reproduce(
     only: Iterable[str] | None = None,
     seeds: tuple[int, ...] | None = None,
     max_dense_gib: float | None = None,
+    matched_steps: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """The ``curvinf reproduce`` command: run (or resume) the grid, then write the report.
 
-    ``seeds`` and ``max_dense_gib`` override the preset's seeds and dense-matrix cap
-    (a different value gives different configuration ids). Returns ``out/report.md``.
+    ``seeds``, ``max_dense_gib`` and ``matched_steps`` override the preset's seeds,
+    dense-matrix cap and LDS retraining length (a different value gives different
+    configuration ids). Returns ``out/report.md``.
     """
     from curvinf.report import write_report
 
@@ -851,6 +859,8 @@ def reproduce(
         grid = replace(grid, seeds=tuple(seeds))
     if max_dense_gib is not None:
         grid = replace(grid, max_dense_bytes=float(max_dense_gib) * 2**30)
+    if matched_steps:
+        grid = replace(grid, lds=replace(grid.lds, matched_steps=True))
     result = run_grid(
         grid, out, workers=workers, max_minutes=max_minutes, only=only, progress=progress, log=log
     )
