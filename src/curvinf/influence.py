@@ -19,7 +19,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from curvinf.curvature.kronecker import LayerAdapter, layer_adapters
+from curvinf.curvature.kronecker import (
+    LayerAdapter,
+    SharedLayerError,
+    capture_layer_factors,
+    layer_adapters,
+)
 from curvinf.curvature.operators import InverseOperator, KroneckerEigenBlock
 from curvinf.losses import MEASURES, check_loss, check_targets, example_measure
 from curvinf.progress import progress_bar
@@ -89,35 +94,18 @@ def _layer_factors(
         return None
     if sum(ad.index.numel() for ad in adapters) != sum(p.numel() for p in model.parameters()):
         return None
-    inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
-    calls = [0] * len(adapters)
 
-    def hook(i: int):
-        def fn(module: nn.Module, args: tuple, z: torch.Tensor) -> None:
-            calls[i] += 1
-            inputs[i], outputs[i] = args[0].detach(), z
+    def measure_grad(f: torch.Tensor) -> torch.Tensor:
+        r = vmap(grad(lambda fn, t: example_measure(kind, measure, fn, t)))(f, y)
+        return r[:, :, None]
 
-        return fn
-
-    flags = [p.requires_grad for p in model.parameters()]
-    handles = [ad.module.register_forward_hook(hook(i)) for i, ad in enumerate(adapters)]
     try:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            f = model(X)
-            if calls != [1] * len(adapters) or any(z.ndim != 2 for z in outputs.values()):
-                return None
-            r = vmap(grad(lambda fn, t: example_measure(kind, measure, fn, t)))(f.detach(), y)
-            s = torch.autograd.grad(f, [outputs[i] for i in range(len(adapters))], r)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-    a_tilde = [ad.inputs(inputs[i])[:, 0] for i, ad in enumerate(adapters)]
-    return adapters, a_tilde, list(s)
+        a_all, s_all = capture_layer_factors(model, adapters, X, measure_grad)
+    except SharedLayerError:
+        return None
+    if any(a.shape[1] != 1 for a in a_all):
+        return None
+    return adapters, [a[:, 0] for a in a_all], [s[:, 0, 0] for s in s_all]
 
 
 def _outer_product_grads(

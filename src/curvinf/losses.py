@@ -130,7 +130,7 @@ def output_sqrt(
         root = evals.clamp_min(0.0).sqrt()
         return (evecs * root[:, None, :]) @ evecs.transpose(1, 2)
     if fisher == "empirical":
-        return _output_grad(kind, f, y)[:, :, None]
+        return output_grad(kind, f, y)[:, :, None]
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}.")
     cols = []
@@ -141,11 +141,11 @@ def output_sqrt(
         else:
             noise = torch.randn(f.shape, generator=generator, dtype=f.dtype)
             y_hat = f + (f.shape[1] / 2.0) ** 0.5 * noise
-        cols.append(_output_grad(kind, f, y_hat))
+        cols.append(output_grad(kind, f, y_hat))
     return torch.stack(cols, dim=-1) / mc_samples**0.5
 
 
-def _output_grad(kind: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def output_grad(kind: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """∇_f ℓ(f_n, y_n) per example: (N, C)."""
     if kind == "ce":
         return torch.softmax(f, dim=-1) - F.one_hot(y, f.shape[1]).to(f.dtype)

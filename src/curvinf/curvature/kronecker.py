@@ -24,6 +24,7 @@ its adapter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,17 +105,31 @@ class LayerFactors:
     S: torch.Tensor
 
 
-def _capture(
-    ctx: FitContext, adapters: list[LayerAdapter], xb: torch.Tensor, yb: torch.Tensor, gen
+class SharedLayerError(TypeError):
+    """A parameterised layer ran more than once in one forward pass (weight sharing)."""
+
+
+def capture_layer_factors(
+    model: nn.Module,
+    adapters: list[LayerAdapter],
+    X: torch.Tensor,
+    cotangents: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``ã`` (n, T, in+1) and ``s`` (n, K, T, out) of every layer for one data chunk."""
+    """Per-layer factors of per-example gradients for one forward pass over ``X``.
+
+    ``cotangents(f)`` maps the outputs ``f`` (n, C) to output-space vectors
+    ``R`` (n, C, K). Returns per layer ``ã`` (n, T, in+1) and
+    ``s`` (n, K, T, out), the backpropagation of each column ``R[:, :, k]`` to the
+    layer's output, so that ``Σ_t s_nkt ã_ntᵀ = ∂(f_n · R_nk)/∂[W | b]``.
+    Raises :class:`SharedLayerError` if a layer runs twice.
+    """
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
 
     def hook(i: int):
         def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             if i in inputs:
-                raise TypeError(
+                raise SharedLayerError(
                     f"layer '{adapters[i].name}' is called more than once per forward pass; "
                     "shared layers are not supported by K-FAC yet."
                 )
@@ -122,24 +137,40 @@ def _capture(
 
         return fn
 
+    flags = [p.requires_grad for p in model.parameters()]
     handles = [ad.module.register_forward_hook(hook(i)) for i, ad in enumerate(adapters)]
     try:
+        for p in model.parameters():
+            p.requires_grad_(True)
         with torch.enable_grad():
-            f = ctx.model(xb)
-            Q = output_sqrt(ctx.kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=gen)
+            f = model(X)
+            R = cotangents(f.detach())
             zs = [outputs[i] for i in range(len(adapters))]
             per_k = [
-                torch.autograd.grad(f, zs, grad_outputs=Q[:, :, k], retain_graph=True)
-                for k in range(Q.shape[2])
+                torch.autograd.grad(f, zs, grad_outputs=R[:, :, k], retain_graph=k + 1 < R.shape[2])
+                for k in range(R.shape[2])
             ]
     finally:
         for h in handles:
             h.remove()
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
     a_tilde = [ad.inputs(inputs[i]) for i, ad in enumerate(adapters)]
     s = [
         torch.stack([ad.output_grads(g[i]) for g in per_k], dim=1) for i, ad in enumerate(adapters)
     ]
     return a_tilde, s
+
+
+def fit_layer_factors(
+    ctx: FitContext, adapters: list[LayerAdapter], xb: torch.Tensor, yb: torch.Tensor, gen
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``ã`` (n, T, in+1) and ``s`` (n, K, T, out) with the fit's output square roots ``Q``."""
+
+    def sqrt_columns(f: torch.Tensor) -> torch.Tensor:
+        return output_sqrt(ctx.kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=gen)
+
+    return capture_layer_factors(ctx.model, adapters, xb, sqrt_columns)
 
 
 def _reduce(a: torch.Tensor, s: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +201,7 @@ def kronecker_factors(
     kept = 0
     with progress_bar(ctx.n, "K-FAC factors", ctx.progress) as advance:
         for xb, yb in ctx.chunks():
-            a_all, s_all = _capture(ctx, adapters, xb, yb, gen)
+            a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen)
             reduced = [_reduce(a, s, variant) for a, s in zip(a_all, s_all, strict=True)]
             for i, (a, s) in enumerate(reduced):
                 a2 = a.reshape(-1, a.shape[-1])
@@ -211,7 +242,7 @@ def corrected_eigenvalues(
             return
         gen = ctx.generator()
         for xb, yb in ctx.chunks():
-            a_all, s_all = _capture(ctx, adapters, xb, yb, gen)
+            a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen)
             yield [_reduce(a, s, variant) for a, s in zip(a_all, s_all, strict=True)]
 
     out = [None] * len(adapters)

@@ -48,8 +48,13 @@ from torch import nn
 from torch.func import jvp
 
 from curvinf.curvature.context import FitContext
-from curvinf.curvature.kronecker import LayerAdapter, _capture, layer_adapters
-from curvinf.losses import _output_grad, output_hessian
+from curvinf.curvature.kronecker import (
+    LayerAdapter,
+    SharedLayerError,
+    fit_layer_factors,
+    layer_adapters,
+)
+from curvinf.losses import output_grad, output_hessian
 from curvinf.params import ParamBlock
 from curvinf.progress import progress_bar
 
@@ -226,8 +231,8 @@ def ggn_blocks(
     with progress_bar(ctx.n, "GGN examples", ctx.progress) as advance:
         for xb, yb in ctx.chunks():
             try:
-                a_all, s_all = _capture(ctx, adapters, xb, yb, gen)
-            except TypeError:  # a layer called twice (weight sharing)
+                a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen)
+            except SharedLayerError:  # a layer called twice (weight sharing)
                 return None
             if any(a.shape[1] != 1 for a in a_all):
                 return None
@@ -303,7 +308,7 @@ def hessian_blocks(
             # M_{L-1} = H_out, M_k = diag(σ'_k) W̄ᵀ M_{k+1} W̄ diag(σ'_k) + diag(σ''_k ⊙ W̄ᵀ g_{k+1}).
             g: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
             M: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
-            g[L - 1] = _output_grad(ctx.kind, f, yb)
+            g[L - 1] = output_grad(ctx.kind, f, yb)
             M[L - 1] = output_hessian(ctx.kind, f)
             for k in range(L - 2, -1, -1):
                 u = g[k + 1] @ W[k + 1]
