@@ -722,7 +722,8 @@ def _worker(
     """Run one configuration (in this or a worker process); never raises."""
     if threads:
         torch.set_num_threads(threads)
-    if deadline is not None and time.time() > deadline:
+    finished = Path(out) / "runs" / config.id / "rows.json"
+    if deadline is not None and time.time() > deadline and not finished.exists():
         return {"config": config.id, "state": "not started (time budget)"}
     t0 = time.perf_counter()
     try:
@@ -790,6 +791,8 @@ def run_grid(
 
     def report(i: int, entry: dict[str, Any]) -> None:
         log_entries.append(entry)
+        if entry["state"] == "done":  # the table grows as configurations finish
+            write_table(collect_rows(out, preset), out)
         say(f"[{i}/{n}] {entry['config']}: {entry['state']} ({entry.get('seconds', 0):.0f} s)")
         if entry["state"] == "failed":
             say(entry["error"])
