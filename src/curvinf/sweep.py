@@ -583,6 +583,7 @@ def plot_lds_heatmap(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(
         1, len(panels), figsize=(5.2 * len(panels), 0.55 * len(rungs) + 1.8), squeeze=False
     )
+    fig.subplots_adjust(wspace=0.4)
     im = None
     for ax, (grid, title, col) in zip(axes[0], panels, strict=True):
         xs = sorted({float(r[col]) for r in rows if r["grid"] == grid})
@@ -740,7 +741,13 @@ def plot_pathologies(rows: list[dict[str, Any]], path: str | Path) -> Path:
         ax.semilogx(x, [_val(r.get("cg_iterations_max")) for r in cg], "s--", label="max")
         for r in cg:
             if (r.get("cg_converged") or 0) < (r.get("cg_queries") or 0):
-                ax.annotate("not converged", (float(r["damping"]), _val(r["cg_iterations_max"])))
+                ax.annotate(
+                    "not converged (cap)",
+                    (float(r["damping"]), _val(r["cg_iterations_max"])),
+                    xytext=(8, -14),
+                    textcoords="offset points",
+                    fontsize=8,
+                )
         ax.set_xlabel("damping δ")
         ax.set_ylabel("CG iterations (exact GGN, matrix-free)")
         ax.legend(fontsize=7)
