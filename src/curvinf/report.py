@@ -97,11 +97,18 @@ def plot_lds_by_setting(rows: list[dict], path: Path) -> Path:
     error bars: the CI when one configuration, else the mean of the CI ends)."""
     plt = _pyplot()
     ok = [r for r in rows if r["status"] == "ok" and _finite(r["lds"])]
+    rungs = _rungs_in(rows)
+    complete = {
+        c for c in _configs_in(rows) if {r["rung"] for r in ok if r["config"] == c} >= set(rungs)
+    }
+    note = "configurations with every rung" if complete else "all configurations"
+    if complete:  # compare rungs on the same configurations only
+        ok = [r for r in ok if r["config"] in complete]
     axes_used = [a for a in AXES if len({r[a] for r in rows}) > 1] or ["epochs"]
     fig, axs = plt.subplots(1, len(axes_used), figsize=(4.6 * len(axes_used), 3.8), squeeze=False)
     for ax, axis in zip(axs[0], axes_used, strict=True):
         values = sorted({r[axis] for r in rows})
-        for k, rung in enumerate(_rungs_in(rows)):
+        for k, rung in enumerate(rungs):
             xs, ys, lo, hi = [], [], [], []
             for v in values:
                 sel = [r for r in ok if r["rung"] == rung and r[axis] == v]
@@ -130,7 +137,10 @@ def plot_lds_by_setting(rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_title(f"LDS vs {axis}")
     axs[0][0].legend(title="rung", fontsize=8)
-    fig.suptitle("Attribution quality per rung (bars: 95% bootstrap CI)", fontsize=11)
+    fig.suptitle(
+        f"Attribution quality per rung (mean over {note} at each value; bars: 95% bootstrap CI)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
