@@ -156,3 +156,35 @@ __all__ = [
     "write_blob",
     "write_json",
 ]
+
+
+def _csv_cell(v: Any) -> str:
+    """A CSV cell: ``repr`` for floats (exact round trip), empty for ``None`` and NaN."""
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def write_table(
+    rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...], out: str | Path, stem: str
+) -> tuple[Path, Path]:
+    """``out/<stem>.csv`` and ``out/<stem>.jsonl`` with ``columns`` of ``rows``, each written
+    atomically; returns their paths. Missing keys become empty cells / ``null``."""
+    import csv
+
+    out = Path(out)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(c)) for c in columns])
+    csv_path, jsonl_path = out / f"{stem}.csv", out / f"{stem}.jsonl"
+    atomic_write(csv_path, buf.getvalue().encode())
+    lines = [json.dumps({c: row.get(c) for c in columns}) for row in rows]
+    atomic_write(jsonl_path, ("\n".join(lines) + "\n").encode() if lines else b"")
+    return csv_path, jsonl_path
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (one object per non-empty line)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -47,9 +47,6 @@ there (keyed by rung, grid, ε, δ). The ground-truth store lives in
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import sys
 import time
@@ -69,7 +66,7 @@ from curvinf.diagnostics import influence_error, inverse_error
 from curvinf.influence import per_example_grads
 from curvinf.lds import LDSResult
 from curvinf.progress import progress_bar
-from curvinf.storage import atomic_write, read_json, write_json
+from curvinf.storage import read_json, read_jsonl, write_json, write_table
 from curvinf.training import TrainingRecipe
 from curvinf.validation import check_choice
 
@@ -236,33 +233,15 @@ def row_key(row: dict[str, Any]) -> tuple[str, str, float, float]:
     return (row["rung"], row["grid"], float(row["eps"]), float(row["damping"]))
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return repr(v)
-    return "" if v is None else str(v)
-
-
 def write_rows(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
     """``sweep.csv`` and ``sweep.jsonl`` in ``out``, written atomically; returns their paths."""
-    out = Path(out)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([_cell(row.get(c)) for c in COLUMNS])
-    csv_path, jsonl_path = out / "sweep.csv", out / "sweep.jsonl"
-    atomic_write(csv_path, buf.getvalue().encode())
-    lines = [json.dumps({c: row.get(c) for c in COLUMNS}) for row in rows]
-    atomic_write(jsonl_path, ("\n".join(lines) + "\n").encode() if lines else b"")
-    return csv_path, jsonl_path
+    return write_table(rows, COLUMNS, out, "sweep")
 
 
 def read_rows(out: str | Path) -> list[dict[str, Any]]:
     """The rows of ``out/sweep.jsonl`` (empty if there is none)."""
     path = Path(out) / "sweep.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.exists() else []
 
 
 def _nan_to_none(v: float) -> float | None:
