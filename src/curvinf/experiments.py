@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from curvinf import storage
 from curvinf.curvature import LADDER, METHODS, Curvature, Regularization, fit_curvature
 from curvinf.data import DATASETS, load_dataset
 from curvinf.diagnostics import (
@@ -68,7 +69,6 @@ from curvinf.losses import MEASURES
 from curvinf.models import num_params
 from curvinf.params import param_blocks
 from curvinf.storage import (
-    atomic_write,
     read_blob,
     read_json,
     request_hash,
@@ -677,28 +677,9 @@ def _rows(config, model, gt, blobs, diagnostics) -> list[dict[str, Any]]:
 # The grid.
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else repr(v)
-    return str(v)
-
-
 def write_table(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
     """``results.csv`` and ``results.jsonl`` in ``out`` (atomic); returns their paths."""
-    import csv
-    import io
-
-    out = Path(out)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([_cell(row.get(c, "")) for c in COLUMNS])
-    csv_path, jsonl_path = out / "results.csv", out / "results.jsonl"
-    atomic_write(csv_path, buf.getvalue().encode())
-    lines = [json.dumps({c: row.get(c) for c in COLUMNS}) for row in rows]
-    atomic_write(jsonl_path, ("\n".join(lines) + "\n").encode())
-    return csv_path, jsonl_path
+    return storage.write_table(rows, COLUMNS, out, "results")
 
 
 def read_table(out: str | Path) -> list[dict[str, Any]]:
@@ -708,7 +689,7 @@ def read_table(out: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(
             f"{path} does not exist; run `curvinf reproduce --out {out}` first."
         )
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return storage.read_jsonl(path)
 
 
 def _worker(
