@@ -660,13 +660,66 @@ def lissa(
 ) -> tuple[torch.Tensor, SolveReport]:
     """Neumann series ``x_{j+1} = x_j + (b - A_j x_j) / scale``; see :class:`LiSSA`.
 
-    ``A_j = A`` (deterministic) or ``sampler()`` (a fresh minibatch operator per step).
-    The step's residual ``b - A_j x_j`` is computed anyway, so stopping at
-    ``‖r‖/‖b‖ <= tol`` is free; a growing residual (scale too small) stops
-    the row as diverged.
+    ``A_j = A`` (deterministic) or ``sampler()`` (a fresh minibatch operator per step):
+    :func:`preconditioned_neumann` with ``P = I / scale`` and step 1.
     """
+    return _neumann(
+        A,
+        lambda V: V / scale,
+        B,
+        step=1.0,
+        tol=tol,
+        max_iter=max_iter,
+        sampler=sampler,
+        label="LiSSA depth",
+        diverged=f"scale {scale:.3g} is below λ_max(C + λI)/2; raise scale or use scale=None",
+        progress=progress,
+    )
+
+
+def preconditioned_neumann(
+    A: Operator,
+    P: Operator,
+    B: torch.Tensor,
+    *,
+    step: float,
+    tol: float,
+    max_iter: int,
+    progress: bool = False,
+) -> tuple[torch.Tensor, SolveReport]:
+    """``x_0 = P b``, ``x_{t+1} = x_t + step · P (b - A x_t)``; see :class:`Preconditioned`."""
+    return _neumann(
+        A,
+        P,
+        B,
+        step=step,
+        tol=tol,
+        max_iter=max_iter,
+        label="preconditioned Neumann",
+        diverged=f"step·λ_max(P A) >= 2; lower step (now {step:g}) or use method='cg'",
+        progress=progress,
+    )
+
+
+def _neumann(
+    A: Operator,
+    P: Operator,
+    B: torch.Tensor,
+    *,
+    step: float,
+    tol: float,
+    max_iter: int,
+    label: str,
+    diverged: str,
+    sampler: Callable[[], Operator] | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, SolveReport]:
+    """``x_0 = P b``, ``x_{t+1} = x_t + step · P (b - A_t x_t)`` per row, ``A_t = A`` or
+    ``sampler()``. The residual ``b - A_t x_t`` is computed anyway, so stopping at
+    ``‖r‖/‖b‖ <= tol`` is free; a residual past ``1e6 ‖b‖`` (or non-finite) stops the row as
+    diverged, and the note says why (``diverged``)."""
     K = len(B)
-    X = B / scale
+    X = P(B)
     bnorm = _row_norms(B).clamp_min(1e-300)
     iterations = torch.zeros(K, dtype=torch.long)
     failed = torch.zeros(K, dtype=torch.bool)
@@ -674,7 +727,7 @@ def lissa(
     history: list[torch.Tensor] = []
     notes: list[str] = []
     products = 0
-    with progress_bar(max_iter, "LiSSA depth", progress) as advance:
+    with progress_bar(max_iter, label, progress) as advance:
         for _ in range(max_iter):
             act = torch.nonzero(active).squeeze(1)
             if len(act) == 0:
@@ -692,63 +745,12 @@ def lissa(
             active[act[conv | div]] = False
             upd = ~(conv | div)
             if bool(upd.any()):
-                X[act[upd]] += R[upd] / scale
-            iterations[act[upd]] += 1
-            advance(1)
-    if bool(failed.any()):
-        notes.append(
-            f"{int(failed.sum())} RHS diverged (residual past 1e6·‖b‖ or non-finite): scale "
-            f"{scale:.3g} is below λ_max(C + λI)/2; raise scale or use scale=None"
-        )
-    if bool(active.any()):
-        notes.append(f"{int(active.sum())} RHS hit the depth cap max_iter={max_iter}")
-    return X, _finish(A, B, X, iterations, history, tol, products, notes, failed)
-
-
-def preconditioned_neumann(
-    A: Operator,
-    P: Operator,
-    B: torch.Tensor,
-    *,
-    step: float,
-    tol: float,
-    max_iter: int,
-    progress: bool = False,
-) -> tuple[torch.Tensor, SolveReport]:
-    """``x_0 = P b``, ``x_{t+1} = x_t + step · P (b - A x_t)``; see :class:`Preconditioned`."""
-    K = len(B)
-    X = P(B)
-    bnorm = _row_norms(B).clamp_min(1e-300)
-    iterations = torch.zeros(K, dtype=torch.long)
-    failed = torch.zeros(K, dtype=torch.bool)
-    active = _row_norms(B) > 0
-    history: list[torch.Tensor] = []
-    notes: list[str] = []
-    products = 0
-    with progress_bar(max_iter, "preconditioned Neumann", progress) as advance:
-        for _ in range(max_iter):
-            act = torch.nonzero(active).squeeze(1)
-            if len(act) == 0:
-                break
-            R = B[act] - A(X[act])
-            products += len(act)
-            rel = _row_norms(R) / bnorm[act]
-            h = torch.full((K,), float("nan"), dtype=torch.float64)
-            h[act] = rel
-            history.append(h)
-            conv = rel <= tol
-            div = ~torch.isfinite(rel) | (rel > 1e6)
-            failed[act[div]] = True
-            active[act[conv | div]] = False
-            upd = ~(conv | div)
-            if bool(upd.any()):
                 X[act[upd]] += step * P(R[upd])
             iterations[act[upd]] += 1
             advance(1)
     if bool(failed.any()):
         notes.append(
-            f"{int(failed.sum())} RHS diverged (residual past 1e6·‖b‖ or non-finite): "
-            f"step·λ_max(P A) >= 2; lower step (now {step:g}) or use method='cg'"
+            f"{int(failed.sum())} RHS diverged (residual past 1e6·‖b‖ or non-finite): {diverged}"
         )
     if bool(active.any()):
         notes.append(f"{int(active.sum())} RHS hit the iteration cap max_iter={max_iter}")
