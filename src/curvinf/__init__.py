@@ -9,7 +9,9 @@ from curvinf.curvature import (
     fit_curvature,
 )
 from curvinf.data import DataSplit, load_dataset
+from curvinf.groundtruth import GroundTruth, GroundTruthConfig, ground_truth
 from curvinf.influence import influence_scores, per_example_grads
+from curvinf.lds import LDSResult, lds, make_subsets
 from curvinf.models import make_mlp, num_params
 from curvinf.training import TrainingRecipe, TrainingResult, train
 
@@ -18,13 +20,19 @@ __all__ = [
     "METHODS",
     "Curvature",
     "DataSplit",
+    "GroundTruth",
+    "GroundTruthConfig",
+    "LDSResult",
     "InverseCurvature",
     "Regularization",
     "TrainingRecipe",
     "TrainingResult",
     "fit_curvature",
+    "ground_truth",
     "influence_scores",
+    "lds",
     "load_dataset",
+    "make_subsets",
     "make_mlp",
     "num_params",
     "per_example_grads",
