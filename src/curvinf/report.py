@@ -105,7 +105,9 @@ def plot_lds_by_setting(rows: list[dict], path: Path) -> Path:
     if complete:  # compare rungs on the same configurations only
         ok = [r for r in ok if r["config"] in complete]
     axes_used = [a for a in AXES if len({r[a] for r in rows}) > 1] or ["epochs"]
-    fig, axs = plt.subplots(1, len(axes_used), figsize=(4.6 * len(axes_used), 3.8), squeeze=False)
+    fig, axs = plt.subplots(
+        1, len(axes_used), figsize=(max(6.4, 4.6 * len(axes_used)), 4.0), squeeze=False
+    )
     for ax, axis in zip(axs[0], axes_used, strict=True):
         values = sorted({r[axis] for r in rows})
         for k, rung in enumerate(rungs):
@@ -138,7 +140,7 @@ def plot_lds_by_setting(rows: list[dict], path: Path) -> Path:
         ax.set_title(f"LDS vs {axis}")
     axs[0][0].legend(title="rung", fontsize=8)
     fig.suptitle(
-        f"Attribution quality per rung (mean over {note} at each value; bars: 95% bootstrap CI)",
+        f"Attribution quality per rung\n(mean over {note} at each value; bars: 95% bootstrap CI)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -198,7 +200,7 @@ def plot_lds_vs_error(rows: list[dict], path: Path) -> Path:
     ]
     axs[0].legend(handles=rung_handles + epoch_handles, fontsize=7, title="rung / training")
     fig.suptitle(
-        "LDS against approximation error (reference: Hessian, error 0; one point per "
+        "LDS against approximation error\n(reference: Hessian, error 0; one point per "
         "configuration x rung)",
         fontsize=10,
     )
