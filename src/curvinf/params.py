@@ -53,8 +53,3 @@ def param_blocks(model: nn.Module, partition: str = "layer") -> list[ParamBlock]
             idx = torch.cat([torch.arange(*offsets[n]) for n in own])
             blocks.append(ParamBlock(mname or "<root>", idx, tuple(own)))
     return blocks
-
-
-def flat_params(model: nn.Module) -> torch.Tensor:
-    """θ as one detached vector."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
