@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from curvinf.curvature.gram import GramInverse
 from curvinf.curvature.kronecker import (
     LayerAdapter,
     SharedLayerError,
@@ -190,6 +191,41 @@ def _kronecker_scores(
     return scores
 
 
+def _gram_scores(
+    model: nn.Module,
+    loss: nn.Module,
+    measure: str,
+    inv: InverseOperator,
+    train: tuple[torch.Tensor, torch.Tensor],
+    query: tuple[torch.Tensor, torch.Tensor],
+    chunk_size: int,
+    advance,
+) -> torch.Tensor | None:
+    """Scores for a :class:`~curvinf.curvature.gram.GramInverse` when the training set is
+    the curvature's own: ``(M g_q)ᵀ F σ_t`` (:mod:`curvinf.curvature.gram`, (2)), without
+    training gradients or ``1/δ`` cancellation. ``None`` otherwise (or for ``fisher="mc"``)."""
+    if not isinstance(inv, GramInverse):
+        return None
+    ctx = inv.ctx
+    Xt, yt = train
+    if Xt.shape != ctx.X.shape or not torch.equal(Xt.to(torch.float64), ctx.X):
+        return None
+    if not torch.equal(yt.to(ctx.y.dtype), ctx.y) or inv.train_coefficients() is None:
+        return None
+    Xq, yq = query
+    Gq = torch.cat(
+        [
+            per_example_grads(
+                model, loss, Xq[a : a + chunk_size], yq[a : a + chunk_size], measure=measure
+            )
+            for a in range(0, len(Xq), chunk_size)
+        ]
+    )
+    scores = inv.scores(Gq)
+    advance(len(Xt))
+    return scores
+
+
 def influence_scores(
     model: nn.Module,
     loss: nn.Module,
@@ -207,7 +243,9 @@ def influence_scores(
     computed ``chunk_size`` at a time, so memory is ``O((Q + chunk) D)``. For a
     K-FAC / EK-FAC inverse of a ``Linear``-only model the same sum is taken per
     layer in the Kronecker eigenbasis from the gradients' outer-product factors
-    (:func:`_kronecker_scores`), without flat per-example gradients.
+    (:func:`_kronecker_scores`), without flat per-example gradients; for a Gram
+    inverse of a GGN rung scored on its own training set, in sample space
+    (:func:`_gram_scores`).
     """
     if not isinstance(inv, InverseOperator):
         raise TypeError(
@@ -232,6 +270,8 @@ def influence_scores(
     check_targets(kind, out_features, yq, "query y")
     with progress_bar(len(Xt), "influence scores", progress) as advance:
         fast = _kronecker_scores(model, kind, measure, inv, train, query, chunk_size, advance)
+        if fast is None:
+            fast = _gram_scores(model, loss, measure, inv, train, query, chunk_size, advance)
         if fast is not None:
             return fast
         pre = []

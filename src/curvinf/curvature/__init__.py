@@ -16,7 +16,9 @@ identity        I (gradient dot product, the no-curvature floor)    diagonal
 Past dense memory, :func:`matrix_free` gives the exact rungs (hessian, ggn,
 block_hessian, block_ggn) as products only, inverted by the iterative solvers
 of :mod:`curvinf.curvature.solvers` (``CG``, ``Lanczos``, ``LiSSA``,
-``Preconditioned``): ``matrix_free("ggn", ...).inverse(reg, solver=CG())``.
+``Preconditioned``): ``matrix_free("ggn", ...).inverse(reg, solver=CG())``;
+GGN rungs also exactly, without iterations, through the Gram matrix of their
+pseudo-gradients: ``matrix_free("ggn", ...).inverse(reg, solver=Gram())``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from curvinf.curvature.dense import (
     ggn_diagonal,
     hessian_blocks,
 )
+from curvinf.curvature.gram import Gram, GramInverse
 from curvinf.curvature.kronecker import KroneckerCurvature, fit_kronecker
 from curvinf.curvature.matfree import MATRIX_FREE_METHODS, MatrixFreeCurvature, matrix_free
 from curvinf.curvature.operators import (
@@ -74,6 +77,8 @@ __all__ = [
     "Curvature",
     "DenseCurvature",
     "DiagonalCurvature",
+    "Gram",
+    "GramInverse",
     "InverseCurvature",
     "InverseOperator",
     "KroneckerCurvature",

@@ -109,16 +109,25 @@ class FitContext:
         return torch.Generator().manual_seed(self.seed)
 
     def pseudo_grads(
-        self, xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator
+        self,
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        generator: torch.Generator | None,
+        Q: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Rows ``J_nᵀ Q_n[:, k]`` for a chunk: (n, K, D), flat parameter order."""
+        """Rows ``J_nᵀ Q_n[:, k]`` for a chunk: (n, K, D), flat parameter order.
+
+        ``Q`` (n, C, K): the output-space roots to use; drawn with ``generator``
+        by :func:`~curvinf.losses.output_sqrt` when ``None``.
+        """
         names = tuple(self.params)
         f, theta = self.outputs_fn(names)
-        with torch.no_grad():
-            out = f(theta, xb)
-        Q = output_sqrt(
-            self.kind, self.fisher, out, yb, mc_samples=self.mc_samples, generator=generator
-        )
+        if Q is None:
+            with torch.no_grad():
+                out = f(theta, xb)
+            Q = output_sqrt(
+                self.kind, self.fisher, out, yb, mc_samples=self.mc_samples, generator=generator
+            )
 
         def one(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
             _, pullback = vjp(lambda t: f(t, x[None])[0], theta)

@@ -70,6 +70,22 @@ class DiagonalEigenBlock(EigenBlock):
         return V * s
 
 
+def layer_matrix(V: torch.Tensor, out: int, n_in: int, has_bias: bool) -> torch.Tensor:
+    """A layer's rows (K, d) in the flat order (weight row-major, then bias) ->
+    the augmented matrices ``[W | b]`` (K, out, n_in + has_bias)."""
+    W = V[:, : out * n_in].reshape(len(V), out, n_in)
+    if has_bias:
+        W = torch.cat([W, V[:, out * n_in :, None]], dim=2)
+    return W
+
+
+def layer_flat(M: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """Inverse of :func:`layer_matrix`: (K, out, in') -> (K, d) in the flat order."""
+    if not has_bias:
+        return M.reshape(len(M), -1)
+    return torch.cat([M[:, :, :-1].reshape(len(M), -1), M[:, :, -1]], dim=1)
+
+
 @dataclass
 class KroneckerEigenBlock(EigenBlock):
     """A layer block in the Kronecker eigenbasis ``U_out ⊗ U_in``.
@@ -93,17 +109,11 @@ class KroneckerEigenBlock(EigenBlock):
     def to_matrix(self, V: torch.Tensor) -> torch.Tensor:
         """(K, d) in flat order -> (K, out, in + has_bias)."""
         out = self.U_out.shape[0]
-        n_in = self.U_in.shape[0] - int(self.has_bias)
-        W = V[:, : out * n_in].reshape(len(V), out, n_in)
-        if self.has_bias:
-            W = torch.cat([W, V[:, out * n_in :, None]], dim=2)
-        return W
+        return layer_matrix(V, out, self.U_in.shape[0] - int(self.has_bias), self.has_bias)
 
     def from_matrix(self, M: torch.Tensor) -> torch.Tensor:
         """(K, out, in + has_bias) -> (K, d) in flat order."""
-        if not self.has_bias:
-            return M.reshape(len(M), -1)
-        return torch.cat([M[:, :, :-1].reshape(len(M), -1), M[:, :, -1]], dim=1)
+        return layer_flat(M, self.has_bias)
 
     def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         M = self.U_out.T @ self.to_matrix(V) @ self.U_in

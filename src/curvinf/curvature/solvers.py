@@ -19,6 +19,11 @@ LiSSA           Neumann series ``1/s Σ_j (I - A/s)^j b``,    damping only
 Preconditioned  EK-FAC-preconditioned refinement: PCG or     damping only
                 Neumann/ASTRA iterations, from the EK-FAC
                 answer ``P V`` towards ``(C + λI)⁻¹ V``
+                (``preconditioner="ggn"``: the exact damped
+                GGN by Gram, for the Hessian)
+Gram            exact, GGN rungs only: Cholesky or eigh of   damping and truncation
+                the (N·K, N·K) Gram matrix of the
+                pseudo-gradients (:mod:`~.gram`)
 ==============  ===========================================  ======================
 
 Truncation (``reg.eps > 0``) is a statement about eigenvalues, which the
@@ -43,12 +48,14 @@ from dataclasses import dataclass
 
 import torch
 
+from curvinf.curvature.gram import Gram, GramInverse
 from curvinf.curvature.operators import Curvature, InverseOperator, _as_rows
 from curvinf.curvature.regularization import Regularization
 from curvinf.progress import progress_bar
 from curvinf.validation import check_choice
 
 FAILURE_MODES = ("raise", "warn")
+PRECONDITIONERS = ("ekfac", "kfac", "ggn")
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -188,7 +195,10 @@ class Preconditioned(_Settings):
 
     Attributes:
         preconditioner: ``"ekfac"`` or ``"kfac"`` (fitted on a matrix-free
-            rung's own data and fisher), or any ``InverseOperator``.
+            rung's own data and fisher), ``"ggn"`` (the exact GGN of the same
+            data by :class:`~curvinf.curvature.gram.Gram`: for the Hessian,
+            ``H + λI = (G + λI) + R`` with a small residual ``R``), or any
+            ``InverseOperator``.
         preconditioner_reg: its regularisation; default ``Regularization(damping=λ, eps=0)``.
         step: Neumann step size.
     """
@@ -204,10 +214,10 @@ class Preconditioned(_Settings):
         super().__post_init__()
         check_choice("method", self.method, ("cg", "neumann"))
         if isinstance(self.preconditioner, str):
-            check_choice("preconditioner", self.preconditioner, ("ekfac", "kfac"))
+            check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
         elif not isinstance(self.preconditioner, InverseOperator):
             raise TypeError(
-                "preconditioner must be 'ekfac', 'kfac' or an InverseOperator, e.g. "
+                "preconditioner must be 'ekfac', 'kfac', 'ggn' or an InverseOperator, e.g. "
                 "fit_curvature('ekfac', ...).inverse(Regularization(damping=λ, eps=0))."
             )
         if not (math.isfinite(self.step) and self.step > 0):
@@ -248,7 +258,7 @@ class Lanczos(_Settings):
             raise ValueError(f"max_iter ({self.max_iter}) must be >= k ({self.k}) or None.")
 
 
-SOLVERS = (CG, Lanczos, LiSSA, Preconditioned)
+SOLVERS = (CG, Lanczos, LiSSA, Preconditioned, Gram)
 
 
 # --------------------------------------------------------------------------- inverses
@@ -448,11 +458,13 @@ def solve_inverse(
         raise TypeError(f"reg must be a Regularization, got {type(reg).__name__}.")
     if not isinstance(solver, SOLVERS):
         raise TypeError(
-            f"solver must be one of CG, Lanczos, LiSSA, Preconditioned; got "
+            f"solver must be one of CG, Lanczos, LiSSA, Preconditioned, Gram; got "
             f"{type(solver).__name__}."
         )
     if isinstance(solver, Lanczos):
         return LanczosInverse(curvature, reg, solver)
+    if isinstance(solver, Gram):
+        return GramInverse(curvature, reg, solver)
     if reg.eps > 0:
         raise ValueError(
             f"{type(solver).__name__} solves (C + λI)⁻¹ V and cannot truncate eigenvalues, but "
@@ -486,9 +498,16 @@ def _fit_preconditioner(curvature: Curvature, method: str, reg: Regularization) 
         )
     if reg.eps == 0 and reg.damping == 0:
         raise ValueError(
-            "the EK-FAC preconditioner needs damping > 0 (its eigenvalues can be 0); "
+            f"the {method} preconditioner needs damping > 0 (its eigenvalues can be 0); "
             "pass Regularization(damping=λ, eps=0) with λ > 0 or set preconditioner_reg."
         )
+    if method == "ggn":
+        from curvinf.curvature.matfree import MatrixFreeCurvature
+        from curvinf.params import ParamBlock
+
+        whole = [ParamBlock("all", torch.arange(ctx.num_params), tuple(ctx.params))]
+        ggn = MatrixFreeCurvature("ggn", ctx, whole, max_dense_bytes=curvature.max_dense_bytes)
+        return GramInverse(ggn, reg, Gram())
     from curvinf.curvature.kronecker import fit_kronecker
 
     return fit_kronecker(ctx, method, curvature.max_dense_bytes, "expand").inverse(reg)

@@ -75,7 +75,7 @@ ELEMENTWISE = (
 Pairs = dict[tuple[int, int], torch.Tensor]
 
 
-def _adapters(ctx: FitContext) -> list[LayerAdapter] | None:
+def linear_adapters(ctx: FitContext) -> list[LayerAdapter] | None:
     """Linear adapters covering every parameter, each layer contiguous in θ; else ``None``."""
     if ctx.X.ndim != 2:
         return None
@@ -221,7 +221,7 @@ def ggn_blocks(
     ctx: FitContext, blocks: list[ParamBlock]
 ) -> list[tuple[ParamBlock, torch.Tensor]] | None:
     """GGN blocks for ``nn.Linear``-only models on 2-D inputs (module doc), else ``None``."""
-    adapters = _adapters(ctx)
+    adapters = linear_adapters(ctx)
     covers = None if adapters is None else _covers(adapters, blocks)
     if covers is None:
         return None
@@ -275,7 +275,7 @@ def hessian_blocks(
 ) -> list[tuple[ParamBlock, torch.Tensor]] | None:
     """Hessian blocks of the mean loss for ``Sequential`` MLPs (module doc), else ``None``."""
     mlp = _sequential_mlp(ctx.model)
-    adapters = None if mlp is None else _adapters(ctx)
+    adapters = None if mlp is None else linear_adapters(ctx)
     covers = None if adapters is None else _covers(adapters, blocks)
     if covers is None:
         return None

@@ -1,0 +1,387 @@
+"""Exact GGN rungs through their Gram matrix in sample space: no ``D x D`` matrix, no iterations.
+
+A GGN-type rung is ``G = MᵀM`` with pseudo-gradient rows
+``M[(n, k)] = N^{-1/2} (J_nᵀ Q_n[:, k])ᵀ`` — ``R = N·K`` rows, ``D`` columns, ``Q_n``
+(C, K) an output-space root of the ``fisher`` (directions that are zero for every
+example are dropped: ``K = C - 1`` for ``type2`` cross-entropy). The non-zero
+eigenvalues of ``G`` are those of the Gram matrix ``K = MMᵀ`` (R, R); with
+``K = U diag(s) Uᵀ`` the eigenvectors of ``G`` are ``Mᵀ U s^{-1/2}``. So the
+:class:`~curvinf.curvature.regularization.Regularization` rule ``φ`` (``φ(λ) =
+1/(λ + δ)`` or 0, and ``φ₀ = φ(0)`` on the null space of ``G``) gives
+
+    C⁺ v = φ₀ v + Mᵀ U diag((φ(s) - φ₀) / s) Uᵀ M v                        (1)
+
+and with damping only (``eps = 0``, ``δ > 0``) Woodbury's identity
+``C⁺ v = (v - Mᵀ (K + δI)⁻¹ M v) / δ``: one Cholesky factor of ``K + δI``.
+
+Influence scores avoid the ``1/δ`` cancellation of (1). A training gradient is
+``g_t = J_tᵀ r_t`` (``r_t = ∂ℓ/∂f``); when ``r_t = Q_t c_t`` (``type2``: ``r_t`` lies in the
+range of the output Hessian; ``empirical``: ``Q_t = r_t``; not ``mc``) it is
+``g_t = Mᵀ σ_t`` with ``σ_t = √N c_t`` on example t's rows and zero elsewhere, and
+``C⁺ Mᵀ = Mᵀ U φ(s) Uᵀ``, so
+
+    score[q, t] = (M g_q)ᵀ U φ(s) Uᵀ σ_t      (damping only: (M g_q)ᵀ (K + δI)⁻¹ σ_t)   (2)
+
+Block-diagonal rungs (``block_ggn``) do all of this per block, with each
+block's own Gram matrix ``K_b = M_b M_bᵀ``.
+
+Cost. For networks of ``nn.Linear`` layers on (N, features) inputs, a row of
+``M`` restricted to layer ``l`` is the outer product ``s ãᵀ``, so
+``K_b = Σ_{l ∈ b} (S_l S_lᵀ) ∘ (A_l A_lᵀ ⊗ 1_{K×K})`` with ``S_l`` (R, out_l)
+and ``A_l`` (N, in_l + 1): ``R² Σ_l out_l`` flops, and products with ``M`` or
+``Mᵀ`` are two GEMMs per layer. Then Cholesky ``R³/3`` flops (damping) or
+``eigh`` (truncation, about ``9 R³``). Other models form ``M`` explicitly
+(``R·D`` floats, under ``max_dense_bytes``). Memory: about ``2 R²`` floats per
+block being factorised; factorisations are kept while they fit
+``max_dense_bytes`` and recomputed otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from curvinf.curvature.context import FitContext
+from curvinf.curvature.kronecker import SharedLayerError, capture_layer_factors
+from curvinf.curvature.operators import (
+    Curvature,
+    InverseOperator,
+    _as_rows,
+    layer_flat,
+    layer_matrix,
+)
+from curvinf.curvature.regularization import Regularization
+from curvinf.curvature.structured import linear_adapters
+from curvinf.losses import output_grad
+from curvinf.params import ParamBlock
+from curvinf.progress import progress_bar
+from curvinf.validation import format_bytes
+
+
+@dataclass(frozen=True)
+class Gram:
+    """The sample-space route for GGN-type rungs (module doc): exact, no iterations.
+
+    ``matrix_free("ggn" | "block_ggn", ...).inverse(reg, solver=Gram())``. Damping
+    only (``eps=0``, ``damping > 0``) uses a Cholesky factor of ``K + δI``;
+    truncation (``eps > 0``) an eigendecomposition of ``K``.
+    """
+
+    progress: bool = False
+
+
+def thin_roots(Q: torch.Tensor) -> torch.Tensor:
+    """Output-space roots (N, C, K) -> (N, C, K') with ``Q' Q'ᵀ = Q Qᵀ`` and orthogonal
+    columns, dropping the eigen-directions of ``Q Qᵀ`` that vanish for every example."""
+    lam, U = torch.linalg.eigh(Q @ Q.transpose(1, 2))  # ascending per example
+    lam = lam.clamp_min(0.0)
+    top = float(lam.max()) if lam.numel() else 0.0
+    if top == 0.0:
+        raise ValueError(
+            "the GGN is zero (the output-space curvature vanishes on every training example); "
+            "there is nothing to invert."
+        )
+    keep = lam.max(dim=0).values > 1e-13 * top
+    return (U * lam.sqrt()[:, None, :])[:, :, keep]
+
+
+class _LinearRows:
+    """``M`` of an ``nn.Linear`` network as per-layer factors (module doc)."""
+
+    def __init__(self, A: list[torch.Tensor], S: list[torch.Tensor], layers, adapters) -> None:
+        self.A, self.S = A, S  # (N, in'), (N, K, out) (the N^{-1/2} inside S)
+        self.layers = layers  # per block: the layer indices it holds, in flat order
+        self.adapters = adapters
+        self.N, self.K = S[0].shape[:2]
+        self.R = self.N * self.K
+
+    def gram(self, b: int) -> torch.Tensor:
+        out = torch.zeros(self.R, self.R, dtype=torch.float64)
+        for i in self.layers[b]:
+            S = self.S[i].reshape(self.R, -1)
+            SS = S @ S.T
+            AA = self.A[i] @ self.A[i].T
+            SS.view(self.N, self.K, self.N, self.K).mul_(AA[:, None, :, None])
+            out += SS
+            del SS
+        return out
+
+    def _shape(self, i: int) -> tuple[int, int, bool]:
+        ad = self.adapters[i]
+        out, n_in = ad.module.weight.shape
+        return out, n_in, ad.has_bias
+
+    def times(self, b: int, V: torch.Tensor) -> torch.Tensor:
+        """``M_b V_bᵀ`` (R, Kv) for rows ``V`` (Kv, D) in the flat order."""
+        Z = torch.zeros(self.N, self.K, len(V), dtype=torch.float64)
+        for i in self.layers[b]:
+            out, n_in, bias = self._shape(i)
+            W = layer_matrix(V[:, self.adapters[i].index], out, n_in, bias)  # (Kv, out, in')
+            T = (W.reshape(-1, W.shape[2]) @ self.A[i].T).view(len(V), out, self.N)
+            Z.baddbmm_(self.S[i], T.permute(2, 1, 0))  # (N, K, out) @ (N, out, Kv)
+        return Z.view(self.R, len(V))
+
+    def tmul(self, b: int, W: torch.Tensor) -> torch.Tensor:
+        """``(M_bᵀ W)ᵀ`` (Kw, d_b) in the block's flat order for ``W`` (R, Kw)."""
+        Wn = W.view(self.N, self.K, -1)
+        parts = []
+        for i in self.layers[b]:
+            out, _, bias = self._shape(i)
+            P = self.S[i].transpose(1, 2) @ Wn  # (N, out, Kw)
+            G = (P.permute(2, 1, 0).reshape(-1, self.N) @ self.A[i]).view(W.shape[1], out, -1)
+            parts.append(layer_flat(G, bias))
+        return torch.cat(parts, dim=1)
+
+
+class _DenseRows:
+    """``M`` (R, D) formed explicitly (models that are not ``nn.Linear`` networks)."""
+
+    def __init__(self, M: torch.Tensor, blocks: list[ParamBlock], K: int) -> None:
+        self.M, self.blocks, self.K = M, blocks, K
+        self.R = M.shape[0]
+        self.N = self.R // K
+
+    def gram(self, b: int) -> torch.Tensor:
+        Mb = self.M[:, self.blocks[b].index]
+        return Mb @ Mb.T
+
+    def times(self, b: int, V: torch.Tensor) -> torch.Tensor:
+        idx = self.blocks[b].index
+        return self.M[:, idx] @ V[:, idx].T
+
+    def tmul(self, b: int, W: torch.Tensor) -> torch.Tensor:
+        return (self.M[:, self.blocks[b].index].T @ W).T
+
+
+def _linear_rows(ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock]) -> _LinearRows | None:
+    adapters = linear_adapters(ctx)
+    if adapters is None:
+        return None
+    layers = []
+    for block in blocks:
+        mine = [i for i, ad in enumerate(adapters) if bool(torch.isin(ad.index, block.index).any())]
+        union = torch.cat([adapters[i].index for i in mine]) if mine else torch.empty(0)
+        if not torch.equal(union, block.index):
+            return None  # a block that splits a layer (partition="tensor")
+        layers.append(mine)
+    A = [[] for _ in adapters]
+    S = [[] for _ in adapters]
+    scale = 1.0 / math.sqrt(ctx.n)
+    for a in range(0, ctx.n, ctx.chunk_size):
+        xb, Qb = ctx.X[a : a + ctx.chunk_size], Q[a : a + ctx.chunk_size]
+        try:
+            a_all, s_all = capture_layer_factors(ctx.model, adapters, xb, lambda f, Qb=Qb: Qb)
+        except SharedLayerError:
+            return None
+        if any(t.shape[1] != 1 for t in a_all):
+            return None
+        for i in range(len(adapters)):
+            A[i].append(a_all[i][:, 0])
+            S[i].append(s_all[i][:, :, 0] * scale)
+    return _LinearRows([torch.cat(t) for t in A], [torch.cat(t) for t in S], layers, adapters)
+
+
+def _dense_rows(
+    ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock], max_bytes: float
+) -> _DenseRows:
+    R, D = Q.shape[0] * Q.shape[2], ctx.num_params
+    need = 8.0 * R * D
+    if need > max_bytes:
+        raise ValueError(
+            f"the Gram route for a model that is not an nn.Linear network stores the {R} x {D} "
+            f"pseudo-gradient matrix ({format_bytes(need)}), over the memory budget of "
+            f"{format_bytes(max_bytes)}; raise max_dense_bytes or use solver=CG(...)."
+        )
+    rows = [
+        ctx.pseudo_grads(ctx.X[a : a + ctx.chunk_size], None, None, Q=Q[a : a + ctx.chunk_size])
+        for a in range(0, ctx.n, ctx.chunk_size)
+    ]
+    M = torch.cat(rows).reshape(R, D) / math.sqrt(ctx.n)
+    return _DenseRows(M, blocks, Q.shape[2])
+
+
+def train_coefficients(ctx: FitContext, Q: torch.Tensor) -> torch.Tensor | None:
+    """``σ`` (N, K) with ``∇ℓ(z_t) = Mᵀ σ_t`` (module doc), or ``None`` when a loss
+    gradient leaves the range of its root (``fisher="mc"``)."""
+    with torch.no_grad():
+        f = torch.cat([ctx.model(xb) for xb, _ in ctx.chunks()])
+    r = output_grad(ctx.kind, f, ctx.y)  # (N, C)
+    sq = (Q * Q).sum(1)  # (N, K): squared column norms (columns orthogonal)
+    proj = (Q * r[:, :, None]).sum(1)
+    c = torch.where(sq > 0, proj / sq.clamp_min(1e-300), torch.zeros_like(proj))
+    resid = (r - (Q * c[:, None, :]).sum(2)).norm(dim=1)
+    scale = r.norm(dim=1)
+    if bool((resid > 1e-8 * scale + 1e-12 * float(scale.max())).any()):
+        return None
+    return c * math.sqrt(ctx.n)
+
+
+class GramInverse(InverseOperator):
+    """``C⁺`` of a GGN-type rung through the Gram matrix (module doc).
+
+    Attributes:
+        mode: ``"cholesky"`` (damping only) or ``"eigh"`` (truncation).
+        rank: ``R``, the number of pseudo-gradient rows (an upper bound of ``rank G``).
+        seconds: time spent building and factorising Gram matrices so far.
+        reports: empty (the route has no iterations; kept for the solver interface).
+    """
+
+    def __init__(self, curvature: Curvature, reg: Regularization, solver: Gram) -> None:
+        if not getattr(curvature, "is_ggn", False):
+            raise TypeError(
+                f"solver=Gram() needs a GGN-type matrix-free rung ('ggn' or 'block_ggn'), got "
+                f"{curvature.method!r}; for the Hessian use CG or Preconditioned("
+                "preconditioner='ggn')."
+            )
+        ctx: FitContext = curvature.ctx  # type: ignore[attr-defined]
+        if ctx.X.dtype != torch.float64:
+            raise ValueError(
+                "solver=Gram() computes in float64; build the rung with "
+                "matrix_free(..., dtype=torch.float64)."
+            )
+        self.curvature, self.reg, self.solver = curvature, reg, solver
+        self.reports: list = []
+        self.seconds = 0.0
+        t0 = time.perf_counter()
+        self.ctx = ctx
+        self.Q = thin_roots(curvature._Q.to(torch.float64))  # type: ignore[attr-defined]
+        self.param_blocks: list[ParamBlock] = curvature.param_blocks  # type: ignore[attr-defined]
+        rows = _linear_rows(ctx, self.Q, self.param_blocks)
+        self.rows = (
+            rows
+            if rows is not None
+            else _dense_rows(ctx, self.Q, self.param_blocks, curvature.max_dense_bytes)
+        )
+        self.R = self.rows.R
+        self._sigma: torch.Tensor | None | bool = False  # False: not computed yet
+        self._cache: dict[int, tuple] = {}
+        self._cache_bytes = 0.0
+        if reg.eps == 0:
+            if reg.damping == 0:
+                raise ValueError(
+                    f"the {curvature.method} rung is singular here (rank <= {self.R} < "
+                    f"{curvature.num_params} parameters), so it has no inverse; set "
+                    "Regularization(damping=...) > 0 or eps > 0 (pseudo-inverse)."
+                )
+            self.mode = "cholesky"
+        else:
+            self.mode = "eigh"
+            self._eigh_all()
+        self.seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ factorisations
+
+    def _eigh_all(self) -> None:
+        need = 8.0 * self.R * self.R * len(self.param_blocks)
+        if need > self.curvature.max_dense_bytes:
+            raise ValueError(
+                f"truncation (eps > 0) needs the eigendecomposition of every block's {self.R} x "
+                f"{self.R} Gram matrix at once ({format_bytes(need)}), over the memory budget of "
+                f"{format_bytes(self.curvature.max_dense_bytes)}; raise max_dense_bytes or use "
+                "damping only (eps=0), which goes block by block."
+            )
+        eig = []
+        with progress_bar(len(self.param_blocks), "Gram eigh", self.solver.progress) as advance:
+            for b in range(len(self.param_blocks)):
+                s, U = torch.linalg.eigh(self.rows.gram(b))
+                eig.append((s.clamp_min(0.0), U))
+                advance(1)
+        # the rule on every block's eigenvalues plus one null-space eigenvalue (global τ)
+        parts = [s for s, _ in eig] + [torch.zeros(1, dtype=torch.float64)]
+        inv = self.reg.inverse_eigenvalues(parts, dim=self.num_params)
+        self.null_value = float(inv[-1][0])
+        top = max(float(s.max()) for s, _ in eig)
+        tol = self.R * torch.finfo(torch.float64).eps * top
+        for b, ((s, U), phi) in enumerate(zip(eig, inv[:-1], strict=True)):
+            phi = torch.where(s > tol, phi, torch.zeros_like(phi))
+            self._cache[b] = (U, phi, self._correction(s, phi, tol))
+        self.eigenvalues = [s for s, _ in eig]
+
+    def _correction(self, s: torch.Tensor, phi: torch.Tensor, tol: float) -> torch.Tensor:
+        """``(φ(s) - φ₀) / s`` of (1) in closed forms free of cancellation; 0 for ``s <= tol``."""
+        if self.null_value:
+            c = -phi * self.null_value  # 1/(s+δ) - 1/δ = -s / (δ (s+δ))
+        else:
+            c = phi / s.clamp_min(1e-300)
+        return torch.where(s > tol, c, torch.zeros_like(c))
+
+    def _cholesky(self, b: int) -> torch.Tensor:
+        if b in self._cache:
+            return self._cache[b][0]
+        t0 = time.perf_counter()
+        K = self.rows.gram(b)
+        K.diagonal().add_(self.reg.damping)
+        L, info = torch.linalg.cholesky_ex(K)
+        del K
+        if int(info) != 0:
+            raise ValueError(
+                f"the Cholesky factorisation of K + {self.reg.damping:g} I failed for block "
+                f"{self.param_blocks[b].name!r} (damping too small for float64 at this scale); "
+                "increase damping or use eps > 0."
+            )
+        if self._cache_bytes + 8.0 * self.R**2 <= self.curvature.max_dense_bytes:
+            self._cache[b] = (L,)
+            self._cache_bytes += 8.0 * self.R**2
+        self.seconds += time.perf_counter() - t0
+        return L
+
+    def _solve(self, b: int, W: torch.Tensor, values: str) -> torch.Tensor:
+        """``F W`` for (R, k) ``W``: ``(K + δI)⁻¹ W`` (cholesky) or ``U diag(v) Uᵀ W`` with
+        ``v = φ`` (``values="phi"``) or the correction of (1) (``values="correction"``)."""
+        if self.mode == "cholesky":
+            return torch.cholesky_solve(W, self._cholesky(b))
+        U, phi, corr = self._cache[b]
+        v = phi if values == "phi" else corr
+        return U @ (v[:, None] * (U.T @ W))
+
+    # ------------------------------------------------------------------ the interface
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """Rows of ``V`` (K, D) times ``C⁺``, by (1) or Woodbury -> (K, D) float64."""
+        V2, vector = _as_rows(V, self.num_params, "V")
+        out = torch.empty_like(V2)
+        for b, block in enumerate(self.param_blocks):
+            X = self._solve(b, self.rows.times(b, V2), "correction")
+            Vb = V2[:, block.index]
+            if self.mode == "cholesky":
+                out[:, block.index] = (Vb - self.rows.tmul(b, X)) / self.reg.damping
+            else:
+                out[:, block.index] = self.null_value * Vb + self.rows.tmul(b, X)
+        return out[0] if vector else out
+
+    def train_coefficients(self) -> torch.Tensor | None:
+        """``σ`` (N, K) of (2) for the fit's training data; ``None`` for ``fisher="mc"``."""
+        if self._sigma is False:
+            self._sigma = train_coefficients(self.ctx, self.Q)
+        return self._sigma  # type: ignore[return-value]
+
+    def scores(self, Gq: torch.Tensor) -> torch.Tensor:
+        """``Gq C⁺ G_trᵀ`` (Q, N) by (2) for query gradients ``Gq`` (Q, D) and the fit's
+        own training examples as the training set. ``ValueError`` for ``fisher="mc"``."""
+        sigma = self.train_coefficients()
+        if sigma is None:
+            raise ValueError(
+                "scores by (2) need loss gradients in the range of the output roots, which "
+                "fisher='mc' does not give; use influence_scores, which falls back to apply()."
+            )
+        Gq, _ = _as_rows(Gq, self.num_params, "Gq")
+        N, K = sigma.shape
+        out = torch.zeros(N, len(Gq), dtype=torch.float64)
+        with progress_bar(len(self.param_blocks), "Gram blocks", self.solver.progress) as advance:
+            for b in range(len(self.param_blocks)):
+                FZ = self._solve(b, self.rows.times(b, Gq), "phi").view(N, K, len(Gq))
+                out += (FZ * sigma[:, :, None]).sum(1)
+                advance(1)
+        return out.T.contiguous()
+
+    def __repr__(self) -> str:
+        return (
+            f"GramInverse(method={self.curvature.method!r}, R={self.R}, mode={self.mode!r}, "
+            f"reg={self.reg})"
+        )
+
+
+__all__ = ["Gram", "GramInverse", "thin_roots", "train_coefficients"]
