@@ -14,11 +14,19 @@ Parts (one process each, so peak RSS is the part's own):
            125 GB): exact-rung scores by CG for ``--scale-queries`` queries,
            rungs ``--scale-methods`` (ggn, hessian, block_ggn); time, products,
            iterations and peak RSS.
+``gram``   the same model, every query (360 x 1,437 pairs): GGN and block-GGN
+           scores by the Gram route (``solver=Gram()``, exact, damping λ),
+           checked against CG on ``--check-queries`` queries; the Hessian by CG
+           preconditioned with the exact damped GGN (``Preconditioned(
+           preconditioner=<Gram inverse>)``) at a damping ``δ_H`` above
+           ``|λ_min(H)|`` (Lanczos estimate times ``--hessian-margin``); the
+           GGN under the paper's rule (eps=1e-4) by the Gram eigendecomposition.
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_solvers.py --part small
     .venv/bin/python benchmarks/bench_solvers.py --part scale
+    .venv/bin/python benchmarks/bench_solvers.py --part gram --epochs 100 --lr 0.02
 
 Results go to ``benchmarks/data/solvers_<part>.json``; ``--part figure``
 draws ``docs/figures/solvers_*.png`` from them and prints the tables of
@@ -50,8 +58,9 @@ from curvinf import (
     make_mlp,
     train,
 )
+from curvinf.curvature.gram import Gram
 from curvinf.curvature.matfree import matrix_free
-from curvinf.curvature.solvers import CG, Lanczos, power_iteration
+from curvinf.curvature.solvers import CG, Lanczos, Preconditioned, lanczos, power_iteration
 
 RESULTS = Path("benchmarks/data")  # JSON summaries (committed)
 SCORES = Path("benchmarks/results")  # score matrices (git-ignored)
@@ -60,7 +69,7 @@ FIGURES = Path("docs/figures")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", choices=("small", "scale", "figure"), required=True)
+    p.add_argument("--part", choices=("small", "scale", "gram", "figure"), required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.05)
@@ -73,6 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale-queries", type=int, default=36)
     p.add_argument("--scale-methods", default="ggn,block_ggn,hessian")
     p.add_argument("--scale-dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument(
+        "--gram-parts",
+        default="ggn,block_ggn,hessian,ggn_paper",
+        help="gram part: ggn / block_ggn (Gram, damping λ), hessian (GGN-preconditioned CG), "
+        "ggn_paper (Gram eigh, eps=1e-4)",
+    )
+    p.add_argument("--check-queries", type=int, default=2, help="gram: queries re-solved by CG")
+    p.add_argument("--hessian-queries", type=int, default=360)
+    p.add_argument("--hessian-lanczos", type=int, default=80, help="Lanczos steps for λ_min(H)")
+    p.add_argument("--hessian-margin", type=float, default=1.5, help="δ_H = margin·|λ_min(H)|")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="results file (default by part)")
     return p.parse_args(argv)
@@ -249,6 +268,152 @@ def run_scale(args) -> dict:
     return out
 
 
+def run_gram(args) -> dict:
+    """Exact-rung scores at depth 8, width 128 for every query: GGN and block-GGN by the
+    Gram route, the Hessian by CG preconditioned with the exact GGN (see the module doc)."""
+    model, data, train_s = trained_model(8, 128, args)
+    loss = nn.CrossEntropyLoss()
+    D = sum(p.numel() for p in model.parameters())
+    Q = len(data.X_query)
+    reg = Regularization(damping=args.damping, eps=0.0)
+    parts = args.gram_parts.split(",")
+    path = Path(args.out) if args.out else RESULTS / "solvers_gram.json"
+    out: dict = json.loads(path.read_text()) if path.exists() else {}
+    out.pop("meta", None)
+    out.update(
+        {
+            "D": D,
+            "n_train": len(data.X_train),
+            "n_query": Q,
+            "train_s": train_s,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "damping": args.damping,
+            "tol": args.tol,
+        }
+    )
+    SCORES.mkdir(parents=True, exist_ok=True)
+    qc = (data.X_query[: args.check_queries], data.y_query[: args.check_queries])
+
+    def gram_scores(method: str, r: Regularization) -> tuple[torch.Tensor, dict]:
+        rss0 = peak_rss_gib()
+        t0 = time.perf_counter()
+        mf = matrix_free(method, model, loss, *data.train)
+        inv = mf.inverse(r, solver=Gram(progress=True))
+        t1 = time.perf_counter()
+        S = influence_scores(model, loss, inv, train=data.train, query=data.query)
+        t2 = time.perf_counter()
+        rec = {
+            "R": inv.R,
+            "mode": inv.mode,
+            "setup_s": t1 - t0,
+            "scores_s": t2 - t1,
+            "seconds": t2 - t0,
+            "peak_rss_gib": peak_rss_gib(),
+            "peak_rss_before_gib": rss0,
+            "scores_finite": bool(torch.isfinite(S).all()),
+        }
+        if inv.mode == "eigh":
+            evals = torch.cat(inv.eigenvalues)
+            rec.update({"rank": int((evals > r.eps).sum()), "lambda_max": float(evals.max())})
+        return S, rec
+
+    if "ggn" in parts or "block_ggn" in parts:
+        for method in ("ggn", "block_ggn"):
+            if method not in parts:
+                continue
+            S, rec = gram_scores(method, reg)
+            torch.save(S, SCORES / f"solvers_gram_{method}_scores.pt")
+            if method == "ggn" and args.check_queries:
+                mf = matrix_free(method, model, loss, *data.train, vector_chunk=36)
+                inv = mf.inverse(reg, solver=CG(tol=1e-8, max_iter=args.max_iter))
+                S_cg, cg_s = timed(
+                    lambda mf=mf, inv=inv: influence_scores(
+                        model, loss, inv, train=data.train, query=qc
+                    )
+                )
+                rep = inv.reports[0]
+                rec["cg_check"] = {
+                    "queries": args.check_queries,
+                    "seconds": cg_s,
+                    "tol": 1e-8,
+                    "iterations_max": int(rep.iterations.max()),
+                    "agreement": agreement(S[: args.check_queries], S_cg),
+                }
+            out[method] = rec
+            print(method, rec, flush=True)
+            _write(args, out)
+    if "hessian" in parts:
+        mfh = matrix_free("hessian", model, loss, *data.train, vector_chunk=64)
+        (_, theta, res, steps), lz_s = timed(
+            lambda: lanczos(mfh.matvec, D, args.hessian_lanczos, max_iter=args.hessian_lanczos)
+        )
+        lam_min, lam_max = float(theta.min()), float(theta.max())
+        delta = max(args.damping, args.hessian_margin * max(0.0, -lam_min))
+        reg_h = Regularization(damping=delta, eps=0.0)
+        (S_g, rec_g) = gram_scores("ggn", reg_h)  # the GGN at the Hessian's damping
+        ggn_pre = matrix_free("ggn", model, loss, *data.train).inverse(reg_h, solver=Gram())
+        hq = min(args.hessian_queries, Q)
+        query = (data.X_query[:hq], data.y_query[:hq])
+        rss0 = peak_rss_gib()
+        mfh.products = 0
+        inv = mfh.inverse(
+            reg_h,
+            solver=Preconditioned(
+                preconditioner=ggn_pre,
+                tol=args.tol,
+                max_iter=args.max_iter,
+                on_failure="warn",
+                progress=True,
+            ),
+        )
+        S_h, h_s = timed(lambda: influence_scores(model, loss, inv, train=data.train, query=query))
+        torch.save(S_h, SCORES / "solvers_gram_hessian_scores.pt")
+        its = torch.cat([r.iterations for r in inv.reports])
+        conv = torch.cat([r.converged for r in inv.reports])
+        resid = torch.cat([r.residual for r in inv.reports])
+        rec = {
+            "lanczos_steps": steps,
+            "lanczos_s": lz_s,
+            "lambda_min_ritz": lam_min,
+            "lambda_max_ritz": lam_max,
+            "damping": delta,
+            "queries": hq,
+            "seconds": h_s,
+            "seconds_per_query": h_s / hq,
+            "products": mfh.products,
+            "iterations_median": float(its.double().median()),
+            "iterations_max": int(its.max()),
+            "converged": int(conv.sum()),
+            "worst_residual": float(resid.max()),
+            "peak_rss_gib": peak_rss_gib(),
+            "peak_rss_before_gib": rss0,
+            "ggn_same_damping": {**rec_g, "agreement_hessian_vs_ggn": agreement(S_h, S_g[:hq])},
+        }
+        if args.check_queries:
+            mfh.products = 0
+            cg = mfh.inverse(
+                reg_h, solver=CG(tol=args.tol, max_iter=args.max_iter, on_failure="warn")
+            )
+            S_c, c_s = timed(lambda: influence_scores(model, loss, cg, train=data.train, query=qc))
+            rec["plain_cg_check"] = {
+                "queries": args.check_queries,
+                "seconds": c_s,
+                "iterations_max": int(cg.reports[0].iterations.max()),
+                "agreement": agreement(S_h[: args.check_queries], S_c),
+            }
+        out["hessian"] = rec
+        print("hessian", rec, flush=True)
+        _write(args, out)
+    if "ggn_paper" in parts:
+        S, rec = gram_scores("ggn", Regularization())
+        torch.save(S, SCORES / "solvers_gram_ggn_paper_scores.pt")
+        out["ggn_paper"] = rec
+        print("ggn_paper", rec, flush=True)
+        _write(args, out)
+    return out
+
+
 def _write(args, out: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = Path(args.out) if args.out else RESULTS / f"solvers_{args.part}.json"
@@ -328,6 +493,60 @@ def markdown_tables() -> str:
     return "\n".join(lines)
 
 
+def gram_table() -> str:
+    """The table of ``docs/benchmarks.md`` (every query at depth 8) from ``solvers_gram.json``."""
+    path = RESULTS / "solvers_gram.json"
+    if not path.exists():
+        return ""
+    g = json.loads(path.read_text())
+    n = f"{g['n_query']} x {g['n_train']}"
+    lines = [
+        f"depth-8 width-128, D = {g['D']}, all {n} pairs, tol {g['tol']:g}:",
+        "",
+        "| rung, route | regulariser | seconds | peak RSS GiB | check |",
+        "|---|---|---:|---:|---|",
+    ]
+    for key, label in (
+        ("ggn", "GGN, Gram (Cholesky)"),
+        ("block_ggn", "block-GGN, Gram (Cholesky)"),
+    ):
+        if key in g:
+            r = g[key]
+            chk = r.get("cg_check")
+            check = (
+                f"CG (tol {chk['tol']:g}, {chk['iterations_max']} it.) on {chk['queries']} "
+                f"queries: {chk['seconds']:.0f} s, rel. Frobenius "
+                f"{chk['agreement']['rel_frobenius']:.1e}"
+                if chk
+                else "equal to dense in tests/test_gram.py"
+            )
+            lines.append(
+                f"| {label} | δ = {g['damping']:g} | {r['seconds']:.0f} | "
+                f"{r['peak_rss_gib']:.2f} | {check} |"
+            )
+    if "hessian" in g:
+        h = g["hessian"]
+        chk = h.get("plain_cg_check")
+        check = (
+            f"plain CG on {chk['queries']} queries: {chk['iterations_max']} it., "
+            f"{chk['seconds']:.0f} s, rel. Frobenius {chk['agreement']['rel_frobenius']:.1e}"
+            if chk
+            else ""
+        )
+        lines.append(
+            f"| Hessian, CG preconditioned by the exact GGN ({h['iterations_median']:.0f} it. "
+            f"median, max {h['iterations_max']}, {h['converged']}/{h['queries']} converged) | "
+            f"δ_H = {h['damping']:.3g} | {h['seconds']:.0f} | {h['peak_rss_gib']:.2f} | {check} |"
+        )
+    if "ggn_paper" in g:
+        r = g["ggn_paper"]
+        lines.append(
+            f"| GGN, Gram (eigh), rank {r['rank']} | ε = 1e-4 (paper) | {r['seconds']:.0f} | "
+            f"{r['peak_rss_gib']:.2f} | equal to dense in tests/test_gram.py |"
+        )
+    return "\n".join(lines)
+
+
 def draw_figures() -> None:
     import matplotlib
 
@@ -336,6 +555,8 @@ def draw_figures() -> None:
 
     FIGURES.mkdir(parents=True, exist_ok=True)
     print(markdown_tables())
+    print()
+    print(gram_table())
     small_path = RESULTS / "solvers_small.json"
     if small_path.exists():
         _draw_small(plt, json.loads(small_path.read_text()))
@@ -383,7 +604,8 @@ def main(argv=None) -> None:
     if args.part == "figure":
         draw_figures()
         return
-    out = run_small(args) if args.part == "small" else run_scale(args)
+    run = {"small": run_small, "scale": run_scale, "gram": run_gram}[args.part]
+    out = run(args)
     out["peak_rss_gib"] = peak_rss_gib()
     print("wrote", _write(args, out))
 

@@ -99,14 +99,17 @@ class _LinearRows:
         self.R = self.N * self.K
 
     def gram(self, b: int) -> torch.Tensor:
-        out = torch.zeros(self.R, self.R, dtype=torch.float64)
+        out = None
         for i in self.layers[b]:
             S = self.S[i].reshape(self.R, -1)
             SS = S @ S.T
             AA = self.A[i] @ self.A[i].T
             SS.view(self.N, self.K, self.N, self.K).mul_(AA[:, None, :, None])
-            out += SS
-            del SS
+            if out is None:
+                out = SS
+            else:
+                out += SS
+                del SS
         return out
 
     def _shape(self, i: int) -> tuple[int, int, bool]:
@@ -308,7 +311,9 @@ class GramInverse(InverseOperator):
             c = phi / s.clamp_min(1e-300)
         return torch.where(s > tol, c, torch.zeros_like(c))
 
-    def _cholesky(self, b: int) -> torch.Tensor:
+    def _cholesky(self, b: int, keep: bool = True) -> torch.Tensor:
+        """The Cholesky factor of ``K_b + δI``; kept for later calls (``keep``) while the
+        kept factors fit ``max_dense_bytes``."""
         if b in self._cache:
             return self._cache[b][0]
         t0 = time.perf_counter()
@@ -322,17 +327,17 @@ class GramInverse(InverseOperator):
                 f"{self.param_blocks[b].name!r} (damping too small for float64 at this scale); "
                 "increase damping or use eps > 0."
             )
-        if self._cache_bytes + 8.0 * self.R**2 <= self.curvature.max_dense_bytes:
+        if keep and self._cache_bytes + 8.0 * self.R**2 <= self.curvature.max_dense_bytes:
             self._cache[b] = (L,)
             self._cache_bytes += 8.0 * self.R**2
         self.seconds += time.perf_counter() - t0
         return L
 
-    def _solve(self, b: int, W: torch.Tensor, values: str) -> torch.Tensor:
+    def _solve(self, b: int, W: torch.Tensor, values: str, keep: bool = True) -> torch.Tensor:
         """``F W`` for (R, k) ``W``: ``(K + δI)⁻¹ W`` (cholesky) or ``U diag(v) Uᵀ W`` with
         ``v = φ`` (``values="phi"``) or the correction of (1) (``values="correction"``)."""
         if self.mode == "cholesky":
-            return torch.cholesky_solve(W, self._cholesky(b))
+            return torch.cholesky_solve(W, self._cholesky(b, keep))
         U, phi, corr = self._cache[b]
         v = phi if values == "phi" else corr
         return U @ (v[:, None] * (U.T @ W))
@@ -372,7 +377,8 @@ class GramInverse(InverseOperator):
         out = torch.zeros(N, len(Gq), dtype=torch.float64)
         with progress_bar(len(self.param_blocks), "Gram blocks", self.solver.progress) as advance:
             for b in range(len(self.param_blocks)):
-                FZ = self._solve(b, self.rows.times(b, Gq), "phi").view(N, K, len(Gq))
+                Z = self.rows.times(b, Gq)
+                FZ = self._solve(b, Z, "phi", keep=False).view(N, K, len(Gq))
                 out += (FZ * sigma[:, :, None]).sum(1)
                 advance(1)
         return out.T.contiguous()
