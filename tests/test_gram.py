@@ -177,3 +177,13 @@ def test_hessian_preconditioned_by_the_exact_ggn():
     cg = mf.inverse(reg, solver=CG(tol=1e-10))
     cg.apply(B)
     assert int(pcg.reports[0].iterations.max()) < int(cg.reports[0].iterations.max())
+
+
+def test_mc_scores_fall_back_to_apply():
+    """fisher='mc' has no row-space form for training gradients: scores go through apply()."""
+    model, loss, X, y = problem("ce", n=12)
+    reg = Regularization(damping=1e-2, eps=0.0)
+    mf = matrix_free("ggn", model, loss, X, y, fisher="mc", mc_samples=3, seed=1)
+    S = influence_scores(model, loss, mf.inverse(reg, solver=Gram()), train=(X, y), query=(X, y))
+    ref = influence_scores(model, loss, mf.inverse(reg), train=(X, y), query=(X, y))
+    torch.testing.assert_close(S, ref, rtol=1e-7, atol=1e-9 * float(ref.abs().max()))
