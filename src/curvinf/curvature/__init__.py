@@ -53,7 +53,6 @@ from curvinf.curvature.solvers import (
     SolveReport,
     solve_inverse,
 )
-from curvinf.params import ParamBlock
 from curvinf.validation import check_choice, check_dense_budget
 
 METHODS = (
@@ -145,9 +144,8 @@ def fit_curvature(
     D = ctx.num_params
     if method in ("hessian", "ggn"):
         check_dense_budget(D, max_dense_bytes, method)
-        whole = [ParamBlock("all", torch.arange(D), tuple(ctx.params))]
         compute = hessian_blocks if method == "hessian" else ggn_blocks
-        return DenseCurvature(method, D, compute(ctx, whole), max_dense_bytes)
+        return DenseCurvature(method, D, compute(ctx, ctx.whole()), max_dense_bytes)
     if method in ("block_hessian", "block_ggn"):
         blocks = ctx.blocks(partition)
         largest = max(b.size for b in blocks)

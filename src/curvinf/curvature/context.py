@@ -87,6 +87,10 @@ class FitContext:
     def blocks(self, partition: str = "layer") -> list[ParamBlock]:
         return param_blocks(self.model, partition)
 
+    def whole(self) -> list[ParamBlock]:
+        """One block holding every parameter (the unblocked rungs)."""
+        return [ParamBlock("all", torch.arange(self.num_params), tuple(self.params))]
+
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for a in range(0, self.n, self.chunk_size):
             yield self.X[a : a + self.chunk_size], self.y[a : a + self.chunk_size]

@@ -227,7 +227,8 @@ class GramInverse(InverseOperator):
 
     Attributes:
         mode: ``"cholesky"`` (damping only) or ``"eigh"`` (truncation).
-        rank: ``R``, the number of pseudo-gradient rows (an upper bound of ``rank G``).
+        R: the number of pseudo-gradient rows (an upper bound of ``rank G``).
+        eigenvalues: per block, the eigenvalues of ``K_b`` (``"eigh"`` mode; else ``None``).
         seconds: time spent building and factorising Gram matrices so far.
         reports: empty (the route has no iterations; kept for the solver interface).
     """
@@ -262,6 +263,7 @@ class GramInverse(InverseOperator):
         self._sigma: torch.Tensor | None | bool = False  # False: not computed yet
         self._cache: dict[int, tuple] = {}
         self._cache_bytes = 0.0
+        self.eigenvalues: list[torch.Tensor] | None = None
         if reg.eps == 0:
             if reg.damping == 0:
                 raise ValueError(

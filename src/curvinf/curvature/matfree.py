@@ -232,7 +232,7 @@ def matrix_free(
         dtype=dtype,
     )
     if method in ("hessian", "ggn"):
-        blocks = [ParamBlock("all", torch.arange(ctx.num_params), tuple(ctx.params))]
+        blocks = ctx.whole()
     else:
         blocks = ctx.blocks(partition)
     return MatrixFreeCurvature(

@@ -503,10 +503,10 @@ def _fit_preconditioner(curvature: Curvature, method: str, reg: Regularization) 
         )
     if method == "ggn":
         from curvinf.curvature.matfree import MatrixFreeCurvature
-        from curvinf.params import ParamBlock
 
-        whole = [ParamBlock("all", torch.arange(ctx.num_params), tuple(ctx.params))]
-        ggn = MatrixFreeCurvature("ggn", ctx, whole, max_dense_bytes=curvature.max_dense_bytes)
+        ggn = MatrixFreeCurvature(
+            "ggn", ctx, ctx.whole(), max_dense_bytes=curvature.max_dense_bytes
+        )
         return GramInverse(ggn, reg, Gram())
     from curvinf.curvature.kronecker import fit_kronecker
 
