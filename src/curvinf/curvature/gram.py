@@ -267,8 +267,9 @@ class GramInverse(InverseOperator):
         if reg.eps == 0:
             if reg.damping == 0:
                 raise ValueError(
-                    f"the {curvature.method} rung is singular here (rank <= {self.R} < "
-                    f"{curvature.num_params} parameters), so it has no inverse; set "
+                    f"solver=Gram() needs damping > 0 or eps > 0: the {curvature.method} rung has "
+                    f"rank <= {self.R} (training examples x output roots), singular whenever "
+                    f"that is below its {curvature.num_params} parameters. Set "
                     "Regularization(damping=...) > 0 or eps > 0 (pseudo-inverse)."
                 )
             self.mode = "cholesky"
