@@ -536,9 +536,9 @@ def markdown_tables() -> str:
     return "\n".join(lines)
 
 
-def gram_table() -> str:
-    """The table of ``docs/benchmarks.md`` (every query at depth 8) from ``solvers_gram.json``."""
-    path = RESULTS / "solvers_gram.json"
+def gram_table(name: str = "solvers_gram.json") -> str:
+    """The table of ``docs/benchmarks.md`` (every query at depth 8) from a ``--part gram`` file."""
+    path = RESULTS / name
     if not path.exists():
         return ""
     g = json.loads(path.read_text())
@@ -598,8 +598,8 @@ def draw_figures() -> None:
 
     FIGURES.mkdir(parents=True, exist_ok=True)
     print(markdown_tables())
-    print()
-    print(gram_table())
+    for name in ("solvers_gram.json", "solvers_gram_2threads.json"):
+        print(f"\n{name}:\n{gram_table(name)}")
     small_path = RESULTS / "solvers_small.json"
     if small_path.exists():
         _draw_small(plt, json.loads(small_path.read_text()))
