@@ -212,15 +212,7 @@ def _gram_scores(
         return None
     if not torch.equal(yt.to(ctx.y.dtype), ctx.y) or inv.train_coefficients() is None:
         return None
-    Xq, yq = query
-    Gq = torch.cat(
-        [
-            per_example_grads(
-                model, loss, Xq[a : a + chunk_size], yq[a : a + chunk_size], measure=measure
-            )
-            for a in range(0, len(Xq), chunk_size)
-        ]
-    )
+    Gq = per_example_grads(model, loss, *query, measure=measure, chunk_size=chunk_size)
     scores = inv.scores(Gq)
     advance(len(Xt))
     return scores
