@@ -8,6 +8,7 @@ default, or one tensor with ``partition="tensor"``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +54,19 @@ def param_blocks(model: nn.Module, partition: str = "layer") -> list[ParamBlock]
             idx = torch.cat([torch.arange(*offsets[n]) for n in own])
             blocks.append(ParamBlock(mname or "<root>", idx, tuple(own)))
     return blocks
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's structure and parameter values: 16 hex digits.
+
+    Structure: every module's path and class, every parameter's name and shape.
+    Values: every parameter in float64 (so a float32 model and its float64 copy
+    agree). Two models with the same fingerprint compute the same function.
+    """
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        h.update(f"m:{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
+    for name, p in model.named_parameters():
+        h.update(f"p:{name}:{tuple(p.shape)};".encode())
+        h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

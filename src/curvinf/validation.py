@@ -6,6 +6,8 @@ problem and says what to do, before any torch kernel can fail deep inside.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -60,6 +62,43 @@ def check_xy(
                 f"{name} features X have {X.shape[1]} columns but the model's first layer "
                 f"expects {first.in_features}."
             )
+
+
+def check_int(name: str, value: object, *, low: int | None = None) -> int:
+    """Return ``value`` if it is an integer (not a bool) ``>= low``; else raise naming it.
+
+    Integral floats such as ``2.0`` are refused too: a count written as a float
+    is almost always a mistake (``epochs=1.5``) and silently truncating it hides it.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}.")
+    return int(value)
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    strict_low: bool = False,
+) -> float:
+    """Return ``value`` as a float if it is a finite real number within the bounds; else raise.
+
+    ``low`` is inclusive unless ``strict_low``; ``high`` is inclusive. NaN and inf are refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    if low is not None and (v <= low if strict_low else v < low):
+        raise ValueError(f"{name} must be {'>' if strict_low else '>='} {low:g}, got {value!r}.")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high:g}, got {value!r}.")
+    return v
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
