@@ -13,6 +13,7 @@ from curvinf.groundtruth import GroundTruth, GroundTruthConfig, ground_truth
 from curvinf.influence import influence_scores, per_example_grads
 from curvinf.lds import LDSResult, lds, make_subsets
 from curvinf.models import make_mlp, num_params
+from curvinf.persistence import load_curvature, save_curvature
 from curvinf.training import TrainingRecipe, TrainingResult, train
 
 __all__ = [
@@ -31,11 +32,13 @@ __all__ = [
     "ground_truth",
     "influence_scores",
     "lds",
+    "load_curvature",
     "load_dataset",
     "make_subsets",
     "make_mlp",
     "num_params",
     "per_example_grads",
+    "save_curvature",
     "train",
 ]
 
