@@ -50,7 +50,7 @@ def test_gram_inverse_equals_dense_reference(kind, method, reg, n):
     mf = matrix_free(method, model, loss, X, y, chunk_size=7)
     inv = mf.inverse(reg, solver=Gram())
     assert isinstance(inv, GramInverse)
-    assert inv.mode == ("cholesky" if reg.eps == 0 else "eigh")
+    assert inv.mode == ("eigh" if reg.truncates_nonnegative() else "cholesky")
     ref = ref_inverse(model, kind, X, y, method, "type2", reg)
     torch.testing.assert_close(inv.dense(), ref, rtol=1e-7, atol=1e-7 * float(ref.abs().max()))
 
@@ -147,7 +147,7 @@ def test_gram_errors():
         )
     with pytest.raises(ValueError, match="memory budget"):
         matrix_free("block_ggn", model, loss, X, y, max_dense_bytes=2000).inverse(
-            Regularization(), solver=Gram()
+            Regularization.paper(), solver=Gram()
         )
 
 

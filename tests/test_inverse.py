@@ -56,13 +56,13 @@ def _inverse_spectrum(inv, Q):
 
 def test_absolute_truncation_drops_small_and_negative_eigenvalues():
     curv, Q = _spectrum_curvature([-2.0, 1e-6, 1e-3, 0.5, 4.0])
-    got = _inverse_spectrum(curv.inverse(Regularization(eps=1e-4)), Q)
+    got = _inverse_spectrum(curv.inverse(Regularization(damping=0.0, eps=1e-4)), Q)
     assert torch.allclose(got, torch.tensor([0.0, 0.0, 1e3, 2.0, 0.25], dtype=torch.float64))
 
 
 def test_relative_truncation_uses_largest_eigenvalue():
     curv, Q = _spectrum_curvature([1e-3, 0.05, 4.0])
-    got = _inverse_spectrum(curv.inverse(Regularization(eps=0.1, relative=True)), Q)  # τ = 0.4
+    got = _inverse_spectrum(curv.inverse(Regularization(damping=0.0, eps=0.1, relative=True)), Q)  # τ = 0.4
     assert torch.allclose(got, torch.tensor([0.0, 0.0, 0.25], dtype=torch.float64))
 
 
@@ -75,7 +75,7 @@ def test_damping_shifts_then_truncation_applies_to_shifted_values():
 
 def test_rank_counts_kept_directions():
     curv, _ = _spectrum_curvature([-1.0, 1e-8, 2.0, 3.0])
-    assert curv.inverse(Regularization(eps=1e-4)).rank == 2
+    assert curv.inverse(Regularization(damping=0.0, eps=1e-4)).rank == 2
 
 
 def test_singular_without_regularization_is_an_error():
@@ -92,7 +92,7 @@ def test_indefinite_with_damping_only_is_an_error():
 
 def test_plain_inverse_of_positive_definite():
     curv, Q = _spectrum_curvature([0.5, 2.0])
-    got = _inverse_spectrum(curv.inverse(Regularization(eps=0.0)), Q)
+    got = _inverse_spectrum(curv.inverse(Regularization(damping=0.0, eps=0.0)), Q)
     assert torch.allclose(got, torch.tensor([2.0, 0.5], dtype=torch.float64))
 
 

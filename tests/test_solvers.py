@@ -71,7 +71,7 @@ def test_cg_equals_dense_damped_inverse(psd):
 
 def test_cg_refuses_truncation(psd):
     with pytest.raises(ValueError, match="cannot truncate"):
-        solve_inverse(psd, Regularization(eps=1e-4), CG())
+        solve_inverse(psd, Regularization(damping=0.0, eps=1e-4), CG())
 
 
 def test_cg_that_cannot_converge_says_so(psd):
@@ -118,7 +118,7 @@ def test_lanczos_top_k_match_dense_spectrum(psd):
 
 
 def test_lanczos_full_space_equals_dense_pseudo_inverse(psd):
-    reg = Regularization()  # the paper's rule: eps=1e-4, no damping
+    reg = Regularization.paper()  # eps=1e-4, no damping
     inv = solve_inverse(psd, reg, Lanczos(k=D, max_iter=D))
     want = psd.inverse(reg).dense()
     assert rel_err(inv.dense(), want) < 1e-8
@@ -138,7 +138,7 @@ def test_lanczos_complement_is_damped_as_eigenvalue_zero(psd):
 
 def test_lanczos_unconverged_pairs_are_reported(psd):
     with pytest.raises(ConvergenceError, match="Ritz pairs"):
-        solve_inverse(psd, Regularization(), Lanczos(k=8, max_iter=9, tol=1e-10))
+        solve_inverse(psd, Regularization.paper(), Lanczos(k=8, max_iter=9, tol=1e-10))
 
 
 def _preconditioner(psd, seed=5):
@@ -238,7 +238,7 @@ def test_solver_inverses_work_in_influence_scores(model_problem):
             model, loss, mf.inverse(reg, solver), train=(X, y), query=(X[:4], y[:4])
         )
         assert rel_err(got, want) < 1e-6, solver
-    paper = Regularization()
+    paper = Regularization.paper()
     lz = mf.inverse(paper, solver=Lanczos(k=mf.num_params, max_iter=mf.num_params))
     want_p = influence_scores(
         model,

@@ -13,8 +13,6 @@ for a good method.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -22,14 +20,15 @@ from torch.func import functional_call, grad, vmap
 from curvinf.curvature.gram import GramInverse
 from curvinf.curvature.kronecker import (
     LayerAdapter,
-    SharedLayerError,
+    UnfactorableModelError,
     capture_layer_factors,
     layer_adapters,
 )
 from curvinf.curvature.operators import InverseOperator, KroneckerEigenBlock
 from curvinf.losses import MEASURES, check_loss, check_targets, example_measure
+from curvinf.params import count_trainable, evaluation_copy, model_fingerprint, trainable_parameters
 from curvinf.progress import progress_bar
-from curvinf.validation import check_choice, check_model_finite, check_xy
+from curvinf.validation import check_choice, check_int, check_model_finite, check_xy
 
 
 def per_example_grads(
@@ -51,21 +50,26 @@ def per_example_grads(
     ``s_n ã_nᵀ`` (``s_n = ∂f(z_n)/∂z_l`` from one backward pass of
     ``Σ_n r_nᵀ f_n`` with ``r_n = ∂f/∂output`` fixed, ``ã_n`` the input with a 1
     for the bias), written straight into the output; other models use
-    ``vmap(grad(...))``. Both give the same numbers.
+    ``vmap(grad(...))``. Both give the same numbers. Gradients are taken with
+    respect to the trainable parameters, of the model in eval mode (a copy; the
+    model passed is untouched).
     """
     kind = check_loss(loss)
     check_choice("measure", measure, MEASURES)
+    check_int("chunk_size", chunk_size, low=1)
+    check_model_finite(model)
     check_xy(X, y, name="data", model=model)
-    model = copy.deepcopy(model).to(dtype)
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    model = evaluation_copy(model, dtype)
+    params = {k: v.detach() for k, v in trainable_parameters(model).items()}
     X = X.to(dtype)
     y = y.to(dtype) if kind == "mse" else y
     D = sum(p.numel() for p in params.values())
     out = torch.empty(len(X), D, dtype=dtype)
-    if _outer_product_grads(model, kind, measure, X[:chunk_size], y[:chunk_size], out[:chunk_size]):
+    first = slice(0, chunk_size)
+    if _outer_product_grads(model, kind, measure, X[first], y[first], out[first], verify=True):
         for a in range(chunk_size, len(X), chunk_size):
             b = a + chunk_size
-            _outer_product_grads(model, kind, measure, X[a:b], y[a:b], out[a:b])
+            _outer_product_grads(model, kind, measure, X[a:b], y[a:b], out[a:b], verify=False)
         return out
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +86,13 @@ def per_example_grads(
 
 
 def _layer_factors(
-    model: nn.Module, kind: str, measure: str, X: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    kind: str,
+    measure: str,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    verify: bool = True,
 ) -> tuple[list[LayerAdapter], list[torch.Tensor], list[torch.Tensor]] | None:
     """``(adapters, ã, s)`` of a ``Linear``-only model on (n, F) inputs: per layer the
     augmented inputs ``ã`` (n, in') and ``s = ∂f(z_n)/∂z_l`` (n, out), so that the
@@ -93,7 +103,7 @@ def _layer_factors(
         adapters = layer_adapters(model, "per-example gradients")
     except TypeError:
         return None
-    if sum(ad.index.numel() for ad in adapters) != sum(p.numel() for p in model.parameters()):
+    if sum(ad.index.numel() for ad in adapters) != count_trainable(model):
         return None
 
     def measure_grad(f: torch.Tensor) -> torch.Tensor:
@@ -101,8 +111,8 @@ def _layer_factors(
         return r[:, :, None]
 
     try:
-        a_all, s_all = capture_layer_factors(model, adapters, X, measure_grad)
-    except SharedLayerError:
+        a_all, s_all = capture_layer_factors(model, adapters, X, measure_grad, verify=verify)
+    except UnfactorableModelError:
         return None
     if any(a.shape[1] != 1 for a in a_all):
         return None
@@ -110,11 +120,18 @@ def _layer_factors(
 
 
 def _outer_product_grads(
-    model: nn.Module, kind: str, measure: str, X: torch.Tensor, y: torch.Tensor, out: torch.Tensor
+    model: nn.Module,
+    kind: str,
+    measure: str,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    verify: bool = True,
 ) -> bool:
     """Per-example gradients of a ``Linear``-only model into ``out`` (n, D); ``False`` if
     the model is not one (``out`` is then untouched)."""
-    factors = _layer_factors(model, kind, measure, X, y)
+    factors = _layer_factors(model, kind, measure, X, y, verify=verify)
     if factors is None:
         return False
     n = len(X)
@@ -158,7 +175,7 @@ def _kronecker_scores(
         return None
     if not all(isinstance(b, KroneckerEigenBlock) for b in blocks):
         return None
-    model = copy.deepcopy(model).to(torch.float64)
+    model = evaluation_copy(model, torch.float64)
     (Xt, yt), (Xq, yq) = train, query
     Xq, Xt = Xq.to(torch.float64), Xt.to(torch.float64)
     yq, yt = (yq.to(torch.float64), yt.to(torch.float64)) if kind == "mse" else (yq, yt)
@@ -183,7 +200,11 @@ def _kronecker_scores(
     ]
     scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64)
     for a in range(0, len(Xt), chunk_size):
-        ft = _layer_factors(model, kind, "loss", Xt[a : a + chunk_size], yt[a : a + chunk_size])
+        ft = _layer_factors(
+            model, kind, "loss", Xt[a : a + chunk_size], yt[a : a + chunk_size], verify=a == 0
+        )
+        if ft is None:
+            return None
         out = scores[:, a : a + chunk_size]
         for b, i, P in zip(blocks, layer_of, pre, strict=True):
             out.addmm_(P, rotated(ft[1][i], ft[2][i], b).T)
@@ -227,7 +248,7 @@ def influence_scores(
     query: tuple[torch.Tensor, torch.Tensor],
     measure: str = "loss",
     chunk_size: int = 256,
-    progress: bool = False,
+    progress: bool = True,
 ) -> torch.Tensor:
     """All-pairs scores ``G_q C⁺ G_trᵀ``: (Q, N) float64 (sign convention in the module doc).
 
@@ -238,6 +259,10 @@ def influence_scores(
     (:func:`_kronecker_scores`), without flat per-example gradients; for a Gram
     inverse of a GGN rung scored on its own training set, in sample space
     (:func:`_gram_scores`).
+
+    The model is evaluated in eval mode (docs/conventions.md). If the inverse
+    records the model it was fitted on (``inv.model_fingerprint``, set by
+    :func:`curvinf.fit_curvature`), a different model is refused.
     """
     if not isinstance(inv, InverseOperator):
         raise TypeError(
@@ -246,16 +271,19 @@ def influence_scores(
         )
     kind = check_loss(loss)
     check_choice("measure", measure, MEASURES)
+    check_int("chunk_size", chunk_size, low=1)
     check_model_finite(model)
     (Xt, yt), (Xq, yq) = train, query
     check_xy(Xt, yt, name="train", model=model)
     check_xy(Xq, yq, name="query", model=model)
-    D = sum(p.numel() for p in model.parameters())
+    D = count_trainable(model)
     if D != inv.num_params:
         raise ValueError(
-            f"the model has {D} parameters but the inverse was fitted for {inv.num_params}; "
-            "fit the curvature on this model."
+            f"the model has {D} trainable parameters but the inverse was fitted for "
+            f"{inv.num_params}; fit the curvature on this model."
         )
+    check_fitted_on(inv, model)
+    model = evaluation_copy(model)
     with torch.no_grad():
         out_features = model(Xq[:1].to(next(model.parameters()).dtype)).shape[1]
     check_targets(kind, out_features, yt, "train y")
@@ -283,4 +311,40 @@ def influence_scores(
     return scores
 
 
-__all__ = ["influence_scores", "per_example_grads"]
+def check_fitted_on(inv: InverseOperator, model: nn.Module) -> None:
+    """Raise ``ValueError`` if ``inv`` records a model fingerprint other than ``model``'s."""
+    fitted = getattr(inv, "model_fingerprint", None)
+    if fitted is None:
+        return
+    here = model_fingerprint(model)
+    if here != fitted:
+        raise ValueError(
+            f"the inverse was fitted on another model (fingerprint {fitted}, this model "
+            f"{here}): same size, different structure or weights. Fit the curvature on this "
+            "model (or load the curvature that was fitted on it)."
+        )
+
+
+def top_k(
+    scores: torch.Tensor, k: int = 10, *, largest: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most helpful (``largest=True``) or most harmful training points per query.
+
+    ``scores`` (Q, N) from :func:`influence_scores` (positive = helps the query).
+    Returns ``(values, indices)``, each (Q, k), ordered from the strongest; ties
+    keep the lower index first.
+    """
+    if not torch.is_tensor(scores) or scores.ndim != 2:
+        raise ValueError(
+            "scores must be a (queries, training points) tensor from influence_scores, got "
+            f"{tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}."
+        )
+    check_int("k", k, low=1)
+    if k > scores.shape[1]:
+        raise ValueError(f"k={k} exceeds the {scores.shape[1]} training points scored.")
+    key = scores if largest else -scores
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), order
+
+
+__all__ = ["check_fitted_on", "influence_scores", "per_example_grads", "top_k"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from curvinf.params import count_trainable
 from curvinf.validation import check_choice
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -44,5 +45,5 @@ def make_mlp(
 
 
 def num_params(model: nn.Module) -> int:
-    """D, the length of the flat parameter vector."""
-    return sum(p.numel() for p in model.parameters())
+    """D, the length of the flat parameter vector (trainable parameters only)."""
+    return count_trainable(model)

@@ -1,13 +1,17 @@
 """The flat parameter vector and how layers map into it.
 
-Convention (DESIGN.md): ``θ = cat([p.flatten() for p in model.parameters()])``,
-each tensor row-major. A :class:`ParamBlock` is a set of positions in ``θ``
+Convention (DESIGN.md): ``θ = cat([p.flatten() for p in model.parameters()
+if p.requires_grad])``, each tensor row-major. Frozen parameters
+(``requires_grad=False``) are constants of the model: :func:`curvinf.train`
+does not update them, so the curvature, gradients and influence scores do not
+cover them either. A :class:`ParamBlock` is a set of positions in ``θ``
 that a block-diagonal rung treats together: one layer (weight and bias) by
 default, or one tensor with ``partition="tensor"``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 
@@ -32,10 +36,20 @@ class ParamBlock:
         return int(self.index.numel())
 
 
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``name -> parameter`` of the parameters in θ (``requires_grad=True``), in order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_trainable(model: nn.Module) -> int:
+    """D, the length of the flat parameter vector θ (trainable parameters only)."""
+    return sum(p.numel() for p in trainable_parameters(model).values())
+
+
 def param_offsets(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``name -> (start, stop)`` of every parameter tensor in the flat vector."""
+    """``name -> (start, stop)`` of every trainable parameter tensor in the flat vector."""
     out, start = {}, 0
-    for name, p in model.named_parameters():
+    for name, p in trainable_parameters(model).items():
         out[name] = (start, start + p.numel())
         start += p.numel()
     return out
@@ -50,10 +64,24 @@ def param_blocks(model: nn.Module, partition: str = "layer") -> list[ParamBlock]
     blocks = []
     for mname, module in model.named_modules():
         own = [f"{mname}.{n}" if mname else n for n, _ in module.named_parameters(recurse=False)]
+        own = [n for n in own if n in offsets]
         if own:
             idx = torch.cat([torch.arange(*offsets[n]) for n in own])
             blocks.append(ParamBlock(mname or "<root>", idx, tuple(own)))
     return blocks
+
+
+def evaluation_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy of ``model`` in eval mode (``dtype`` if given): what curvinf differentiates.
+
+    Rule (docs/conventions.md): curvature, gradients, scores and measurements use the
+    model's eval-mode function, whatever mode the model passed is in, so Dropout is
+    off and BatchNorm uses its running statistics. The model passed is untouched.
+    """
+    copy_ = copy.deepcopy(model)
+    if dtype is not None:
+        copy_ = copy_.to(dtype)
+    return copy_.eval()
 
 
 def model_fingerprint(model: nn.Module) -> str:

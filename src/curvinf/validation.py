@@ -13,20 +13,85 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+COMPUTE_DEVICE = torch.device("cpu")
+
+
+def check_device(name: str, tensor: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``tensor`` lives on the device curvinf computes on (the CPU)."""
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device (shapes only, no values); materialise it first, "
+            "e.g. model.to_empty(device='cpu') followed by load_state_dict(...)."
+        )
+    if tensor.device != COMPUTE_DEVICE:
+        raise ValueError(
+            f"{name} is on {tensor.device}, but curvinf computes on the CPU; move it with "
+            ".cpu() (model.cpu() for a model)."
+        )
+
+
+def check_model_devices(model: nn.Module) -> None:
+    """Every parameter and buffer on the compute device (named in the error if not)."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for pname, t in items:
+            check_device(f"model {kind} '{pname}'", t)
+
+
+def check_model_input(model: nn.Module, X: torch.Tensor, *, name: str = "data") -> torch.Size:
+    """Run ``model`` in eval mode on the first row of ``X``; return its output shape (1, ...).
+
+    This is the one shape check: it accepts any front end (Conv2d after
+    ``nn.Unflatten``, heads registered before the input layer) and turns a failure
+    deep inside the model into a ``ValueError`` naming the data. The model's
+    train/eval flags are restored afterwards and no gradient is recorded.
+    """
+    check_model_devices(model)
+    params = list(model.parameters())
+    x = X[:1]
+    if params and x.is_floating_point():
+        x = x.to(params[0].dtype)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as err:  # noqa: BLE001 - any failure means the data does not fit
+        first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+        hint = "Check the number of features and the model's input layer."
+        if first is not None and X.ndim == 2 and X.shape[1] != first.in_features:
+            hint = (
+                f"{name} features X have {X.shape[1]} columns but the model's first layer "
+                f"expects {first.in_features}?"
+            )
+        raise ValueError(
+            f"the model cannot be applied to {name} X of shape {tuple(X.shape)} "
+            f"(one example: {tuple(x.shape)}): {type(err).__name__}: {err}. {hint}"
+        ) from err
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not torch.is_tensor(out):
+        raise ValueError(
+            f"the model must return one tensor of outputs, got {type(out).__name__}; wrap it "
+            "so that forward returns the logits / predictions (N, outputs)."
+        )
+    return out.shape
+
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise ``ValueError`` if ``tensor`` holds NaN or inf."""
     if not torch.is_tensor(tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
+    if tensor.device.type == "meta":
+        check_device(name, tensor)
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(
-            f"{name} contains {bad} NaN/inf value(s); clean or impute the data before fitting."
-        )
+        raise ValueError(f"{name} contains {bad} NaN/inf value(s); clean or impute it first.")
 
 
 def check_model_finite(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first parameter with NaN or inf."""
+    """Raise ``ValueError`` naming the first parameter with NaN or inf (or on a wrong device)."""
+    check_model_devices(model)
     for pname, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise ValueError(
@@ -44,6 +109,8 @@ def check_xy(
     """
     check_finite(f"{name} features X", X)
     check_finite(f"{name} targets y", y)
+    check_device(f"{name} features X", X)
+    check_device(f"{name} targets y", y)
     if X.ndim < 2:
         raise ValueError(
             f"{name} features X must have shape (N, features...), got {tuple(X.shape)}; "
@@ -56,12 +123,7 @@ def check_xy(
     if len(X) == 0:
         raise ValueError(f"{name} is empty; pass at least one example.")
     if model is not None:
-        first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-        if first is not None and X.ndim == 2 and X.shape[1] != first.in_features:
-            raise ValueError(
-                f"{name} features X have {X.shape[1]} columns but the model's first layer "
-                f"expects {first.in_features}."
-            )
+        check_model_input(model, X, name=name)
 
 
 def check_int(name: str, value: object, *, low: int | None = None) -> int:
@@ -110,13 +172,29 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
 
 
 def check_dense_budget(num_params: int, max_bytes: float, what: str) -> None:
-    """Refuse to allocate a dense ``(D, D)`` float64 matrix larger than ``max_bytes``."""
+    """Refuse to allocate a dense ``(D, D)`` float64 matrix larger than ``max_bytes``.
+
+    ``what`` names the matrix; when it names a block of a block rung ("block_ggn
+    block") the advice points past block rungs rather than back at them.
+    """
+    check_number("max_dense_bytes", max_bytes, low=0, strict_low=True)
     need = 8.0 * num_params * num_params
     if need > max_bytes:
+        if what.endswith(" block"):
+            advice = (
+                "Use smaller blocks (partition='tensor'), a Kronecker or diagonal rung (ekfac, "
+                "kfac, diag_ggn), the matrix-free exact rung (matrix_free(..., solver=...)), "
+                "or raise max_dense_bytes."
+            )
+        else:
+            advice = (
+                "Use a structured rung (block_ggn, ekfac, kfac, diag_ggn), the matrix-free "
+                "exact rung (matrix_free(..., solver=...)), or raise max_dense_bytes."
+            )
         raise ValueError(
             f"{what} needs a dense {num_params} x {num_params} float64 matrix "
             f"({format_bytes(need)}), over the memory budget of {format_bytes(max_bytes)}. "
-            "Use a structured rung (block_ggn, ekfac, kfac, diag_ggn) or raise max_dense_bytes."
+            + advice
         )
 
 

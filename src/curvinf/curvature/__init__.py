@@ -53,7 +53,8 @@ from curvinf.curvature.solvers import (
     SolveReport,
     solve_inverse,
 )
-from curvinf.validation import check_choice, check_dense_budget
+from curvinf.params import model_fingerprint
+from curvinf.validation import check_choice, check_dense_budget, check_number
 
 METHODS = (
     "hessian",
@@ -107,7 +108,7 @@ def fit_curvature(
     kfac_variant: str = "expand",
     chunk_size: int = 256,
     max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Curvature:
     """Fit one rung of the curvature ladder on the training data ``(X, y)``.
 
@@ -124,12 +125,17 @@ def fit_curvature(
         kfac_variant: ``expand`` or ``reduce`` for layers with weight sharing.
         chunk_size: examples per chunk; memory grows linearly with it.
         max_dense_bytes: refuse dense matrices above this size.
-        progress: draw progress bars.
+        progress: draw progress bars (once work lasts over two seconds).
+
+    The model is differentiated in eval mode, with respect to its trainable
+    parameters (docs/conventions.md); the returned curvature records the model's
+    fingerprint, so scoring another model with its inverse is refused.
 
     Returns:
         A :class:`Curvature`: ``.dense()``, ``.matvec(V)``, ``.inverse(reg)``.
     """
     check_choice("method", method, METHODS)
+    check_number("max_dense_bytes", max_dense_bytes, low=0, strict_low=True)
     ctx = FitContext.build(
         model,
         loss,
@@ -141,6 +147,14 @@ def fit_curvature(
         chunk_size=chunk_size,
         progress=progress,
     )
+    curv = _fit(method, ctx, partition, kfac_variant, max_dense_bytes)
+    curv.model_fingerprint = model_fingerprint(model)
+    return curv
+
+
+def _fit(
+    method: str, ctx: FitContext, partition: str, kfac_variant: str, max_dense_bytes: float
+) -> Curvature:
     D = ctx.num_params
     if method in ("hessian", "ggn"):
         check_dense_budget(D, max_dense_bytes, method)

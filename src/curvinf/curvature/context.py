@@ -7,7 +7,6 @@ parameters, output-space square roots, and per-example pseudo-gradients.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -16,8 +15,8 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from curvinf.losses import FISHER_TYPES, check_loss, check_targets, output_sqrt
-from curvinf.params import ParamBlock, param_blocks
-from curvinf.validation import check_choice, check_model_finite, check_xy
+from curvinf.params import ParamBlock, evaluation_copy, param_blocks, trainable_parameters
+from curvinf.validation import check_choice, check_int, check_model_finite, check_xy
 
 
 @dataclass
@@ -32,11 +31,11 @@ class FitContext:
     mc_samples: int = 1
     seed: int = 0
     chunk_size: int = 256
-    progress: bool = False
+    progress: bool = True
     params: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.params = {k: v.detach() for k, v in self.model.named_parameters()}
+        self.params = {k: v.detach() for k, v in trainable_parameters(self.model).items()}
 
     @classmethod
     def build(
@@ -50,20 +49,24 @@ class FitContext:
         mc_samples: int = 1,
         seed: int = 0,
         chunk_size: int = 256,
-        progress: bool = False,
+        progress: bool = True,
         dtype: torch.dtype = torch.float64,
     ) -> FitContext:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         kind = check_loss(loss)
         check_choice("fisher", fisher, FISHER_TYPES)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-        if not any(True for _ in model.parameters()):
-            raise ValueError("model has no parameters; there is no curvature to fit.")
-        check_xy(X, y, name="training data", model=model)
+        check_int("chunk_size", chunk_size, low=1)
+        check_int("mc_samples", mc_samples, low=1)
+        check_int("seed", seed)
         check_model_finite(model)
-        model64 = copy.deepcopy(model).to(dtype).eval()
+        if not trainable_parameters(model):
+            raise ValueError(
+                "model has no trainable parameters (none, or all with requires_grad=False); "
+                "there is no curvature to fit."
+            )
+        check_xy(X, y, name="training data", model=model)
+        model64 = evaluation_copy(model, dtype)
         X = X.to(dtype)
         with torch.no_grad():
             out = model64(X[:1])

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from curvinf.curvature.context import FitContext
-from curvinf.curvature.kronecker import SharedLayerError, capture_layer_factors
+from curvinf.curvature.kronecker import UnfactorableModelError, capture_layer_factors
 from curvinf.curvature.operators import (
     Curvature,
     InverseOperator,
@@ -57,8 +57,11 @@ from curvinf.curvature.regularization import Regularization
 from curvinf.curvature.structured import linear_adapters
 from curvinf.losses import output_grad
 from curvinf.params import ParamBlock
-from curvinf.progress import progress_bar
+from curvinf.progress import announce, progress_bar
 from curvinf.validation import format_bytes
+
+ANNOUNCE_ROWS = 3000  # announce an eigh of a Gram matrix at least this large
+EIGH_FLOPS = 3e10  # rough float64 eigh rate on this class of machine (flop/s)
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,11 @@ class Gram:
     """The sample-space route for GGN-type rungs (module doc): exact, no iterations.
 
     ``matrix_free("ggn" | "block_ggn", ...).inverse(reg, solver=Gram())``. Damping
-    only (``eps=0``, ``damping > 0``) uses a Cholesky factor of ``K + δI``;
-    truncation (``eps > 0``) an eigendecomposition of ``K``.
+    only (``eps=0``, ``damping > 0``, or ``eps < damping``, which truncates nothing of a
+    PSD rung) uses a Cholesky factor of ``K + δI``; truncation an eigendecomposition of ``K``.
     """
 
-    progress: bool = False
+    progress: bool = True
 
 
 def thin_roots(Q: torch.Tensor) -> torch.Tensor:
@@ -176,8 +179,10 @@ def _linear_rows(ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock]) -> 
     for a in range(0, ctx.n, ctx.chunk_size):
         xb, Qb = ctx.X[a : a + ctx.chunk_size], Q[a : a + ctx.chunk_size]
         try:
-            a_all, s_all = capture_layer_factors(ctx.model, adapters, xb, lambda f, Qb=Qb: Qb)
-        except SharedLayerError:
+            a_all, s_all = capture_layer_factors(
+                ctx.model, adapters, xb, lambda f, Qb=Qb: Qb, verify=a == 0
+            )
+        except UnfactorableModelError:
             return None
         if any(t.shape[1] != 1 for t in a_all):
             return None
@@ -264,7 +269,7 @@ class GramInverse(InverseOperator):
         self._cache: dict[int, tuple] = {}
         self._cache_bytes = 0.0
         self.eigenvalues: list[torch.Tensor] | None = None
-        if reg.eps == 0:
+        if not reg.truncates_nonnegative():  # plain damping on the PSD GGN: Cholesky
             if reg.damping == 0:
                 raise ValueError(
                     f"solver=Gram() needs damping > 0 or eps > 0: the {curvature.method} rung has "
@@ -289,6 +294,15 @@ class GramInverse(InverseOperator):
                 f"{format_bytes(self.curvature.max_dense_bytes)}; raise max_dense_bytes or use "
                 "damping only (eps=0), which goes block by block."
             )
+        if self.R >= ANNOUNCE_ROWS:
+            seconds = 9.0 * self.R**3 * len(self.param_blocks) / EIGH_FLOPS
+            announce(
+                f"Gram route: eigendecomposing {len(self.param_blocks)} Gram matrix(es) of "
+                f"{self.R:,} x {self.R:,} for the truncation eps={self.reg.eps:g} (roughly "
+                f"{seconds / 60:.0f} min or more on 2 cores; damping with eps < damping uses a "
+                "Cholesky factor instead, minutes faster)",
+                self.solver.progress,
+            )
         eig = []
         with progress_bar(len(self.param_blocks), "Gram eigh", self.solver.progress) as advance:
             for b in range(len(self.param_blocks)):
@@ -305,6 +319,15 @@ class GramInverse(InverseOperator):
             phi = torch.where(s > tol, phi, torch.zeros_like(phi))
             self._cache[b] = (U, phi, self._correction(s, phi, tol))
         self.eigenvalues = [s for s, _ in eig]
+        kept = sum(int((self._cache[b][1] != 0).sum()) for b in range(len(eig)))
+        if self.null_value:
+            kept += sum(
+                blk.size - int((s > tol).sum())
+                for blk, (s, _) in zip(self.param_blocks, eig, strict=True)
+            )
+        self.reg.warn_if_mostly_truncated(
+            kept, self.num_params, f"the {self.curvature.method} inverse"
+        )
 
     def _correction(self, s: torch.Tensor, phi: torch.Tensor, tol: float) -> torch.Tensor:
         """``(φ(s) - φ₀) / s`` of (1) in closed forms free of cancellation; 0 for ``s <= tol``."""

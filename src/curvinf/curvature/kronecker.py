@@ -40,17 +40,57 @@ from curvinf.validation import check_choice
 KFAC_VARIANTS = ("expand", "reduce")
 
 
+class UnfactorableModelError(TypeError):
+    """The model's per-layer gradients are not the outer products ``s ãᵀ`` a route assumes."""
+
+
+class SharedLayerError(UnfactorableModelError):
+    """A parameterised layer ran more than once in one forward pass (weight sharing)."""
+
+
+def layer_label(name: str, module: nn.Module) -> str:
+    """``"layer 'fc1' (Linear)"``; the root module is named as such, not ``''``."""
+    where = f"layer '{name}'" if name else "the root module"
+    return f"{where} ({type(module).__name__})"
+
+
 class LayerAdapter:
-    """How a parameterised layer's gradient factorises as ``s ãᵀ``."""
+    """How a parameterised layer's gradient factorises as ``s ãᵀ``.
+
+    Covers the layer's trainable weight and, if trainable, its bias (a frozen bias
+    is a constant of the layer: ``ã`` then has no column of ones).
+    """
 
     def __init__(self, name: str, module: nn.Module, offsets: dict[str, tuple[int, int]]) -> None:
         self.name = name
         self.module = module
         prefix = f"{name}." if name else ""
+        label = layer_label(name, module)
+        if prefix + "weight" not in offsets:
+            raise UnfactorableModelError(
+                f"{label} has a frozen weight but a trainable bias; per-layer factors need the "
+                "weight trainable. Freeze the bias too, or use method='block_ggn' or 'ggn'."
+            )
         a, b = offsets[prefix + "weight"]
-        self.has_bias = getattr(module, "bias", None) is not None
+        self.has_bias = prefix + "bias" in offsets
+        if self.has_bias and offsets[prefix + "bias"][0] != b:
+            raise UnfactorableModelError(
+                f"{label} registers parameters between its weight and bias; per-layer factors "
+                "need them adjacent. Use method='block_ggn' or 'ggn'."
+            )
         stop = offsets[prefix + "bias"][1] if self.has_bias else b
         self.index = torch.arange(a, stop)
+        if sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad) != len(
+            self.index
+        ):
+            raise UnfactorableModelError(
+                f"{label} holds trainable parameters besides its weight and bias; "
+                "use method='block_ggn' or 'ggn'."
+            )
+
+    @property
+    def label(self) -> str:
+        return layer_label(self.name, self.module)
 
     def inputs(self, a: torch.Tensor) -> torch.Tensor:
         """Layer input -> ``ã`` (N, T, in + has_bias)."""
@@ -78,19 +118,24 @@ ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {nn.Linear: LinearAdapter}
 
 
 def layer_adapters(model: nn.Module, method: str) -> list[LayerAdapter]:
-    """One adapter per parameterised module; ``TypeError`` naming any unsupported layer."""
+    """One adapter per module owning trainable parameters, in parameter order.
+
+    Raises :class:`UnfactorableModelError` (a ``TypeError``) naming any layer the
+    per-layer factors cannot describe (unsupported type, custom ``forward`` via a
+    subclass, partly frozen).
+    """
     offsets = param_offsets(model)
     adapters = []
     for name, module in model.named_modules():
-        if not any(True for _ in module.parameters(recurse=False)):
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         cls = ADAPTERS.get(type(module))
         if cls is None:
             supported = ", ".join(t.__name__ for t in ADAPTERS)
-            raise TypeError(
-                f"layer '{name}' ({type(module).__name__}) is not supported by {method}; "
-                f"supported layers: {supported}. Use method='block_ggn' or 'ggn', which work "
-                "for any differentiable layer."
+            raise UnfactorableModelError(
+                f"{layer_label(name, module)} is not supported by {method}; supported layers: "
+                f"{supported} (exact types, not subclasses). Use method='block_ggn' or 'ggn', "
+                "which work for any differentiable layer."
             )
         adapters.append(cls(name, module, offsets))
     return adapters
@@ -105,15 +150,13 @@ class LayerFactors:
     S: torch.Tensor
 
 
-class SharedLayerError(TypeError):
-    """A parameterised layer ran more than once in one forward pass (weight sharing)."""
-
-
 def capture_layer_factors(
     model: nn.Module,
     adapters: list[LayerAdapter],
     X: torch.Tensor,
     cotangents: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    verify: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer factors of per-example gradients for one forward pass over ``X``.
 
@@ -121,7 +164,13 @@ def capture_layer_factors(
     ``R`` (n, C, K). Returns per layer ``ã`` (n, T, in+1) and
     ``s`` (n, K, T, out), the backpropagation of each column ``R[:, :, k]`` to the
     layer's output, so that ``Σ_t s_nkt ã_ntᵀ = ∂(f_n · R_nk)/∂[W | b]``.
-    Raises :class:`SharedLayerError` if a layer runs twice.
+
+    ``verify``: prove that identity for this model before trusting it
+    (:func:`_check_factorisation`: every layer ran once, the gradient of a random
+    output direction equals ``Σ s ãᵀ`` layer by layer, and an example's output
+    does not depend on the rest of the batch); routes verify their first chunk.
+    Raises :class:`UnfactorableModelError` (:class:`SharedLayerError` if a layer
+    runs twice) when the model is not what the factors assume.
     """
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
@@ -130,7 +179,7 @@ def capture_layer_factors(
         def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             if i in inputs:
                 raise SharedLayerError(
-                    f"layer '{adapters[i].name}' is called more than once per forward pass; "
+                    f"{adapters[i].label} is called more than once per forward pass; "
                     "shared layers are not supported by K-FAC yet."
                 )
             inputs[i], outputs[i] = args[0].detach(), out
@@ -144,33 +193,108 @@ def capture_layer_factors(
             p.requires_grad_(True)
         with torch.enable_grad():
             f = model(X)
+            missing = [ad.label for i, ad in enumerate(adapters) if i not in inputs]
+            if missing:
+                raise UnfactorableModelError(
+                    f"{', '.join(missing)} holds trainable parameters but was not called in the "
+                    "forward pass (its parameters are used another way, e.g. "
+                    "F.linear(x, layer.weight)), so per-layer factors cannot describe its "
+                    "gradient. Call the layer as a module, or use method='block_ggn' or 'ggn'."
+                )
             R = cotangents(f.detach())
             zs = [outputs[i] for i in range(len(adapters))]
             per_k = [
-                torch.autograd.grad(f, zs, grad_outputs=R[:, :, k], retain_graph=k + 1 < R.shape[2])
+                torch.autograd.grad(f, zs, grad_outputs=R[:, :, k], retain_graph=True)
                 for k in range(R.shape[2])
             ]
+            a_tilde = [ad.inputs(inputs[i]) for i, ad in enumerate(adapters)]
+            if verify:
+                _check_factorisation(f, zs, adapters, a_tilde)
     finally:
         for h in handles:
             h.remove()
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
-    a_tilde = [ad.inputs(inputs[i]) for i, ad in enumerate(adapters)]
+    if verify and len(X) > 1:
+        with torch.no_grad():
+            alone = model(X[:1])
+        if not _close(alone, f[:1].detach()):
+            raise UnfactorableModelError(
+                "an example's output changes with the rest of the batch (batch statistics or "
+                "cross-example layers), so per-example gradients are not defined the way "
+                "per-layer factors assume; use method='block_ggn' or 'ggn'."
+            )
     s = [
         torch.stack([ad.output_grads(g[i]) for g in per_k], dim=1) for i, ad in enumerate(adapters)
     ]
     return a_tilde, s
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to a few hundred ulps of the dtype, relative to the larger norm."""
+    tol = 1e3 * torch.finfo(a.dtype).eps * max(float(a.norm()), float(b.norm()), 1e-30)
+    return float((a - b).norm()) <= tol
+
+
+def _check_factorisation(
+    f: torch.Tensor,
+    zs: list[torch.Tensor],
+    adapters: list[LayerAdapter],
+    a_tilde: list[torch.Tensor],
+) -> None:
+    """Raise unless ``∂(f · r)/∂[W | b] = Σ_{n,t} s_nt ã_ntᵀ`` per layer for a random ``r``.
+
+    ``s = ∂(f · r)/∂z`` at the layer's captured output. The identity fails when a
+    layer's parameters are also used outside its own call (weight tying with a
+    functional op, a custom ``forward``), which the hooks cannot see.
+    """
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(f.shape, generator=gen, dtype=f.dtype)
+    params = []
+    for ad in adapters:
+        params += [ad.module.weight] + ([ad.module.bias] if ad.has_bias else [])
+    grads = torch.autograd.grad(
+        f, zs + params, grad_outputs=r, retain_graph=True, allow_unused=True
+    )
+    s_r, p_r = grads[: len(zs)], grads[len(zs) :]
+    k = 0
+    for ad, z_grad, a in zip(adapters, s_r, a_tilde, strict=True):
+        g = ad.output_grads(z_grad)  # (n, T, out)
+        factored = torch.einsum("nto,nti->oi", g, a)  # (out, in')
+        true = [
+            t if t is not None else torch.zeros_like(p)
+            for t, p in zip(
+                p_r[k : k + 1 + ad.has_bias], params[k : k + 1 + ad.has_bias], strict=True
+            )
+        ]
+        k += 1 + ad.has_bias
+        direct = true[0].reshape(factored.shape[0], -1)
+        if ad.has_bias:
+            direct = torch.cat([direct, true[1].reshape(-1, 1)], dim=1)
+        if direct.shape != factored.shape or not _close(direct, factored):
+            raise UnfactorableModelError(
+                f"the gradient of {ad.label} is not the outer product of its output gradients "
+                "and inputs: its parameters are also used outside its own call (e.g. weight "
+                "tying through F.linear, or a custom forward), which per-layer factors cannot "
+                "see. Use method='block_ggn' or 'ggn'."
+            )
+
+
 def fit_layer_factors(
-    ctx: FitContext, adapters: list[LayerAdapter], xb: torch.Tensor, yb: torch.Tensor, gen
+    ctx: FitContext,
+    adapters: list[LayerAdapter],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    gen,
+    *,
+    verify: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``ã`` (n, T, in+1) and ``s`` (n, K, T, out) with the fit's output square roots ``Q``."""
 
     def sqrt_columns(f: torch.Tensor) -> torch.Tensor:
         return output_sqrt(ctx.kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=gen)
 
-    return capture_layer_factors(ctx.model, adapters, xb, sqrt_columns)
+    return capture_layer_factors(ctx.model, adapters, xb, sqrt_columns, verify=verify)
 
 
 def _reduce(a: torch.Tensor, s: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,8 +324,8 @@ def kronecker_factors(
     gen = ctx.generator()
     kept = 0
     with progress_bar(ctx.n, "K-FAC factors", ctx.progress) as advance:
-        for xb, yb in ctx.chunks():
-            a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen)
+        for c, (xb, yb) in enumerate(ctx.chunks()):
+            a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen, verify=c == 0)
             reduced = [_reduce(a, s, variant) for a, s in zip(a_all, s_all, strict=True)]
             for i, (a, s) in enumerate(reduced):
                 a2 = a.reshape(-1, a.shape[-1])
@@ -242,7 +366,7 @@ def corrected_eigenvalues(
             return
         gen = ctx.generator()
         for xb, yb in ctx.chunks():
-            a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen)
+            a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen, verify=False)
             yield [_reduce(a, s, variant) for a, s in zip(a_all, s_all, strict=True)]
 
     out = [None] * len(adapters)

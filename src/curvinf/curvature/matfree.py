@@ -43,8 +43,8 @@ from curvinf.curvature.operators import (
 )
 from curvinf.curvature.regularization import Regularization
 from curvinf.losses import batch_loss, output_sqrt
-from curvinf.params import ParamBlock
-from curvinf.validation import check_choice, check_dense_budget
+from curvinf.params import ParamBlock, model_fingerprint
+from curvinf.validation import check_choice, check_dense_budget, check_int, check_number
 
 MATRIX_FREE_METHODS = ("hessian", "ggn", "block_hessian", "block_ggn")
 
@@ -197,7 +197,7 @@ def matrix_free(
     vector_chunk: int = 64,
     dtype: torch.dtype = torch.float64,
     max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES,
-    progress: bool = False,
+    progress: bool = True,
 ) -> MatrixFreeCurvature:
     """A matrix-free exact rung on the training data ``(X, y)``.
 
@@ -217,6 +217,8 @@ def matrix_free(
         A :class:`MatrixFreeCurvature`; ``.inverse(reg, solver=CG(...))``.
     """
     check_choice("method", method, MATRIX_FREE_METHODS)
+    check_number("max_dense_bytes", max_dense_bytes, low=0, strict_low=True)
+    check_int("vector_chunk", vector_chunk, low=1)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
     ctx = FitContext.build(
@@ -235,6 +237,8 @@ def matrix_free(
         blocks = ctx.whole()
     else:
         blocks = ctx.blocks(partition)
-    return MatrixFreeCurvature(
+    curv = MatrixFreeCurvature(
         method, ctx, blocks, vector_chunk=vector_chunk, max_dense_bytes=max_dense_bytes
     )
+    curv.model_fingerprint = model_fingerprint(model)
+    return curv

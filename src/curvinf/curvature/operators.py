@@ -151,6 +151,8 @@ class Curvature(ABC):
     method: str
     num_params: int
     max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES
+    model_fingerprint: str | None = None
+    """:func:`curvinf.params.model_fingerprint` of the model it was fitted on (if known)."""
 
     def __init__(self, method: str, num_params: int, max_dense_bytes: float) -> None:
         self.method = method
@@ -184,13 +186,16 @@ class Curvature(ABC):
         return self.matvec(torch.eye(self.num_params, dtype=torch.float64))
 
     def inverse(self, reg: Regularization | None = None) -> InverseCurvature:
-        """The regularised (pseudo-)inverse ``C⁺`` under ``reg`` (default: the paper's)."""
+        """The regularised (pseudo-)inverse ``C⁺`` under ``reg`` (default:
+        ``Regularization()``, damping 1e-3 with a truncation guard)."""
         reg = Regularization() if reg is None else reg
         if not isinstance(reg, Regularization):
             raise TypeError(f"reg must be a Regularization, got {type(reg).__name__}.")
         blocks = self.eigen()
         inv = reg.inverse_eigenvalues([b.eigenvalues for b in blocks], dim=self.num_params)
-        return InverseCurvature(self, blocks, inv, reg)
+        out = InverseCurvature(self, blocks, inv, reg)
+        reg.warn_if_mostly_truncated(out.rank, self.num_params, f"the {self.method} inverse")
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(method={self.method!r}, num_params={self.num_params})"
@@ -211,6 +216,11 @@ class InverseOperator(ABC):
     @property
     def num_params(self) -> int:
         return self.curvature.num_params
+
+    @property
+    def model_fingerprint(self) -> str | None:
+        """The fingerprint of the model its curvature was fitted on (``None``: unknown)."""
+        return getattr(self.curvature, "model_fingerprint", None)
 
     @abstractmethod
     def apply(self, V: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,7 @@ class _Settings:
     tol: float = 1e-6
     max_iter: int = 1000
     on_failure: str = "raise"
-    progress: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
@@ -259,6 +259,9 @@ class Lanczos(_Settings):
 
 
 SOLVERS = (CG, Lanczos, LiSSA, Preconditioned, Gram)
+PSD_METHODS = ("ggn", "block_ggn", "ekfac", "kfac", "diag_ggn", "identity")
+"""Rungs that are positive semi-definite by construction: a truncation ``eps < damping``
+drops nothing of them, so a solver of ``(C + λI)⁻¹`` computes the same inverse."""
 
 
 # --------------------------------------------------------------------------- inverses
@@ -425,6 +428,9 @@ class LanczosInverse(InverseOperator):
         )
         self.reports: list[SolveReport] = [self.report]
         _check_report(self.report, solver.on_failure)
+        reg.warn_if_mostly_truncated(
+            self.rank, curvature.num_params, f"the {curvature.method} Lanczos inverse"
+        )
 
     @property
     def rank(self) -> int:
@@ -465,11 +471,13 @@ def solve_inverse(
         return LanczosInverse(curvature, reg, solver)
     if isinstance(solver, Gram):
         return GramInverse(curvature, reg, solver)
-    if reg.eps > 0:
+    if reg.eps > 0 and (reg.truncates_nonnegative() or curvature.method not in PSD_METHODS):
         raise ValueError(
             f"{type(solver).__name__} solves (C + λI)⁻¹ V and cannot truncate eigenvalues, but "
-            f"reg.eps={reg.eps:g} asks for a pseudo-inverse. Pass Regularization(damping=λ, "
-            "eps=0) with λ > 0, or use solver=Lanczos(k=...) for a truncated inverse."
+            f"reg (damping={reg.damping:g}, eps={reg.eps:g}"
+            f"{', relative' if reg.relative else ''}) asks for a pseudo-inverse of the "
+            f"{curvature.method} rung. Pass Regularization(damping=λ, eps=0) with λ > 0, or "
+            "use solver=Lanczos(k=...) for a truncated inverse."
         )
     pre = None
     if isinstance(solver, Preconditioned):
@@ -583,7 +591,7 @@ def block_cg(
     precond: Operator | None = None,
     x0: torch.Tensor | None = None,
     restarts: int = 3,
-    progress: bool = False,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, SolveReport]:
     """(Preconditioned) CG for ``A X_k = B_k`` on every row ``k`` of ``B`` (K, D) at once.
 
@@ -675,7 +683,7 @@ def lissa(
     tol: float,
     max_iter: int,
     sampler: Callable[[], Operator] | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, SolveReport]:
     """Neumann series ``x_{j+1} = x_j + (b - A_j x_j) / scale``; see :class:`LiSSA`.
 
@@ -704,7 +712,7 @@ def preconditioned_neumann(
     step: float,
     tol: float,
     max_iter: int,
-    progress: bool = False,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, SolveReport]:
     """``x_0 = P b``, ``x_{t+1} = x_t + step · P (b - A x_t)``; see :class:`Preconditioned`."""
     return _neumann(
@@ -731,7 +739,7 @@ def _neumann(
     label: str,
     diverged: str,
     sampler: Callable[[], Operator] | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, SolveReport]:
     """``x_0 = P b``, ``x_{t+1} = x_t + step · P (b - A_t x_t)`` per row, ``A_t = A`` or
     ``sampler()``. The residual ``b - A_t x_t`` is computed anyway, so stopping at
@@ -799,7 +807,7 @@ def lanczos(
     *,
     max_iter: int | None = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Top-``k`` Ritz pairs of a symmetric operator by Lanczos with full reorthogonalisation.
 

@@ -50,7 +50,7 @@ from torch.func import jvp
 from curvinf.curvature.context import FitContext
 from curvinf.curvature.kronecker import (
     LayerAdapter,
-    SharedLayerError,
+    UnfactorableModelError,
     fit_layer_factors,
     layer_adapters,
 )
@@ -229,10 +229,10 @@ def ggn_blocks(
     acc = _Acc(adapters, pairs, bilinear=False)
     gen = ctx.generator()
     with progress_bar(ctx.n, "GGN examples", ctx.progress) as advance:
-        for xb, yb in ctx.chunks():
+        for c, (xb, yb) in enumerate(ctx.chunks()):
             try:
-                a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen)
-            except SharedLayerError:  # a layer called twice (weight sharing)
+                a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen, verify=c == 0)
+            except UnfactorableModelError:  # weight sharing, parameters used outside a layer
                 return None
             if any(a.shape[1] != 1 for a in a_all):
                 return None
@@ -255,9 +255,22 @@ def _elementwise_derivatives(act: nn.Module, z: torch.Tensor) -> tuple[torch.Ten
     return first, second
 
 
+def _has_hooks(model: nn.Module) -> bool:
+    """Whether any module carries forward (pre-)hooks, which may change what it computes."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _sequential_mlp(model: nn.Module) -> tuple[list[nn.Linear], list[nn.Module]] | None:
-    """``(linears, activations)`` of ``Linear (act Linear)*``; ``None`` for other models."""
-    if not isinstance(model, nn.Sequential):
+    """``(linears, activations)`` of a plain ``Linear (act Linear)*`` chain; else ``None``.
+
+    Proven from the structure, not assumed: ``nn.Sequential``'s own ``forward`` (a
+    subclass overriding it, e.g. with a skip connection, is refused), children of the
+    exact types ``nn.Linear`` and an elementwise activation, and no forward hooks.
+    :func:`hessian_blocks` also checks the chain's output against ``model(x)``.
+    """
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return None
+    if _has_hooks(model):
         return None
     mods = list(model.children())
     linears, acts = mods[0::2], mods[1::2]
@@ -265,7 +278,7 @@ def _sequential_mlp(model: nn.Module) -> tuple[list[nn.Linear], list[nn.Module]]
         return None
     if not all(type(m) is nn.Linear for m in linears):
         return None
-    if not all(isinstance(a, ELEMENTWISE) for a in acts):
+    if not all(type(a) in ELEMENTWISE for a in acts):
         return None
     return linears, acts
 
@@ -290,7 +303,7 @@ def hessian_blocks(
         by_l.setdefault(lo, []).append(m)
     W = [lin.weight for lin in linears]  # W̄: the weight without the bias column
     with torch.no_grad(), progress_bar(ctx.n, "Hessian examples", ctx.progress) as advance:
-        for xb, yb in ctx.chunks():
+        for c, (xb, yb) in enumerate(ctx.chunks()):
             n = len(xb)
             # forward: augmented inputs ã_k, σ'(z_k), σ''(z_k)
             a_in, d1, d2 = [], [], []
@@ -304,6 +317,8 @@ def hessian_blocks(
                     d2.append(second)
                     x = acts[k](z)
             f = z
+            if c == 0 and not torch.allclose(f, ctx.model(xb), rtol=1e-10, atol=1e-12):
+                return None  # the chain is not what the model computes
             # backward: g_k = ∂ℓ_n/∂z_k; M_k = ∂²ℓ_n/∂z_k² without the bilinear terms:
             # M_{L-1} = H_out, M_k = diag(σ'_k) W̄ᵀ M_{k+1} W̄ diag(σ'_k) + diag(σ''_k ⊙ W̄ᵀ g_{k+1}).
             g: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
