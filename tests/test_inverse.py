@@ -62,7 +62,8 @@ def test_absolute_truncation_drops_small_and_negative_eigenvalues():
 
 def test_relative_truncation_uses_largest_eigenvalue():
     curv, Q = _spectrum_curvature([1e-3, 0.05, 4.0])
-    got = _inverse_spectrum(curv.inverse(Regularization(damping=0.0, eps=0.1, relative=True)), Q)  # τ = 0.4
+    reg = Regularization(damping=0.0, eps=0.1, relative=True)  # τ = 0.4
+    got = _inverse_spectrum(curv.inverse(reg), Q)
     assert torch.allclose(got, torch.tensor([0.0, 0.0, 0.25], dtype=torch.float64))
 
 
