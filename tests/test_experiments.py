@@ -75,7 +75,7 @@ def test_rerun_skips_finished_work(grid_dir, monkeypatch):
         raise AssertionError("a finished configuration was recomputed")
 
     monkeypatch.setattr(ex, "fit_curvature", boom)
-    monkeypatch.setattr(ex, "train", boom)
+    monkeypatch.setattr("curvinf.groundtruth.train", boom)
     again = run_grid(TINY, out, progress=False)
     assert [e["state"] for e in again.log] == ["done"]
     assert again.rows == first.rows

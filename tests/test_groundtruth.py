@@ -231,7 +231,7 @@ def test_cli_groundtruth(tmp_path):
     assert str(store) in result.output.replace("\n", "")
     assert json.loads((store / "manifest.json").read_text())["progress"]["complete"]
     bad = CliRunner().invoke(app, ["groundtruth", "--alpha", "1.5", "--out", str(tmp_path)])
-    assert bad.exit_code == 1 and "alpha" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "alpha" in bad.output and "Traceback" not in bad.output
 
 
 def test_identity_rung_has_positive_lds_on_digits(tmp_path):

@@ -1,15 +1,66 @@
 """The ``curvinf`` command. Each sub-command lives in the module that does its work;
-this file only wires them into one typer app."""
+this file only wires them into one typer app.
+
+Errors: every sub-command first checks all its arguments, then works. A bad argument
+ends the command with one ``error: ...`` line on stderr and exit status 2
+(:data:`BAD_ARGUMENT`), before anything is trained or written; a failure during the
+work (a damaged store, a diverged model, a busy or read-only directory) with one
+``error: ...`` line and exit status 1 (:data:`FAILED`). ``curvinf reproduce`` also exits
+with 1 when a configuration failed (the others are kept and reported).
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
 import typer
+
+from curvinf.storage import StoreBusyError
+
+BAD_ARGUMENT = 2
+FAILED = 1
+ARGUMENT_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OSError)
+"""What the checks of a command line raise (``OSError``: an output path that is a file)."""
+WORK_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    FloatingPointError,
+    OSError,
+    StoreBusyError,
+)
+"""Failures of the work a user can act on; anything else is a bug and keeps its traceback."""
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Influence functions with a measurable ladder of curvature approximations.",
 )
+
+
+def fail(message: object, code: int) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and end the command with ``code``."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def exit_on(code: int, errors: tuple[type[Exception], ...]) -> Iterator[None]:
+    """Turn ``errors`` raised inside the block into :func:`fail` with exit status ``code``."""
+    try:
+        yield
+    except errors as err:
+        fail(err, code)
+
+
+def parse_ints(name: str, text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; ``ValueError`` naming the option otherwise."""
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}.") from err
 
 
 @app.command()
@@ -20,9 +71,17 @@ def demo(
     seed: int = typer.Option(0, help="seed for split, init and batches"),
 ) -> None:
     """Train an MLP on UCI digits, score with every rung, print how the rungs agree."""
+    from curvinf.validation import check_int
+
+    with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
+        check_int("--depth", depth, low=0)
+        check_int("--width", width, low=1)
+        check_int("--epochs", epochs, low=1)
+        check_int("--seed", seed, low=0)
     from curvinf.demo import run_demo
 
-    run_demo(depth=depth, width=width, epochs=epochs, seed=seed)
+    with exit_on(FAILED, WORK_ERRORS):
+        run_demo(depth=depth, width=width, epochs=epochs, seed=seed)
 
 
 @app.command()
@@ -57,9 +116,12 @@ def groundtruth(
 ) -> None:
     """Build or resume the LDS ground truth (M subsets x R seeds retrained); print its store."""
     options = dict(locals())
-    from curvinf.groundtruth import run_groundtruth
+    from curvinf.groundtruth import groundtruth_job, run_groundtruth
 
-    run_groundtruth(**options)
+    with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
+        job = groundtruth_job(**options)
+    with exit_on(FAILED, WORK_ERRORS):
+        run_groundtruth(job)
 
 
 @app.command()
@@ -79,30 +141,56 @@ def reproduce(
     """Run the study's grid (resuming finished work) and write report.md with figures."""
     from rich.console import Console
 
-    from curvinf.experiments import reproduce as run
+    from curvinf.experiments import reproduce_plan, run_plan
+    from curvinf.validation import check_int, check_number
 
-    console = Console(stderr=True)
-    path = run(
-        preset,
-        out or f"results/{preset}",
-        workers=workers,
-        max_minutes=max_minutes or None,
-        only=only or None,
-        seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None,
-        max_dense_gib=max_dense_gib or None,
-        matched_steps=matched_steps,
-        progress=progress,
-        log=console.print,
-    )
+    with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
+        check_int("--workers", workers, low=1)
+        check_number("--max-minutes", max_minutes, low=0.0)
+        check_number("--max-dense-gib", max_dense_gib, low=0.0)
+        plan = reproduce_plan(
+            preset,
+            out or f"results/{preset}",
+            workers=workers,
+            max_minutes=max_minutes or None,
+            only=only or None,
+            seeds=parse_ints("--seeds", seeds) if seeds else None,
+            max_dense_gib=max_dense_gib or None,
+            matched_steps=matched_steps,
+        )
+    with exit_on(FAILED, WORK_ERRORS):
+        result, path = run_plan(plan, progress=progress, log=Console(stderr=True).print)
+    if path is None:
+        fail(
+            f"no configuration finished, so there is nothing to report; see "
+            f"{plan.out / 'run_log.jsonl'} (a larger --max-minutes, or rerun when the other "
+            "process is done).",
+            FAILED,
+        )
     print(path)
+    if result.failed:
+        ids = ", ".join(e["config"] for e in result.failed)
+        fail(
+            f"{len(result.failed)} configuration(s) failed: {ids}; their errors are in "
+            f"{plan.out / 'run_log.jsonl'} (the report covers the rest).",
+            FAILED,
+        )
 
 
 @app.command()
 def report(out: str = typer.Argument(..., help="result directory of `curvinf reproduce`")) -> None:
     """Redraw report.md and its figures from the stored results in OUT."""
+    from pathlib import Path
+
     from curvinf.report import write_report
 
-    print(write_report(out))
+    with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
+        if not (Path(out) / "results.jsonl").is_file():
+            raise ValueError(
+                f"{out} holds no results.jsonl; run `curvinf reproduce --out {out}` first."
+            )
+    with exit_on(FAILED, WORK_ERRORS):
+        print(write_report(out))
 
 
 @app.command("sweep-regularization")
@@ -133,9 +221,12 @@ def sweep_regularization(
 ) -> None:
     """Sweep damping and truncation for every rung: LDS, error vs the Hessian, pathologies."""
     options = dict(locals())
-    from curvinf.sweep import run_sweep_cli
+    from curvinf.sweep import run_sweep_cli, sweep_job
 
-    run_sweep_cli(**options)
+    with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
+        job = sweep_job(**options)
+    with exit_on(FAILED, WORK_ERRORS):
+        run_sweep_cli(job)
 
 
 if __name__ == "__main__":  # pragma: no cover

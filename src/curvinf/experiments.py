@@ -41,8 +41,9 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,19 +65,24 @@ from curvinf.diagnostics import (
     relative_frobenius_error,
     spectrum_mismatch,
 )
+from curvinf.groundtruth import GroundTruth, check_fraction, take_queries
 from curvinf.influence import influence_scores
 from curvinf.losses import MEASURES
 from curvinf.models import num_params
 from curvinf.params import param_blocks
 from curvinf.storage import (
+    CorruptFileError,
+    StoreBusyError,
+    StoreLock,
+    check_directory,
     read_blob,
     read_json,
     request_hash,
     write_blob,
     write_json,
 )
-from curvinf.training import TrainingRecipe, train
-from curvinf.validation import check_choice
+from curvinf.training import TrainingRecipe
+from curvinf.validation import check_choice, check_int, check_number
 
 DENSE_RUNGS = ("hessian", "ggn")
 KRONECKER_RUNGS = ("ekfac", "kfac")
@@ -165,21 +171,20 @@ class LDSSettings:
 
     def __post_init__(self) -> None:
         check_choice("measure", self.measure, MEASURES)
-        if self.num_subsets < 2:
-            raise ValueError(f"num_subsets must be >= 2, got {self.num_subsets}.")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}.")
-        if self.num_seeds < 1 or self.num_queries < 0 or self.num_bootstrap < 0:
-            raise ValueError(
-                "need num_seeds >= 1, num_queries >= 0 and num_bootstrap >= 0; got "
-                f"{self.num_seeds}, {self.num_queries}, {self.num_bootstrap}."
-            )
+        check_int("num_subsets", self.num_subsets, low=2)
+        check_fraction("alpha", self.alpha)
+        check_int("num_seeds", self.num_seeds, low=1)
+        check_int("seed", self.seed, low=0)
+        check_int("num_queries", self.num_queries, low=0)
+        check_int("num_bootstrap", self.num_bootstrap, low=0)
+        if not isinstance(self.matched_steps, bool):
+            raise TypeError(f"matched_steps must be True or False, got {self.matched_steps!r}.")
 
 
 def _check_ints(name: str, values: tuple[int, ...], low: int) -> None:
     if not values:
         raise ValueError(f"{name} must not be empty.")
-    if any(not isinstance(v, int) or v < low for v in values):
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
         raise ValueError(f"{name} must be integers >= {low}, got {values}.")
     if len(set(values)) != len(values):
         raise ValueError(f"{name} has duplicates: {values}.")
@@ -215,8 +220,7 @@ class RunConfig:
             isinstance(r, Regularization) for r in self.regularizations
         ):
             raise ValueError("regularizations must be a non-empty tuple of Regularization.")
-        if self.max_dense_bytes <= 0:
-            raise ValueError(f"max_dense_bytes must be > 0, got {self.max_dense_bytes}.")
+        check_number("max_dense_bytes", self.max_dense_bytes, low=0.0, strict_low=True)
 
     @property
     def recipe_used(self) -> TrainingRecipe:
@@ -524,45 +528,78 @@ def run_config(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume, or load) one configuration; return its rows of the results table."""
-    import warnings
+    """Run (or resume, or load) one configuration; return its rows of the results table.
 
-    from curvinf.groundtruth import RetrainingWarning, ground_truth
+    Every rung scores the ground-truth store's base model (:meth:`GroundTruth.base_model`),
+    so a resume with another thread count scores the model the ground truth was built
+    around. A finished configuration is read without locking; otherwise the configuration's
+    directory is locked (``runs/<id>/.lock``) for the run.
 
+    Raises:
+        StoreBusyError: another process is running this configuration, or building its
+            ground truth.
+    """
     say = log or (lambda msg: None)
-    out = Path(out)
-    run_dir = out / "runs" / config.id
+    run_dir = Path(out) / "runs" / config.id
     done_file = run_dir / "rows.json"
     if done_file.exists():
         return read_json(done_file)
     (run_dir / "rungs").mkdir(parents=True, exist_ok=True)
+    with _config_lock(config, run_dir):
+        if done_file.exists():  # finished by another process since we looked
+            return read_json(done_file)
+        return _run_locked_config(config, Path(out), run_dir, progress, say)
+
+
+@contextmanager
+def _config_lock(config: RunConfig, run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.lock``; a ``StoreBusyError`` naming the configuration if it is taken."""
+    lock = StoreLock(run_dir, purpose="run")
+    try:
+        lock.__enter__()
+    except StoreBusyError as err:
+        raise StoreBusyError(
+            f"configuration {config.id} is being run by another process "
+            f"(pid {err.pid or 'unknown'})",
+            pid=err.pid,
+        ) from err
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_locked_config(
+    config: RunConfig, out: Path, run_dir: Path, progress: bool, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """:func:`run_config`'s work, once this process holds the configuration's lock."""
+    import warnings
+
+    from curvinf.groundtruth import RetrainingWarning, ground_truth
+
     write_json(run_dir / "config.json", config.to_dict())
     t_start = time.perf_counter()
-
-    data = load_dataset(config.dataset, seed=config.seed)
-    if config.lds.num_queries:
-        q = config.lds.num_queries
-        data = replace(data, X_query=data.X_query[:q], y_query=data.y_query[:q])
+    data = take_queries(load_dataset(config.dataset, seed=config.seed), config.lds.num_queries)
     gt_config = config.groundtruth_config()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RetrainingWarning)  # kept in gt.warnings and the table
-        gt = ground_truth(data, gt_config, out / "groundtruth", progress=progress, log=say)
+        try:
+            gt = ground_truth(data, gt_config, out / "groundtruth", progress=progress, log=say)
+        except StoreBusyError as err:
+            raise StoreBusyError(
+                f"the ground truth of configuration {config.id} is being built by another "
+                f"process (pid {err.pid or 'unknown'})",
+                pid=err.pid,
+            ) from err
     loss = gt_config.make_loss()
-
-    model = gt_config.make_model(data)
-    model_file = run_dir / "model.pt"
-    if model_file.exists():
-        model.load_state_dict(read_blob(model_file))
-    else:
-        model = train(model, loss, *data.train, gt_config.recipe).model
-        write_blob(model_file, {k: v.detach() for k, v in model.state_dict().items()})
+    model, stale = _scored_model(gt, data, run_dir, say)
 
     rungs = _Rungs(config, model, loss, data, say)
     order = [config.reference] + [r for r in config.rungs if r != config.reference]
     blobs: dict[str, dict[str, Any]] = {}
     for rung in order:
         file = run_dir / "rungs" / f"{rung}.pt"
-        if file.exists():
+        if file.exists() and not stale:
             blobs[rung] = read_blob(file)
             continue
         say(f"  {config.id}: {rung}")
@@ -574,8 +611,36 @@ def run_config(
     write_json(run_dir / "diagnostics.json", diagnostics)
     rows = _rows(config, model, gt, blobs, diagnostics)
     write_json(run_dir / "timing.json", {"wall_seconds_this_call": time.perf_counter() - t_start})
-    write_json(done_file, rows)
+    write_json(run_dir / "rows.json", rows)
     return rows
+
+
+def _scored_model(
+    gt: GroundTruth, data, run_dir: Path, say: Callable[[str], None]
+) -> tuple[torch.nn.Module, bool]:
+    """The model every rung scores: the ground truth's base model, recorded in ``model.pt``.
+
+    Returns it and whether an earlier ``model.pt`` held other weights (an older run that
+    trained its own model): its finished rungs scored another model and are recomputed.
+    """
+    model = gt.base_model(data)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    file = run_dir / "model.pt"
+    stale = False
+    if file.exists():
+        try:
+            old = read_blob(file)
+        except CorruptFileError:
+            old = {}
+        stale = old.keys() != state.keys() or any(not torch.equal(old[k], state[k]) for k in state)
+        if stale:
+            say(
+                f"  {run_dir.name}: model.pt differs from the ground truth's base model; "
+                "scoring the base model and recomputing the rungs"
+            )
+    if stale or not file.exists():
+        write_blob(file, state)
+    return model, stale
 
 
 def _diagnostics(config: RunConfig, blobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -692,6 +757,11 @@ def read_table(out: str | Path) -> list[dict[str, Any]]:
     return storage.read_jsonl(path)
 
 
+BUSY = "skipped (busy)"
+"""The state of a configuration another process is running (:func:`run_config` raised
+:class:`~curvinf.storage.StoreBusyError`): this run skips it, the other finishes it."""
+
+
 def _worker(
     config: RunConfig,
     out: str,
@@ -709,6 +779,13 @@ def _worker(
     t0 = time.perf_counter()
     try:
         rows = run_config(config, out, progress=progress, log=log)
+    except StoreBusyError as err:  # another run owns it: not a failure of this one
+        return {
+            "config": config.id,
+            "state": BUSY,
+            "error": f"{err}; skipped",
+            "seconds": time.perf_counter() - t0,
+        }
     except Exception as err:  # recorded, not fatal: the rest of the grid goes on
         return {
             "config": config.id,
@@ -729,6 +806,36 @@ class GridRun:
     seconds: float
     table: Path
 
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        """Log entries of the configurations that failed."""
+        return [e for e in self.log if e["state"] == "failed"]
+
+
+def select_configs(preset: Preset, only: Iterable[str] | None = None) -> list[RunConfig]:
+    """The configurations of ``preset`` whose id starts with one of ``only`` (default: all).
+
+    Raises ``ValueError`` listing the preset's ids if ``only`` matches none of them.
+    """
+    configs = preset.configs()
+    if only is None:
+        return configs
+    wanted = (only,) if isinstance(only, str) else tuple(only)
+    if not wanted or not all(isinstance(w, str) and w for w in wanted):
+        raise ValueError(f"only must be non-empty id prefixes, got {wanted!r}.")
+    chosen = [c for c in configs if c.id.startswith(wanted)]
+    if not chosen:
+        raise ValueError(
+            f"no configuration of preset {preset.name!r} has an id starting with "
+            f"{' or '.join(map(repr, wanted))}; its ids are: {', '.join(c.id for c in configs)}."
+        )
+    return chosen
+
+
+def _check_max_minutes(max_minutes: float | None) -> None:
+    if max_minutes is not None:
+        check_number("max_minutes", max_minutes, low=0.0)
+
 
 def run_grid(
     preset: Preset,
@@ -746,13 +853,18 @@ def run_grid(
     Args:
         workers: configurations run in parallel processes (torch threads split among them).
         max_minutes: start no configuration after this many minutes (the running ones finish).
-        only: configuration ids or ``d<depth>-w<width>-e<epochs>`` prefixes to run (default all).
+        only: configuration ids or ``d<depth>-w<width>-e<epochs>`` prefixes to run (default
+            all); matching none is an error (nothing is written).
         progress: progress bars of the work inside a configuration (``workers=1``).
+
+    A configuration another process is running (its lock is held, e.g. a second
+    ``reproduce`` into the same ``out``) is skipped with state :data:`BUSY`.
     """
     say = log or (lambda msg: None)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}.")
-    out = Path(out)
+    check_int("workers", workers, low=1)
+    _check_max_minutes(max_minutes)
+    configs = select_configs(preset, only)
+    out = check_directory(out, writable=True)
     out.mkdir(parents=True, exist_ok=True)
     grid_file = out / "grid.json"
     if grid_file.exists():
@@ -760,10 +872,6 @@ def run_grid(
         if stored != json.loads(json.dumps(preset.to_dict())):
             say(f"note: {grid_file} held another preset; finished configurations are kept")
     write_json(grid_file, preset.to_dict())
-    configs = preset.configs()
-    if only:
-        wanted = tuple(only)
-        configs = [c for c in configs if c.id.startswith(wanted)]
     t0 = time.time()
     deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
@@ -775,7 +883,7 @@ def run_grid(
         if entry["state"] == "done":  # the table grows as configurations finish
             write_table(collect_rows(out, preset), out)
         say(f"[{i}/{n}] {entry['config']}: {entry['state']} ({entry.get('seconds', 0):.0f} s)")
-        if entry["state"] == "failed":
+        if "error" in entry:
             say(entry["error"])
 
     if workers == 1:  # in this process: the ground truth's progress bar, rung-by-rung log
@@ -794,6 +902,7 @@ def run_grid(
     seconds = time.time() - t0
     record = {
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(),
         "preset": preset.name,
         "workers": workers,
         "max_minutes": max_minutes,
@@ -801,6 +910,7 @@ def run_grid(
         "configs": {e["config"]: e["state"] for e in log_entries},
         "config_seconds": {e["config"]: round(e.get("seconds", 0.0), 1) for e in log_entries},
         "errors": {e["config"]: e["error"] for e in log_entries if e["state"] == "failed"},
+        "busy": {e["config"]: e["error"] for e in log_entries if e["state"] == BUSY},
     }
     with open(out / "run_log.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -817,6 +927,90 @@ def collect_rows(out: str | Path, preset: Preset) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class ReproducePlan:
+    """A validated ``reproduce`` request: the grid (overrides applied), where, which
+    configurations, how. Built by :func:`reproduce_plan` before any work."""
+
+    grid: Preset
+    out: Path
+    configs: tuple[RunConfig, ...]
+    only: tuple[str, ...] | None
+    workers: int
+    max_minutes: float | None
+
+
+def reproduce_plan(
+    preset: str | Preset,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    max_minutes: float | None = None,
+    only: Iterable[str] | None = None,
+    seeds: Iterable[int] | None = None,
+    max_dense_gib: float | None = None,
+    matched_steps: bool = False,
+) -> ReproducePlan:
+    """Check every argument of :func:`reproduce` and return the plan; writes nothing.
+
+    Raises ``ValueError``/``TypeError`` naming the argument (an unknown preset, ``workers``
+    < 1, negative ``max_minutes``, seeds that are not integers >= 0, ``max_dense_gib`` <= 0,
+    ``only`` matching no configuration), ``NotADirectoryError`` if ``out`` is or lies under
+    a file and ``PermissionError`` if it cannot be written.
+    """
+    if isinstance(preset, str):
+        grid = get_preset(preset)
+    elif isinstance(preset, Preset):
+        grid = preset
+    else:
+        raise TypeError(f"preset must be a preset name or a Preset, got {type(preset).__name__}.")
+    check_int("workers", workers, low=1)
+    _check_max_minutes(max_minutes)
+    if seeds is not None:
+        grid = replace(grid, seeds=tuple(seeds))
+    if max_dense_gib is not None:
+        gib = check_number("max_dense_gib", max_dense_gib, low=0.0, strict_low=True)
+        grid = replace(grid, max_dense_bytes=gib * 2**30)
+    if matched_steps:
+        grid = replace(grid, lds=replace(grid.lds, matched_steps=True))
+    configs = select_configs(grid, only)
+    wanted = None if only is None else tuple((only,) if isinstance(only, str) else only)
+    return ReproducePlan(
+        grid=grid,
+        out=check_directory(out, writable=True),
+        configs=tuple(configs),
+        only=wanted,
+        workers=workers,
+        max_minutes=max_minutes,
+    )
+
+
+def run_plan(
+    plan: ReproducePlan,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[GridRun, Path | None]:
+    """Run ``plan``'s grid (resuming finished work) and write the report; return what ran and
+    ``out/report.md``, or None when no configuration has finished (nothing to report)."""
+    from curvinf.report import write_report
+
+    result = run_grid(
+        plan.grid,
+        plan.out,
+        workers=plan.workers,
+        max_minutes=plan.max_minutes,
+        only=plan.only,
+        progress=progress,
+        log=log,
+    )
+    say = log or (lambda msg: None)
+    for e in result.failed:
+        say(f"{e['config']} failed: {e['error']}")
+    say(f"{len(result.rows)} rows in {result.table} after {result.seconds / 60:.1f} min")
+    return result, write_report(plan.out) if result.rows else None
+
+
 def reproduce(
     preset: str | Preset,
     out: str | Path,
@@ -830,47 +1024,48 @@ def reproduce(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """The ``curvinf reproduce`` command: run (or resume) the grid, then write the report.
+    """Run (or resume) the grid, then write the report (:func:`reproduce_plan`, then
+    :func:`run_plan`).
 
     ``seeds``, ``max_dense_gib`` and ``matched_steps`` override the preset's seeds,
     dense-matrix cap and LDS retraining length (a different value gives different
-    configuration ids). Returns ``out/report.md``.
+    configuration ids). Every argument is checked before any work. Returns
+    ``out/report.md``; raises ``RuntimeError`` if no configuration has finished.
     """
-    from curvinf.report import write_report
-
-    grid = get_preset(preset) if isinstance(preset, str) else preset
-    if seeds is not None:
-        grid = replace(grid, seeds=tuple(seeds))
-    if max_dense_gib is not None:
-        grid = replace(grid, max_dense_bytes=float(max_dense_gib) * 2**30)
-    if matched_steps:
-        grid = replace(grid, lds=replace(grid.lds, matched_steps=True))
-    result = run_grid(
-        grid, out, workers=workers, max_minutes=max_minutes, only=only, progress=progress, log=log
+    plan = reproduce_plan(
+        preset,
+        out,
+        workers=workers,
+        max_minutes=max_minutes,
+        only=only,
+        seeds=seeds,
+        max_dense_gib=max_dense_gib,
+        matched_steps=matched_steps,
     )
-    say = log or (lambda msg: None)
-    failed = [e for e in result.log if e["state"] == "failed"]
-    for e in failed:
-        say(f"{e['config']} failed: {e['error']}")
-    say(f"{len(result.rows)} rows in {result.table} after {result.seconds / 60:.1f} min")
-    if not result.rows:
+    _, report = run_plan(plan, progress=progress, log=log)
+    if report is None:
         raise RuntimeError("no configuration finished, so there is nothing to report.")
-    return write_report(out)
+    return report
 
 
 __all__ = [
+    "BUSY",
     "COLUMNS",
     "PRESETS",
     "GridRun",
     "LDSSettings",
     "Preset",
+    "ReproducePlan",
     "RunConfig",
     "collect_rows",
     "get_preset",
     "read_table",
     "reg_label",
     "reproduce",
+    "reproduce_plan",
     "run_config",
     "run_grid",
+    "run_plan",
+    "select_configs",
     "write_table",
 ]

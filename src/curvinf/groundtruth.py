@@ -44,7 +44,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,8 @@ from curvinf.retrain import (
 )
 from curvinf.storage import (
     CorruptFileError,
-    StoreBusyError,
     StoreLock,
+    check_directory,
     read_blob,
     read_json,
     remove_temporaries,
@@ -79,7 +79,7 @@ from curvinf.storage import (
     write_json,
 )
 from curvinf.training import TrainingRecipe, train
-from curvinf.validation import check_choice, check_xy
+from curvinf.validation import check_choice, check_int, check_number, check_xy
 
 FORMAT = 1
 LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss}
@@ -126,14 +126,16 @@ class GroundTruthConfig:
         check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.recipe, TrainingRecipe):
             raise TypeError(f"recipe must be a TrainingRecipe, got {type(self.recipe).__name__}.")
-        if self.depth < 0 or self.width < 1:
-            raise ValueError(f"need depth >= 0 and width >= 1, got {self.depth}, {self.width}.")
-        if self.num_subsets < 2:
-            raise ValueError(f"num_subsets must be >= 2, got {self.num_subsets}.")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"alpha (subset fraction) must lie in (0, 1), got {self.alpha}.")
-        if self.num_seeds < 1:
-            raise ValueError(f"num_seeds must be >= 1, got {self.num_seeds}.")
+        check_int("depth", self.depth, low=0)
+        check_int("width", self.width, low=1)
+        check_int("model_seed", self.model_seed, low=0)
+        check_int("num_subsets", self.num_subsets, low=2)
+        check_fraction("alpha (subset fraction)", self.alpha)
+        check_int("num_seeds", self.num_seeds, low=1)
+        check_int("seed", self.seed, low=0)
+        for name in ("matched_steps", "vary_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.measure == "margin" and self.loss != "ce":
             raise ValueError("measure='margin' needs loss='ce'; use measure='loss'.")
 
@@ -207,6 +209,32 @@ class GroundTruth:
     def lds(self, scores: torch.Tensor, **kwargs: Any) -> LDSResult:
         """:func:`curvinf.lds.lds` of ``scores`` (Q, N) against this ground truth."""
         return lds(scores, self.masks, self.truth, **kwargs)
+
+
+def check_fraction(name: str, value: object) -> float:
+    """``value`` as a float if it is a number strictly between 0 and 1; else raise naming it."""
+    v = check_number(name, value, low=0.0, high=1.0, strict_low=True)
+    if v >= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1), got {value!r}.")
+    return v
+
+
+def take_queries(data: DataSplit, num_queries: int, name: str = "num_queries") -> DataSplit:
+    """``data`` with only its first ``num_queries`` query points (0: all of them).
+
+    Refuses a negative count and more queries than ``data`` has (a slice would silently
+    take fewer).
+    """
+    check_int(name, num_queries, low=0)
+    available = len(data.X_query)
+    if num_queries > available:
+        raise ValueError(
+            f"{name} is {num_queries} but {data.name} has {available} query points; pass at "
+            f"most {available} (0: all)."
+        )
+    if num_queries in (0, available):
+        return data
+    return replace(data, X_query=data.X_query[:num_queries], y_query=data.y_query[:num_queries])
 
 
 def retrain_seed(seed: int, subset: int, replicate: int, purpose: str = "batches") -> int:
@@ -298,18 +326,23 @@ def ground_truth(
 ) -> GroundTruth:
     """Build, resume or load the LDS ground truth of ``config`` on ``data``.
 
+    A finished store is loaded without taking its lock or writing anything, so it can
+    be read from a read-only directory; building or resuming needs write access.
+
     Args:
         data: the train/query split (queries are every row of ``data.X_query``).
         config: model, recipe, measurement, subsets and seeds.
         store_dir: parent directory; the store is ``store_dir/<store_name>``.
-            If ``store_dir`` itself holds a ``manifest.json`` it is used as the
-            store, and must match the request.
+            If ``store_dir`` itself holds a ``manifest.json`` (or is named like the
+            store) it is used as the store, and must match the request.
         progress: draw a progress bar over models x epochs.
         models_per_chunk: models trained together and written as one file;
             default: as many as ``max_memory_bytes`` allows, at most 100, chunks
-            of equal size. An existing store keeps the layout it was created with.
+            of equal size. An existing store keeps the layout it was created with,
+            and a manifest rebuilt after it was lost takes the layout of the chunk
+            files on disk.
         max_memory_bytes: memory budget of one chunk (rough estimate,
-            :func:`curvinf.retrain.bytes_per_model`).
+            :func:`curvinf.retrain.bytes_per_model`); a finite number > 0.
         repair: recompute corrupt or missing chunk files (and a corrupt
             manifest) with a message, instead of raising.
         warn_factor, warn_margin: a retrained metric ``a`` is "far" from the
@@ -318,12 +351,17 @@ def ground_truth(
         log: where messages go (default: stderr).
 
     Returns:
-        :class:`GroundTruth`.
+        :class:`GroundTruth`. The manifest's ``summary`` is written by the run that
+        completes the store; ``GroundTruth.warnings`` uses this call's thresholds.
 
     Raises:
-        ValueError: the store at ``store_dir`` was built for another request.
+        ValueError: the store at ``store_dir`` was built for another request, or an
+            argument is out of range (``TypeError`` for a wrong type).
         CorruptFileError: a store file is damaged and ``repair`` is False.
         FloatingPointError: a retrained model diverged.
+        NotADirectoryError, PermissionError: ``store_dir`` is a file, or the store
+            must be written and cannot be.
+        StoreBusyError: another process is building the same store.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     if not isinstance(config, GroundTruthConfig):
@@ -332,6 +370,11 @@ def ground_truth(
         raise TypeError(
             f"data must be a DataSplit (curvinf.load_dataset), got {type(data).__name__}."
         )
+    if models_per_chunk is not None:
+        check_int("models_per_chunk", models_per_chunk, low=1)
+    check_number("max_memory_bytes", max_memory_bytes, low=0.0, strict_low=True)
+    check_number("warn_factor", warn_factor, low=0.0)
+    check_number("warn_margin", warn_margin)
     data = data.to(DTYPES[config.dtype])
     loss = config.make_loss()
     model = config.make_model(data)
@@ -346,14 +389,14 @@ def ground_truth(
 
     request = store_request(config, data)
     key = request_hash(request)
-    store_dir = Path(store_dir)
-    path = (
-        store_dir
-        if (store_dir / "manifest.json").exists()
-        else store_dir / store_name(config, data)
-    )
-    path.mkdir(parents=True, exist_ok=True)
-
+    path = _store_path(check_directory(store_dir, name="store_dir"), store_name(config, data))
+    stored = _stored_manifest(path)
+    if stored is not None:
+        _check_request(stored, request, key, path)
+        finished = _load_finished(path, stored, config, data, warn_factor, warn_margin)
+        if finished is not None:
+            return finished
+    _make_store_dir(path)
     with StoreLock(path):
         for leftover in remove_temporaries(path):
             say(f"removed {leftover.name}, a partial file left by an interrupted run")
@@ -375,6 +418,71 @@ def ground_truth(
         )
 
 
+def _store_path(store_dir: Path, name: str) -> Path:
+    """The store directory: ``store_dir`` itself if it is a store (it has a manifest, or it
+    is named like this request's store), else ``store_dir/name``."""
+    if (store_dir / "manifest.json").exists() or store_dir.name == name:
+        return store_dir
+    return store_dir / name
+
+
+def _make_store_dir(path: Path) -> None:
+    """Create the store directory, or raise a ``PermissionError`` that says what to do."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except PermissionError as err:
+        raise PermissionError(
+            f"cannot create the ground-truth store {path}: {err.filename} is not writable; "
+            "choose a writable store directory (CLI --out) or change its permissions."
+        ) from err
+
+
+def _stored_manifest(path: Path) -> dict[str, Any] | None:
+    """The store's manifest if it exists and is well formed, else None (read only)."""
+    try:
+        manifest = read_json(path / "manifest.json")
+    except (CorruptFileError, OSError):
+        return None
+    ok = isinstance(manifest, dict) and "request" in manifest and "layout" in manifest
+    return manifest if ok else None
+
+
+def _check_request(manifest: dict[str, Any], request: dict[str, Any], key: str, path: Path) -> None:
+    """Raise ``ValueError`` listing the differences if the store was built for another request."""
+    if manifest["request"] != request or manifest.get("key") != key:
+        diffs = _differences(manifest["request"], request)
+        raise ValueError(
+            f"the store at {path} was built for a different request; differences "
+            f"(stored vs requested): {'; '.join(diffs) or 'key only'}. Use another output "
+            "directory, or delete this store to rebuild it."
+        )
+
+
+def _load_finished(
+    path: Path,
+    manifest: dict[str, Any],
+    config: GroundTruthConfig,
+    data: DataSplit,
+    warn_factor: float,
+    warn_margin: float,
+) -> GroundTruth | None:
+    """A finished store read without its lock and without writing, or None if the manifest
+    does not say it is complete or any file fails to verify (the locked path then decides)."""
+    if not manifest.get("progress", {}).get("complete"):
+        return None
+    key = manifest["key"]
+    base = _verified(path / "base.pt", key, {})
+    if base is None or "params" not in base:
+        return None
+    chunks = {}
+    for c in range(manifest["layout"]["num_chunks"]):
+        a, b = _chunk_range(manifest, c)
+        chunks[c] = _verified(_chunk_path(path, c), key, {"start": a, "stop": b})
+        if chunks[c] is None:
+            return None
+    return _assemble(path, manifest, config, data, base, chunks, warn_factor, warn_margin, 0)
+
+
 def _default_chunk(
     config: GroundTruthConfig, data: DataSplit, model: nn.Module, max_memory_bytes: float
 ) -> int:
@@ -384,6 +492,21 @@ def _default_chunk(
     cap = max(1, min(DEFAULT_MAX_CHUNK, int(max_memory_bytes // per_model)))
     num_chunks = math.ceil(config.num_models / cap)
     return math.ceil(config.num_models / num_chunks)
+
+
+def _chunk_size_on_disk(path: Path, key: str) -> int | None:
+    """Models per chunk of the store's chunk files, from the first one that verifies (each
+    records its model range ``start..stop``), or None if there is none."""
+    for file in sorted(path.glob("chunk-*.pt")):
+        index = file.stem.removeprefix("chunk-")
+        blob = _verified(file, key, {}) if index.isdigit() else None
+        if blob is None or not isinstance(blob.get("start"), int):
+            continue
+        index, start, stop = int(index), blob["start"], blob["stop"]
+        size = stop - start if index == 0 else start // index
+        if size >= 1 and start == index * size:
+            return size
+    return None
 
 
 def _open_manifest(
@@ -397,6 +520,9 @@ def _open_manifest(
     repair: bool,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
+    """The store's manifest: the existing one, or a new one whose layout is that of the
+    chunk files already on disk (a lost manifest), else ``models_per_chunk`` or the
+    memory budget's default."""
     file = path / "manifest.json"
     if file.exists():
         try:
@@ -415,13 +541,7 @@ def _open_manifest(
                 ) from err
             say(f"{err} Rebuilding the manifest; chunks that verify are kept, the rest recomputed.")
         else:
-            if manifest["request"] != request or manifest.get("key") != key:
-                diffs = _differences(manifest["request"], request)
-                raise ValueError(
-                    f"the store at {path} was built for a different request; differences "
-                    f"(stored vs requested): {'; '.join(diffs) or 'key only'}. Use another output "
-                    "directory, or delete this store to rebuild it."
-                )
+            _check_request(manifest, request, key, path)
             if (
                 models_per_chunk is not None
                 and models_per_chunk != manifest["layout"]["models_per_chunk"]
@@ -431,10 +551,16 @@ def _open_manifest(
                     f"per chunk; keeping that (requested {models_per_chunk})"
                 )
             return manifest
-    if models_per_chunk is None:
+    on_disk = _chunk_size_on_disk(path, key)
+    if on_disk is not None:
+        asked = f", not the requested {models_per_chunk}" if models_per_chunk != on_disk else ""
+        say(
+            f"rebuilding the manifest of {path.name} from its chunk files: {on_disk} models per "
+            f"chunk{asked if models_per_chunk else ''}; finished chunks are kept"
+        )
+        models_per_chunk = on_disk
+    elif models_per_chunk is None:
         models_per_chunk = _default_chunk(config, data, config.make_model(data), max_memory_bytes)
-    if models_per_chunk < 1:
-        raise ValueError(f"models_per_chunk must be >= 1, got {models_per_chunk}.")
     num_models = config.num_models
     manifest = {
         "format": FORMAT,
@@ -485,18 +611,32 @@ def _chunk_range(manifest: dict[str, Any], index: int) -> tuple[int, int]:
     return index * size, min(total, (index + 1) * size)
 
 
+def _checked_blob(file: Path, key: str, expect: dict[str, Any]) -> dict:
+    """The blob in ``file`` if it verifies, belongs to store ``key`` and holds ``expect``;
+    else ``CorruptFileError``."""
+    blob = read_blob(file)
+    if not isinstance(blob, dict) or blob.get("key") != key:
+        raise CorruptFileError(f"{file} belongs to another store (key mismatch).")
+    for k, v in expect.items():
+        if blob.get(k) != v:
+            raise CorruptFileError(f"{file} holds {k}={blob.get(k)!r}, expected {v!r}.")
+    return blob
+
+
+def _verified(file: Path, key: str, expect: dict[str, Any]) -> dict | None:
+    """:func:`_checked_blob`, or None if the file is missing, unreadable or fails the checks."""
+    try:
+        return _checked_blob(file, key, expect)
+    except (CorruptFileError, OSError):
+        return None
+
+
 def _read_checked(
     file: Path, key: str, expect: dict[str, Any], repair: bool, say: Callable[[str], None]
 ) -> dict | None:
     """A verified blob, or None (after a message) if damaged and ``repair``."""
     try:
-        blob = read_blob(file)
-        if not isinstance(blob, dict) or blob.get("key") != key:
-            raise CorruptFileError(f"{file} belongs to another store (key mismatch).")
-        for k, v in expect.items():
-            if blob.get(k) != v:
-                raise CorruptFileError(f"{file} holds {k}={blob.get(k)!r}, expected {v!r}.")
-        return blob
+        return _checked_blob(file, key, expect)
     except CorruptFileError as err:
         if not repair:
             raise CorruptFileError(
@@ -505,6 +645,16 @@ def _read_checked(
         say(f"{err} Recomputing it.")
         file.unlink(missing_ok=True)
         return None
+
+
+def _retraining_plan(
+    config: GroundTruthConfig, n: int
+) -> tuple[torch.Tensor, torch.Tensor, TrainingRecipe]:
+    """The (M, N) subset masks, the (M, R) batch seeds and the retraining recipe."""
+    masks = make_subsets(n, config.num_subsets, config.alpha, config.seed)
+    seeds = retrain_seeds(config.seed, config.num_subsets, config.num_seeds)
+    sub = subset_recipe(config.recipe, n, int(masks[0].sum()), config.matched_steps)
+    return masks, seeds, sub
 
 
 def _build(
@@ -522,11 +672,8 @@ def _build(
 ) -> GroundTruth:
     key = manifest["key"]
     X, y = data.train
-    Xq, yq = data.query
-    n, R = len(X), config.num_seeds
-    masks = make_subsets(n, config.num_subsets, config.alpha, config.seed)
-    seeds = retrain_seeds(config.seed, config.num_subsets, R)
-    sub = subset_recipe(config.recipe, n, int(masks[0].sum()), config.matched_steps)
+    n = len(X)
+    masks, seeds, sub = _retraining_plan(config, n)
     run = {
         "started": _now(),
         "wall_s": 0.0,
@@ -609,10 +756,36 @@ def _build(
                 run["chunks_written"].append(c)
                 save_manifest()
 
-    # Assemble (M, R, ...) arrays in model order.
-    M = config.num_subsets
+    was_complete = manifest["progress"]["complete"]
+    old_summary = manifest.get("summary")
+    manifest["progress"]["complete"] = True
+    gt = _assemble(
+        path, manifest, config, data, base, chunks, warn_factor, warn_margin, run["models_trained"]
+    )
+    manifest["summary"] = _summary(gt)
+    if not was_complete or json.loads(json.dumps(manifest["summary"])) != old_summary:
+        save_manifest(worked=False)  # a plain load of a finished store writes nothing
+    return gt
+
+
+def _assemble(
+    path: Path,
+    manifest: dict[str, Any],
+    config: GroundTruthConfig,
+    data: DataSplit,
+    base: dict[str, Any],
+    chunks: dict[int, dict],
+    warn_factor: float,
+    warn_margin: float,
+    models_trained: int,
+) -> GroundTruth:
+    """The :class:`GroundTruth` of verified ``base`` and ``chunks`` blobs (every chunk),
+    with health warnings under this call's thresholds (also issued as warnings)."""
+    masks, seeds, sub = _retraining_plan(config, len(data.X_train))
+    M, R = config.num_subsets, config.num_seeds
+    order = range(manifest["layout"]["num_chunks"])
     cat = {
-        k: torch.cat([chunks[c][k] for c in range(num_chunks)])
+        k: torch.cat([chunks[c][k] for c in order])
         for k in ("measurements", "train_loss", "query_loss")
     }
     measurements = cat["measurements"].reshape(M, R, -1)
@@ -620,10 +793,7 @@ def _build(
     query_loss = cat["query_loss"].reshape(M, R)
     query_accuracy = None
     if chunks[0].get("query_accuracy") is not None:
-        query_accuracy = torch.cat(
-            [chunks[c]["query_accuracy"] for c in range(num_chunks)]
-        ).reshape(M, R)
-    truth = measurements.mean(1)
+        query_accuracy = torch.cat([chunks[c]["query_accuracy"] for c in order]).reshape(M, R)
     base_metrics = {k: float(base[k][0]) for k in ("train_loss", "query_loss")}
     base_metrics["query_accuracy"] = (
         float(base["query_accuracy"][0]) if base.get("query_accuracy") is not None else None
@@ -640,24 +810,9 @@ def _build(
         margin=warn_margin,
     )
     for msg in found:
-        warnings.warn(msg, RetrainingWarning, stacklevel=3)
-    was_complete = manifest["progress"]["complete"]
-    old_summary = manifest.get("summary")
-    manifest["progress"]["complete"] = True
-    manifest["summary"] = {
-        "base": base_metrics,
-        "retrained_median": {
-            "train_loss": float(train_loss.median()),
-            "query_loss": float(query_loss.median()),
-            "query_accuracy": None if query_accuracy is None else float(query_accuracy.median()),
-        },
-        "truth_mean": float(truth.mean()),
-        "warnings": found,
-    }
-    if not was_complete or json.loads(json.dumps(manifest["summary"])) != old_summary:
-        save_manifest(worked=False)  # a plain load of a finished store writes nothing
+        warnings.warn(msg, RetrainingWarning, stacklevel=4)
     return GroundTruth(
-        truth=truth,
+        truth=measurements.mean(1),
         masks=masks,
         seeds=seeds,
         measurements=measurements,
@@ -668,10 +823,25 @@ def _build(
         warnings=found,
         path=path,
         manifest=manifest,
-        models_trained=run["models_trained"],
+        models_trained=models_trained,
         config=config,
         base_params=base["params"],
     )
+
+
+def _summary(gt: GroundTruth) -> dict[str, Any]:
+    """The manifest's ``summary``: base and median retrained metrics, mean truth, warnings."""
+    acc = gt.query_accuracy
+    return {
+        "base": gt.base,
+        "retrained_median": {
+            "train_loss": float(gt.train_loss.median()),
+            "query_loss": float(gt.query_loss.median()),
+            "query_accuracy": None if acc is None else float(acc.median()),
+        },
+        "truth_mean": float(gt.truth.mean()),
+        "warnings": gt.warnings,
+    }
 
 
 def _train_chunk(
@@ -821,18 +991,36 @@ def health_warnings(
 __all__ = [
     "GroundTruth",
     "GroundTruthConfig",
+    "GroundTruthJob",
     "RetrainingWarning",
     "data_fingerprint",
     "ground_truth",
+    "groundtruth_job",
     "health_warnings",
     "retrain_seed",
     "retrain_seeds",
+    "run_groundtruth",
     "store_name",
     "store_request",
+    "take_queries",
 ]
 
 
-def run_groundtruth(
+@dataclass(frozen=True)
+class GroundTruthJob:
+    """A validated ``curvinf groundtruth`` command line, ready for :func:`run_groundtruth`."""
+
+    data: DataSplit
+    config: GroundTruthConfig
+    out: Path
+    models_per_chunk: int | None
+    max_memory_bytes: float
+    threads: int
+    repair: bool
+    progress: bool
+
+
+def groundtruth_job(
     *,
     out: str,
     dataset: str,
@@ -858,61 +1046,88 @@ def run_groundtruth(
     threads: int,
     repair: bool,
     progress: bool,
-) -> GroundTruth:
-    """The ``curvinf groundtruth`` command: build or resume a store, print where it is."""
-    from dataclasses import replace
+) -> GroundTruthJob:
+    """Check every ``curvinf groundtruth`` option (before any work) and return the job.
 
-    from rich.console import Console
-
+    Raises ``ValueError``/``TypeError`` naming the option, ``NotADirectoryError`` if
+    ``out`` is (or lies under) a file.
+    """
     from curvinf.data import load_dataset
 
+    for name, value, low in (
+        ("--depth", depth, 0),
+        ("--width", width, 1),
+        ("--epochs", epochs, 1),
+        ("--batch-size", batch_size, 1),
+        ("--seed", seed, 0),
+        ("--subsets", subsets, 2),
+        ("--seeds", seeds, 1),
+        ("--subset-seed", subset_seed, 0),
+        ("--chunk", chunk, 0),
+        ("--threads", threads, 0),
+    ):
+        check_int(name, value, low=low)
+    check_fraction("--alpha", alpha)
+    check_number("--memory-gib", memory_gib, low=0.0, strict_low=True)
+    out_dir = check_directory(out, name="--out")
+    data = take_queries(load_dataset(dataset, seed=seed), queries, name="--queries")
+    config = GroundTruthConfig(
+        depth=depth,
+        width=width,
+        activation=activation,
+        model_seed=seed,
+        recipe=TrainingRecipe(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+        ),
+        loss="ce" if data.task == "classification" else "mse",
+        measure=measure,
+        num_subsets=subsets,
+        alpha=alpha,
+        num_seeds=seeds,
+        seed=subset_seed,
+        matched_steps=matched_steps,
+        vary_init=vary_init,
+    )
+    return GroundTruthJob(
+        data=data,
+        config=config,
+        out=out_dir,
+        models_per_chunk=chunk or None,
+        max_memory_bytes=memory_gib * 2**30,
+        threads=threads,
+        repair=repair,
+        progress=progress,
+    )
+
+
+def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
+    """The ``curvinf groundtruth`` command's work: build or resume the store of ``job``,
+    print a summary (stderr) and the store's path (stdout)."""
+    from rich.console import Console
+
     console = Console(stderr=True)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        data = load_dataset(dataset, seed=seed)
-        if queries:
-            data = replace(data, X_query=data.X_query[:queries], y_query=data.y_query[:queries])
-        config = GroundTruthConfig(
-            depth=depth,
-            width=width,
-            activation=activation,
-            model_seed=seed,
-            recipe=TrainingRecipe(
-                lr=lr,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                batch_size=batch_size,
-                epochs=epochs,
-                seed=seed,
-            ),
-            loss="ce" if data.task == "classification" else "mse",
-            measure=measure,
-            num_subsets=subsets,
-            alpha=alpha,
-            num_seeds=seeds,
-            seed=subset_seed,
-            matched_steps=matched_steps,
-            vary_init=vary_init,
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
+        gt = ground_truth(
+            job.data,
+            job.config,
+            job.out,
+            progress=job.progress,
+            models_per_chunk=job.models_per_chunk,
+            max_memory_bytes=job.max_memory_bytes,
+            repair=job.repair,
+            log=lambda msg: console.print(msg, style="yellow"),
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
-            gt = ground_truth(
-                data,
-                config,
-                out,
-                progress=progress,
-                models_per_chunk=chunk or None,
-                max_memory_bytes=memory_gib * 2**30,
-                repair=repair,
-                log=lambda msg: console.print(msg, style="yellow"),
-            )
-    except (ValueError, FloatingPointError, StoreBusyError) as err:
-        console.print(f"error: {err}", style="bold red")  # CorruptFileError is a ValueError
-        raise SystemExit(1) from err
-    summary = gt.manifest["summary"]["retrained_median"]
+    summary = _summary(gt)["retrained_median"]
     console.print(
-        f"{config.num_models} models ({gt.models_trained} trained now), "
+        f"{job.config.num_models} models ({gt.models_trained} trained now), "
         f"{gt.manifest['cost']['wall_s_total']:.1f} s in all; median retrained train loss "
         f"{summary['train_loss']:.4g}, query loss {summary['query_loss']:.4g}; base model "
         f"{gt.base['train_loss']:.4g}, {gt.base['query_loss']:.4g}"

@@ -33,14 +33,25 @@ class CorruptFileError(ValueError):
 
 
 class StoreBusyError(RuntimeError):
-    """Another process holds the store's lock."""
+    """Another process holds the store's lock; ``pid`` is its process id when known."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    with open(tmp, "wb") as fh:
+    try:
+        fh = open(tmp, "wb")
+    except PermissionError as err:
+        raise PermissionError(
+            f"cannot write {path}: {path.parent} is not writable; make it writable, or use "
+            "another output directory."
+        ) from err
+    with fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -119,27 +130,74 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 
 
 class StoreLock:
-    """Exclusive, non-blocking lock on ``directory`` (file ``.lock``); a context manager."""
+    """Exclusive, non-blocking lock on ``directory`` (file ``.lock``); a context manager.
 
-    def __init__(self, directory: str | Path) -> None:
+    The holder writes its process id into the lock file, so a process that finds the
+    lock taken can say who holds it (:attr:`StoreBusyError.pid`). ``purpose`` completes
+    the busy message: "<directory> is being <purpose> by another process".
+    """
+
+    def __init__(self, directory: str | Path, purpose: str = "built") -> None:
         self.path = Path(directory) / ".lock"
+        self.purpose = purpose
         self._fh: Any = None
 
     def __enter__(self) -> StoreLock:
-        self._fh = open(self.path, "a")
+        try:
+            self._fh = open(self.path, "a+")
+        except PermissionError as err:
+            raise PermissionError(
+                f"cannot take the lock {self.path}: {self.path.parent} is not writable; make it "
+                "writable, or use another output directory."
+            ) from err
         try:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
+            pid = _lock_owner(self._fh)
             self._fh.close()
             raise StoreBusyError(
-                f"{self.path.parent} is being built by another process (its lock is held); wait "
-                "for it to finish or use another output directory."
+                f"{self.path.parent} is being {self.purpose} by another process "
+                f"(pid {pid or 'unknown'}; it holds {self.path}); wait for it to finish or use "
+                "another output directory.",
+                pid=pid,
             ) from err
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"{os.getpid()}\n")
+        self._fh.flush()
         return self
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
         self._fh.close()
+
+
+def _lock_owner(fh: Any) -> int | None:
+    """The process id a lock holder wrote into its lock file, or None if unreadable."""
+    fh.seek(0)
+    text = fh.read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def check_directory(path: str | Path, *, name: str = "out", writable: bool = False) -> Path:
+    """``path`` as a ``Path`` if it is a directory or can be created as one; else raise.
+
+    Raises ``NotADirectoryError`` if ``path`` or one of its parents is a file, and (with
+    ``writable``) ``PermissionError`` if the directory, or the existing parent it would be
+    created in, cannot be written. Nothing is created.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise NotADirectoryError(f"{name} {path} {where}; pass a directory.")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        where = "is" if existing == path else f"would be created in {existing}, which is"
+        raise PermissionError(
+            f"{name} {path} {where} not writable; choose a writable directory or change its "
+            "permissions."
+        )
+    return path
 
 
 __all__ = [
@@ -148,6 +206,7 @@ __all__ = [
     "StoreLock",
     "atomic_write",
     "canonical_json",
+    "check_directory",
     "read_blob",
     "read_json",
     "remove_temporaries",

@@ -781,7 +781,18 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_sweep_cli(
+@dataclass(frozen=True)
+class SweepJob:
+    """A validated ``curvinf sweep-regularization`` command line, for :func:`run_sweep_cli`."""
+
+    settings: SweepSettings
+    out: Path
+    figures: Path
+    threads: int
+    progress: bool
+
+
+def sweep_job(
     *,
     out: str,
     dataset: str,
@@ -804,10 +815,16 @@ def run_sweep_cli(
     figures: str,
     threads: int,
     progress: bool,
-) -> None:
-    """The ``curvinf sweep-regularization`` command (options as in :class:`SweepSettings`)."""
-    if threads:
-        torch.set_num_threads(threads)
+) -> SweepJob:
+    """Check every ``curvinf sweep-regularization`` option (before any work); return the job.
+
+    Raises ``ValueError``/``TypeError`` naming the option, ``NotADirectoryError`` if
+    ``out`` or ``figures`` is (or lies under) a file, ``PermissionError`` if one cannot
+    be written.
+    """
+    from curvinf.groundtruth import take_queries
+    from curvinf.storage import check_directory
+    from curvinf.validation import check_int
 
     def floats(name: str, text: str) -> tuple[float, ...]:
         try:
@@ -815,6 +832,8 @@ def run_sweep_cli(
         except ValueError as err:
             raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}.") from err
 
+    check_int("--threads", threads, low=0)
+    check_int("--seed", seed, low=0)
     settings = SweepSettings(
         dataset=dataset,
         depth=depth,
@@ -834,11 +853,25 @@ def run_sweep_cli(
         cg_queries=cg_queries,
         cg_max_iter=cg_max_iter,
     )
+    take_queries(load_dataset(dataset, seed=seed), queries, name="--queries")  # not too many
+    return SweepJob(
+        settings=settings,
+        out=check_directory(out, name="--out", writable=True),
+        figures=check_directory(figures or Path(out) / "figures", name="--figures", writable=True),
+        threads=threads,
+        progress=progress,
+    )
+
+
+def run_sweep_cli(job: SweepJob) -> None:
+    """The ``curvinf sweep-regularization`` command's work: run, plot, print a summary."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
-    rows = run_sweep(settings, out, progress=progress)
-    figs = plot_sweep(rows, figures or Path(out) / "figures")
+    rows = run_sweep(job.settings, job.out, progress=job.progress)
+    figs = plot_sweep(rows, job.figures)
     print(summary_table(rows))
-    print(f"{len(rows)} rows in {Path(out) / 'sweep.csv'}; figures: {', '.join(map(str, figs))}")
+    print(f"{len(rows)} rows in {job.out / 'sweep.csv'}; figures: {', '.join(map(str, figs))}")
     print(f"{time.perf_counter() - t0:.0f} s")
 
 
