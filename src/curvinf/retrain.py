@@ -23,6 +23,7 @@ produces).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,9 +32,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from curvinf.losses import batch_loss, check_loss, check_targets, example_loss, example_measure
-from curvinf.training import TrainingRecipe, epoch_batches, sgd_step
-from curvinf.validation import check_model_finite, check_xy
+from curvinf.losses import batch_loss, check_loss, example_loss, example_measure
+from curvinf.params import evaluation_copy, trainable_parameters
+from curvinf.training import TrainingRecipe, epoch_batches, sgd_step, training_model
 
 Params = dict[str, torch.Tensor]
 
@@ -74,20 +75,20 @@ def subset_recipe(
 
 
 def stack_params(models: list[nn.Module]) -> Params:
-    """name -> (K, *shape): the parameters of ``K`` same-shaped models, stacked."""
-    names = [n for n, _ in models[0].named_parameters()]
+    """name -> (K, *shape): the trainable parameters of ``K`` same-shaped models, stacked."""
+    names = list(trainable_parameters(models[0]))
     per_model = [dict(m.named_parameters()) for m in models]
     return {n: torch.stack([p[n].detach() for p in per_model]).clone() for n in names}
 
 
 def unstack_model(template: nn.Module, params: Params, k: int) -> nn.Module:
-    """A copy of ``template`` holding model ``k`` of the stacked ``params``."""
-    import copy
-
+    """A copy of ``template`` holding model ``k`` of the stacked ``params`` (frozen
+    parameters, absent from ``params``, keep the template's values)."""
     model = copy.deepcopy(template)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(params[n][k])
+            if n in params:
+                p.copy_(params[n][k])
     return model
 
 
@@ -139,11 +140,7 @@ def train_many(
     Returns:
         :class:`ManyResult` with the (K, ...) trained weights.
     """
-    kind = check_loss(loss)
-    check_xy(X, y, name="training data", model=model)
-    check_model_finite(model)
-    out_features = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
-    check_targets(kind, out_features, y)
+    kind, model = training_model(model, loss, X, y)
     idx = subset_indices(subsets)
     K, n = idx.shape
     seeds = [int(s) for s in torch.as_tensor(seeds).reshape(-1).tolist()]
@@ -157,7 +154,7 @@ def train_many(
     if init is None:
         params = {
             k: v.detach().unsqueeze(0).repeat(K, *([1] * v.ndim))
-            for k, v in model.named_parameters()
+            for k, v in trainable_parameters(model).items()
         }
     else:
         params = {k: v.detach().clone() for k, v in init.items()}
@@ -207,7 +204,9 @@ def train_many(
 
 
 def _per_example(model: nn.Module, kind: str, measure: str | None) -> Callable:
-    """(K params, X (N, F), y (N,...)) -> (K, N) per-example loss or measurement."""
+    """(K params, X (N, F), y (N,...)) -> (K, N) per-example loss or measurement, of the
+    eval-mode function (docs/conventions.md)."""
+    model = evaluation_copy(model)
 
     def one_model(p: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         f = functional_call(model, p, (X,))
@@ -243,7 +242,8 @@ def losses_many(
 def accuracy_many(
     model: nn.Module, params: Params, X: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
-    """(K,) classification accuracy of every stacked model on ``(X, y)``."""
+    """(K,) classification accuracy of every stacked model on ``(X, y)`` (eval mode)."""
+    model = evaluation_copy(model)
     f = vmap(lambda p: functional_call(model, p, (X,)))(params)
     return (f.argmax(-1) == y).double().mean(1)
 

@@ -10,6 +10,8 @@ The optimiser is SGD with heavy-ball momentum, PyTorch's convention:
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,7 +19,82 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from curvinf.losses import batch_loss, check_loss, check_targets
-from curvinf.validation import check_model_finite, check_xy
+from curvinf.params import evaluation_copy, trainable_parameters
+from curvinf.validation import (
+    check_int,
+    check_model_finite,
+    check_model_input,
+    check_number,
+    check_xy,
+)
+
+DIVERGENCE_FACTOR = 100.0
+MODE_DEPENDENT = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+class DivergenceWarning(UserWarning):
+    """The training loss grew by orders of magnitude: the learning rate is too large."""
+
+
+def mode_dependent_modules(model: nn.Module) -> list[str]:
+    """Names of modules in train mode that compute differently in eval mode (Dropout, BatchNorm)."""
+    return [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if m.training and isinstance(m, MODE_DEPENDENT)
+    ]
+
+
+def training_model(
+    model: nn.Module, loss: nn.Module, X: torch.Tensor, y: torch.Tensor
+) -> tuple[str, nn.Module]:
+    """Validate a training problem before any step; return the loss kind and the module to train.
+
+    The module is an eval-mode copy (docs/conventions.md: curvinf trains, differentiates
+    and measures the model's eval-mode function; Dropout off, BatchNorm on its running
+    statistics), with a warning if that differs from the mode the model was passed in.
+    Raised here, with what to do: no trainable parameters, parameters of another dtype
+    than ``X``, outputs that are not (N, outputs), targets that do not fit the outputs.
+    """
+    kind = check_loss(loss)
+    check_model_finite(model)
+    trainable = trainable_parameters(model)
+    if not trainable:
+        raise ValueError(
+            "the model has no trainable parameters (none, or all with requires_grad=False); "
+            "there is nothing to train."
+        )
+    dtypes = {p.dtype for p in trainable.values()}
+    if X.is_floating_point() and dtypes != {X.dtype}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ValueError(
+            f"the model's parameters are {names} but X is {str(X.dtype).removeprefix('torch.')}; "
+            f"convert one to match, e.g. model.to(X.dtype) or X.to({names})."
+        )
+    check_xy(X, y, name="training data")
+    out_shape = check_model_input(model, X, name="training data")
+    if len(out_shape) != 2:
+        raise ValueError(
+            f"the model must map (N, features...) to (N, outputs); it returned shape "
+            f"{tuple(out_shape)} for one example. Pool or flatten the extra dimensions "
+            "inside the model (e.g. a sequence model: pool over positions before the head)."
+        )
+    check_targets(kind, out_shape[1], y)
+    moded = mode_dependent_modules(model)
+    if moded:
+        warnings.warn(
+            f"module(s) {', '.join(moded[:5])} are in train mode (Dropout/BatchNorm); curvinf "
+            "trains and differentiates the eval-mode function (dropout off, normalisation by "
+            "running statistics), as influence functions need one deterministic model. Call "
+            "model.eval() to silence this.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return kind, evaluation_copy(model)
 
 
 @dataclass(frozen=True)
@@ -32,16 +109,14 @@ class TrainingRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}.")
-        if not 0 <= self.momentum < 1:
+        check_number("lr", self.lr, low=0, strict_low=True)
+        check_number("momentum", self.momentum, low=0)
+        if not self.momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError(
-                f"batch_size and epochs must be >= 1, got {self.batch_size} and {self.epochs}."
-            )
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_int("batch_size", self.batch_size, low=1)
+        check_int("epochs", self.epochs, low=1)
+        check_int("seed", self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,11 +173,9 @@ def train(
     The input model is left untouched. Same model, data, subset and recipe
     give the same weights, bit for bit.
     """
-    kind = check_loss(loss)
-    check_xy(X, y, name="training data", model=model)
-    check_model_finite(model)
-    out_features = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
-    check_targets(kind, out_features, y)
+    if not isinstance(recipe, TrainingRecipe):
+        raise TypeError(f"recipe must be a TrainingRecipe, got {type(recipe).__name__}.")
+    kind, module = training_model(model, loss, X, y)
     if subset is None:
         indices = torch.arange(len(X))
     else:
@@ -117,11 +190,11 @@ def train(
     if len(indices) == 0:
         raise ValueError("subset is empty; pass at least one training index.")
 
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    params = {k: v.detach().clone() for k, v in trainable_parameters(module).items()}
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}
 
     def objective(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return batch_loss(kind, functional_call(model, p, (xb,)), yb)
+        return batch_loss(kind, functional_call(module, p, (xb,)), yb)
 
     step = grad_and_value(objective)
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -138,15 +211,33 @@ def train(
                 f"training diverged (non-finite weights) in epoch {len(losses)}; "
                 f"lower the learning rate (now {recipe.lr})."
             )
+        warn_if_diverging(losses, recipe.lr)
     trained = _copy_with(model, params)
     return TrainingResult(trained, losses)
 
 
-def _copy_with(model: nn.Module, params: dict[str, torch.Tensor]) -> nn.Module:
-    import copy
+def warn_if_diverging(losses: list[float], lr: float) -> None:
+    """Warn once (at the epoch it happens) when the mean loss first exceeds
+    ``DIVERGENCE_FACTOR`` x the first epoch's: the run is diverging."""
+    if len(losses) < 2:
+        return
+    limit = DIVERGENCE_FACTOR * losses[0]
+    if losses[-1] > limit and all(v <= limit for v in losses[1:-1]):
+        warnings.warn(
+            f"the training loss grew from {losses[0]:.3g} (epoch 1) to {losses[-1]:.3g} "
+            f"(epoch {len(losses)}), over {DIVERGENCE_FACTOR:g}x: training is diverging. "
+            f"Lower the learning rate (now {lr:g}).",
+            DivergenceWarning,
+            stacklevel=3,
+        )
 
+
+def _copy_with(model: nn.Module, params: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` (its train/eval flags kept) with the trained values of ``params``;
+    frozen parameters keep their values."""
     new = copy.deepcopy(model)
     with torch.no_grad():
         for k, p in new.named_parameters():
-            p.copy_(params[k])
+            if k in params:
+                p.copy_(params[k])
     return new
