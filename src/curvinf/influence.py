@@ -26,7 +26,12 @@ from curvinf.curvature.kronecker import (
 )
 from curvinf.curvature.operators import InverseOperator, KroneckerEigenBlock
 from curvinf.losses import MEASURES, check_loss, check_targets, example_measure
-from curvinf.params import count_trainable, evaluation_copy, model_fingerprint, trainable_parameters
+from curvinf.params import (
+    check_fitted_on,
+    count_trainable,
+    evaluation_copy,
+    trainable_parameters,
+)
 from curvinf.progress import progress_bar
 from curvinf.validation import check_choice, check_int, check_model_finite, check_xy
 
@@ -276,12 +281,6 @@ def influence_scores(
     (Xt, yt), (Xq, yq) = train, query
     check_xy(Xt, yt, name="train", model=model)
     check_xy(Xq, yq, name="query", model=model)
-    D = count_trainable(model)
-    if D != inv.num_params:
-        raise ValueError(
-            f"the model has {D} trainable parameters but the inverse was fitted for "
-            f"{inv.num_params}; fit the curvature on this model."
-        )
     check_fitted_on(inv, model)
     model = evaluation_copy(model)
     with torch.no_grad():
@@ -311,20 +310,6 @@ def influence_scores(
     return scores
 
 
-def check_fitted_on(inv: InverseOperator, model: nn.Module) -> None:
-    """Raise ``ValueError`` if ``inv`` records a model fingerprint other than ``model``'s."""
-    fitted = getattr(inv, "model_fingerprint", None)
-    if fitted is None:
-        return
-    here = model_fingerprint(model)
-    if here != fitted:
-        raise ValueError(
-            f"the inverse was fitted on another model (fingerprint {fitted}, this model "
-            f"{here}): same size, different structure or weights. Fit the curvature on this "
-            "model (or load the curvature that was fitted on it)."
-        )
-
-
 def top_k(
     scores: torch.Tensor, k: int = 10, *, largest: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,4 +332,4 @@ def top_k(
     return scores.gather(1, order), order
 
 
-__all__ = ["check_fitted_on", "influence_scores", "per_example_grads", "top_k"]
+__all__ = ["influence_scores", "per_example_grads", "top_k"]

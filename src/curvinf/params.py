@@ -98,3 +98,39 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(f"p:{name}:{tuple(p.shape)};".encode())
         h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_fitted_on(
+    obj: object, model: nn.Module, *, source: str = "", required: bool = False
+) -> None:
+    """``ValueError`` unless ``model`` is the model ``obj`` (a curvature or inverse) was
+    fitted on: the same number of trainable parameters and, where ``obj`` records one
+    (``obj.model_fingerprint``), the same :func:`model_fingerprint`.
+
+    ``required``: a missing fingerprint is an error too (a file that must be checked).
+    ``source`` names where ``obj`` came from (a file) in the messages.
+    """
+    origin = f" in {source}" if source else ""
+    todo = "fit the curvature on this model" + (
+        " or load the file that was fitted on it" if source else ""
+    )
+    D = count_trainable(model)
+    if D != obj.num_params:  # type: ignore[attr-defined]
+        raise ValueError(
+            f"the model has {D} trainable parameters but the curvature{origin} was fitted "
+            f"for {obj.num_params}; {todo}."  # type: ignore[attr-defined]
+        )
+    fitted = getattr(obj, "model_fingerprint", None)
+    if fitted is None:
+        if required:
+            raise ValueError(
+                f"{source or 'the curvature'} records no model fingerprint, so it cannot be "
+                "checked against the model; refit it with fit_curvature and save it again."
+            )
+        return
+    here = model_fingerprint(model)
+    if here != fitted:
+        raise ValueError(
+            f"the curvature{origin} was fitted on another model: fingerprint {fitted}, this "
+            f"model {here} (same size, other structure or weights); {todo}."
+        )

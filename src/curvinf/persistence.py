@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from curvinf.curvature.dense import DenseCurvature, DiagonalCurvature
-from curvinf.curvature.kronecker import KroneckerCurvature, _GemmKroneckerEigenBlock
+from curvinf.curvature.kronecker import GemmKroneckerEigenBlock, KroneckerCurvature
 from curvinf.curvature.operators import (
     DEFAULT_MAX_DENSE_BYTES,
     Curvature,
@@ -66,8 +66,7 @@ from curvinf.curvature.operators import (
     KroneckerEigenBlock,
 )
 from curvinf.curvature.regularization import Regularization
-from curvinf.models import num_params
-from curvinf.params import model_fingerprint
+from curvinf.params import check_fitted_on
 from curvinf.storage import CorruptFileError, atomic_write, tensor_digest
 
 FORMAT = "curvinf.curvature"
@@ -77,7 +76,7 @@ FORMAT_VERSION = 1
 BLOCK_TYPES: dict[str, tuple[type[EigenBlock], tuple[str, ...]]] = {
     "dense": (DenseEigenBlock, ("index", "U", "evals")),
     "kronecker": (KroneckerEigenBlock, ("index", "U_out", "U_in", "evals")),
-    "kronecker_gemm": (_GemmKroneckerEigenBlock, ("index", "U_out", "U_in", "evals")),
+    "kronecker_gemm": (GemmKroneckerEigenBlock, ("index", "U_out", "U_in", "evals")),
     "diagonal": (DiagonalEigenBlock, ("index", "evals")),
 }
 
@@ -317,30 +316,6 @@ def _inverse_from_record(curv: LoadedCurvature, record: dict[str, Any]) -> Inver
     return inv
 
 
-def check_fitted_on(obj: Curvature | InverseCurvature, model: nn.Module, source: str) -> None:
-    """``ValueError`` unless ``model`` is the model ``obj`` was fitted on: the same number
-    of parameters and the same :func:`~curvinf.params.model_fingerprint`."""
-    todo = f"fit the curvature on this model or load the file that was fitted on it ({source})"
-    D = num_params(model)
-    if D != obj.num_params:
-        raise ValueError(
-            f"the model has {D} parameters but the curvature in {source} was fitted on a model "
-            f"with {obj.num_params}; {todo}."
-        )
-    saved = _fingerprint_of(obj)
-    if saved is None:
-        raise ValueError(
-            f"{source} records no model fingerprint, so it cannot be checked against the model; "
-            "refit the curvature with fit_curvature and save it again."
-        )
-    current = model_fingerprint(model)
-    if current != saved:
-        raise ValueError(
-            f"the model's fingerprint {current} differs from the fingerprint {saved} of the "
-            f"model the curvature was fitted on (other parameter values or structure); {todo}."
-        )
-
-
 def load_curvature(
     path: str | Path, model: nn.Module | None = None
 ) -> LoadedCurvature | InverseCurvature:
@@ -366,14 +341,13 @@ def load_curvature(
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CorruptFileError(f"{path} is not a valid curvature file: {err}.") from err
     if model is not None:
-        check_fitted_on(obj, model, str(path))
+        check_fitted_on(obj, model, source=str(path), required=True)
     return obj
 
 
 __all__ = [
     "FORMAT_VERSION",
     "LoadedCurvature",
-    "check_fitted_on",
     "curvature_record",
     "load_curvature",
     "save_curvature",

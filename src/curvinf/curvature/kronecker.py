@@ -381,7 +381,7 @@ def corrected_eigenvalues(
     return [c / ctx.n for c in out]
 
 
-class _GemmKroneckerEigenBlock(KroneckerEigenBlock):
+class GemmKroneckerEigenBlock(KroneckerEigenBlock):
     """:class:`KroneckerEigenBlock` whose rotations are 2-D GEMMs over all rows at once
     (``(K·out, in') @ U_in`` and ``(K·in', out) @ U_out``) instead of K small batched
     products; same numbers."""
@@ -422,7 +422,7 @@ class KroneckerCurvature(Curvature):
                 if self.corrected_evals is not None
                 else lS[:, None] * lA[None, :]
             )
-            blocks.append(_GemmKroneckerEigenBlock(ad.index, U_S, U_A, evals, ad.has_bias))
+            blocks.append(GemmKroneckerEigenBlock(ad.index, U_S, U_A, evals, ad.has_bias))
         return blocks
 
 
