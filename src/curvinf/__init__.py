@@ -1,5 +1,6 @@
 """curvinf: influence functions with a measurable ladder of curvature approximations."""
 
+from curvinf import lds  # the module; its function is lds_score (no shadowing)
 from curvinf.curvature import (
     LADDER,
     METHODS,
@@ -8,13 +9,15 @@ from curvinf.curvature import (
     Regularization,
     fit_curvature,
 )
+from curvinf.curvature.regularization import TruncationWarning
 from curvinf.data import DataSplit, load_dataset
 from curvinf.groundtruth import GroundTruth, GroundTruthConfig, ground_truth
-from curvinf.influence import influence_scores, per_example_grads
-from curvinf.lds import LDSResult, lds, make_subsets
+from curvinf.influence import influence_scores, per_example_grads, top_k
+from curvinf.lds import LDSResult, make_subsets
+from curvinf.lds import lds as lds_score
 from curvinf.models import make_mlp, num_params
 from curvinf.persistence import load_curvature, save_curvature
-from curvinf.training import TrainingRecipe, TrainingResult, train
+from curvinf.training import DivergenceWarning, TrainingRecipe, TrainingResult, train
 
 __all__ = [
     "LADDER",
@@ -32,6 +35,10 @@ __all__ = [
     "ground_truth",
     "influence_scores",
     "lds",
+    "lds_score",
+    "top_k",
+    "TruncationWarning",
+    "DivergenceWarning",
     "load_curvature",
     "load_dataset",
     "make_subsets",

@@ -32,6 +32,12 @@ from scipy.stats import rankdata
 
 from curvinf.validation import check_finite
 
+CONSTANT_TRUTH_FRACTION = 0.1
+SATURATED_HINT = (
+    "the query loss is probably saturated, e.g. a float32 loss at 0 on well-fitted queries; "
+    "measure='margin' stays informative there"
+)
+
 
 def subset_size(n_train: int, alpha: float) -> int:
     """``round(α N)``, the size of every LDS subset; raise if it is 0 or N."""
@@ -109,6 +115,8 @@ class LDSResult:
         )
         if self.constant_queries:
             text += f"; {len(self.constant_queries)} with constant ground truth left out"
+            if len(self.constant_queries) > CONSTANT_TRUTH_FRACTION * len(self.per_query):
+                text += f" ({SATURATED_HINT})"
         if self.constant_predictions:
             text += f"; {len(self.constant_predictions)} with constant predictions left out"
         return text
@@ -210,6 +218,13 @@ def lds(
             tail = 100 * (1 - confidence) / 2
             ci_low, ci_high = (float(v) for v in np.percentile(means, [tail, 100 - tail]))
 
+    if constant_truth.sum() > CONSTANT_TRUTH_FRACTION * len(constant_truth):
+        warnings.warn(
+            f"{int(constant_truth.sum())} of {len(constant_truth)} queries have the same ground "
+            f"truth on every subset and are left out of the LDS: {SATURATED_HINT}.",
+            UserWarning,
+            stacklevel=2,
+        )
     return LDSResult(
         per_query=torch.as_tensor(per_query),
         mean=mean,
