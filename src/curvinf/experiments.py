@@ -201,7 +201,7 @@ class RunConfig:
     dataset: str = "digits"
     recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
     rungs: tuple[str, ...] = LADDER
-    regularizations: tuple[Regularization, ...] = (Regularization(),)
+    regularizations: tuple[Regularization, ...] = (Regularization.paper(),)
     lds: LDSSettings = field(default_factory=LDSSettings)
     reference: str = "hessian"
     fisher: str = "type2"
@@ -294,7 +294,7 @@ class Preset:
     epochs: tuple[int, ...]
     seeds: tuple[int, ...] = (0,)
     rungs: tuple[str, ...] = LADDER
-    regularizations: tuple[Regularization, ...] = (Regularization(),)
+    regularizations: tuple[Regularization, ...] = (Regularization.paper(),)
     lds: LDSSettings = field(default_factory=LDSSettings)
     dataset: str = "digits"
     recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
