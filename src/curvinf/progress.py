@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,7 +27,8 @@ def progress_enabled(requested: bool) -> bool:
 def progress_bar(
     total: int, description: str, enabled: bool, *, delay: float = PROGRESS_DELAY_S
 ) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(k)``; draws a rich progress bar once ``delay`` seconds have passed."""
+    """Yield ``advance(k)``; draws a rich progress bar once ``delay`` seconds have passed
+    (from a timer, so a single long step shows its elapsed time while it runs)."""
     if not progress_enabled(enabled):
         yield lambda k: None
         return
@@ -40,15 +41,13 @@ def progress_bar(
         TimeRemainingColumn,
     )
 
-    start = time.perf_counter()
-    state: dict = {"done": 0, "bar": None, "task": None}
+    lock = threading.Lock()
+    state: dict = {"done": 0, "bar": None, "task": None, "closed": False}
 
-    def advance(k: int) -> None:
-        state["done"] += k
-        bar = state["bar"]
-        if bar is not None:
-            bar.advance(state["task"], k)
-        elif time.perf_counter() - start >= delay:
+    def show() -> None:
+        with lock:
+            if state["closed"]:
+                return
             bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -57,15 +56,30 @@ def progress_bar(
                 TimeRemainingColumn(),
                 transient=False,
             )
+            state["task"] = bar.add_task(description, total=total, completed=state["done"])
             bar.start()
             state["bar"] = bar
-            state["task"] = bar.add_task(description, total=total, completed=state["done"])
 
+    def advance(k: int) -> None:
+        with lock:
+            state["done"] += k
+            if state["bar"] is not None:
+                state["bar"].advance(state["task"], k)
+
+    timer = threading.Timer(delay, show)
+    timer.daemon = True
+    if delay <= 0:
+        show()
+    else:
+        timer.start()
     try:
         yield advance
     finally:
-        if state["bar"] is not None:
-            state["bar"].stop()
+        timer.cancel()
+        with lock:
+            state["closed"] = True
+            if state["bar"] is not None:
+                state["bar"].stop()
 
 
 def announce(message: str, enabled: bool) -> None:
