@@ -64,18 +64,35 @@ def per_example_grads(
     check_int("chunk_size", chunk_size, low=1)
     check_model_finite(model)
     check_xy(X, y, name="data", model=model)
-    model = evaluation_copy(model, dtype)
+    return _gradients(evaluation_copy(model, dtype), kind, measure, X, y, chunk_size)[0]
+
+
+def _gradients(
+    model: nn.Module,
+    kind: str,
+    measure: str,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    chunk_size: int,
+    fast: bool | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """:func:`per_example_grads` of a validated eval-mode ``model`` (its dtype) and whether
+    the outer-product route was taken. ``fast``: ``None`` decides (verifying the model's
+    structure on the first chunk), ``True``/``False`` reuses an earlier decision."""
+    dtype = next(model.parameters()).dtype
     params = {k: v.detach() for k, v in trainable_parameters(model).items()}
     X = X.to(dtype)
     y = y.to(dtype) if kind == "mse" else y
     D = sum(p.numel() for p in params.values())
     out = torch.empty(len(X), D, dtype=dtype)
     first = slice(0, chunk_size)
-    if _outer_product_grads(model, kind, measure, X[first], y[first], out[first], verify=True):
+    if fast is not False and _outer_product_grads(
+        model, kind, measure, X[first], y[first], out[first], verify=fast is None
+    ):
         for a in range(chunk_size, len(X), chunk_size):
             b = a + chunk_size
             _outer_product_grads(model, kind, measure, X[a:b], y[a:b], out[a:b], verify=False)
-        return out
+        return out, True
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         f = functional_call(model, p, (x[None],))[0]
@@ -87,7 +104,7 @@ def per_example_grads(
         torch.cat(
             [t.reshape(t.shape[0], -1) for t in gd.values()], dim=1, out=out[a : a + chunk_size]
         )
-    return out
+    return out, False
 
 
 def _layer_factors(
@@ -293,18 +310,21 @@ def influence_scores(
             fast = _gram_scores(model, loss, measure, inv, train, query, chunk_size, advance)
         if fast is not None:
             return fast
-        pre = []
-        for a in range(0, len(Xq), chunk_size):
-            Gq = per_example_grads(
-                model, loss, Xq[a : a + chunk_size], yq[a : a + chunk_size], measure=measure
-            )
-            pre.append(inv.apply(Gq))
-        P = torch.cat(pre)
+        model = evaluation_copy(model, torch.float64)
+        Gq, fast_route = _gradients(model, kind, measure, Xq, yq, chunk_size)
+        P = torch.cat([inv.apply(Gq[a : a + chunk_size]) for a in range(0, len(Gq), chunk_size)])
+        del Gq
         scores = torch.empty(len(Xq), len(Xt), dtype=torch.float64)
         for a in range(0, len(Xt), chunk_size):
-            Gt = per_example_grads(
-                model, loss, Xt[a : a + chunk_size], yt[a : a + chunk_size], chunk_size=chunk_size
-            )
+            Gt = _gradients(
+                model,
+                kind,
+                "loss",
+                Xt[a : a + chunk_size],
+                yt[a : a + chunk_size],
+                chunk_size,
+                fast=fast_route,
+            )[0]
             scores[:, a : a + len(Gt)] = P @ Gt.T
             advance(len(Gt))
     return scores
