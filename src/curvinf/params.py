@@ -110,6 +110,7 @@ def check_fitted_on(
     ``required``: a missing fingerprint is an error too (a file that must be checked).
     ``source`` names where ``obj`` came from (a file) in the messages.
     """
+    noun = "inverse" if hasattr(obj, "apply") else "curvature"
     origin = f" in {source}" if source else ""
     todo = "fit the curvature on this model" + (
         " or load the file that was fitted on it" if source else ""
@@ -117,7 +118,7 @@ def check_fitted_on(
     D = count_trainable(model)
     if D != obj.num_params:  # type: ignore[attr-defined]
         raise ValueError(
-            f"the model has {D} trainable parameters but the curvature{origin} was fitted "
+            f"the model has {D} trainable parameters but the {noun}{origin} was fitted "
             f"for {obj.num_params}; {todo}."  # type: ignore[attr-defined]
         )
     fitted = getattr(obj, "model_fingerprint", None)
@@ -131,6 +132,6 @@ def check_fitted_on(
     here = model_fingerprint(model)
     if here != fitted:
         raise ValueError(
-            f"the curvature{origin} was fitted on another model: fingerprint {fitted}, this "
+            f"the {noun}{origin} was fitted on another model: fingerprint {fitted}, this "
             f"model {here} (same size, other structure or weights); {todo}."
         )
