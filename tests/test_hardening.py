@@ -584,3 +584,28 @@ def test_package_names_do_not_shadow_modules():
         if attr is not None:
             assert isinstance(attr, types.ModuleType), info.name
             assert attr is importlib.import_module(f"curvinf.{info.name}")
+
+
+# ---------------------------------------------------------------- cases that already behaved well
+
+
+def test_indefinite_hessian_under_too_little_damping():
+    model, loss, X, y = problem("ce", act="tanh")
+    curv = fit_curvature("hessian", model, loss, X, y)
+    lam_min = float(curv.eigenvalues()[0])
+    assert lam_min < 0
+    with pytest.raises(ValueError, match="singular or indefinite"):
+        curv.inverse(Regularization(damping=-lam_min / 2, eps=0.0))
+    inv = curv.inverse(Regularization(damping=-2 * lam_min, eps=0.0))
+    assert inv.rank == curv.num_params
+
+
+@pytest.mark.parametrize("where", ["train X", "query X", "query y"])
+def test_inf_anywhere_in_scoring_inputs(where):
+    model, loss, X, y = problem("mse")
+    inv = fit_curvature("identity", model, loss, X, y).inverse()
+    Xq, yq = X.clone(), y.clone()
+    Xt = X.clone()
+    {"train X": Xt, "query X": Xq, "query y": yq}[where][0, 0] = math.inf
+    with pytest.raises(ValueError, match="NaN/inf"):
+        influence_scores(model, loss, inv, train=(Xt, y), query=(Xq, yq))
