@@ -6,7 +6,9 @@ point is a :class:`RunConfig` (one base model). For every configuration,
 
 1. builds or loads the LDS ground truth (:func:`curvinf.groundtruth.ground_truth`:
    ``M`` subsets of fraction ``α`` retrained ``R`` times),
-2. trains the base model (the ground truth's recipe, so the same weights),
+2. takes the base model from the ground-truth store (:meth:`GroundTruth.base_model`),
+   so every rung scores the very weights the ground truth was built around, whatever
+   the thread count of a resume,
 3. fits every rung, scores all queries against all training points under every
    regularisation, and computes the LDS with its bootstrap CI,
 4. measures each rung's error against the reference rung (the Hessian):
@@ -22,7 +24,8 @@ Result store (``out``)::
       groundtruth/<store>/            LDS ground truth stores (resumable, see groundtruth)
       runs/<config id>/
         config.json                   the configuration
-        model.pt                      base model weights (checksummed blob)
+        .lock                         held (flock, pid inside) by the process running it
+        model.pt                      the scored model: the ground truth's base model
         rungs/<rung>.pt               per rung: fit time, spectrum, scores, LDS, errors, diagnostics
         diagnostics.json              off-block mass, basis overlap curves, mismatches, shares
         rows.json                     the configuration's rows; its presence marks it done
@@ -32,6 +35,10 @@ point resumes: finished configurations are skipped, finished rungs of an
 unfinished configuration are loaded, the ground truth resumes from its last chunk.
 A rung that cannot be computed (a dense matrix over ``max_dense_bytes``) becomes a
 ``skipped`` row with the reason.
+
+Two runs into the same ``out`` share the work: a configuration whose lock another
+process holds is skipped (state :data:`BUSY`, "configuration X is being run by another
+process (pid N); skipped"), and the next run loads what the other one finished.
 """
 
 from __future__ import annotations
@@ -212,6 +219,7 @@ class RunConfig:
         check_choice("reference", self.reference, METHODS)
         _check_ints("depth", (self.depth,), 0)
         _check_ints("width/epochs", (self.width, self.epochs), 1)
+        check_int("seed", self.seed, low=0)
         if not self.rungs or len(set(self.rungs)) != len(self.rungs):
             raise ValueError(f"rungs must be non-empty and distinct, got {self.rungs}.")
         for r in self.rungs:

@@ -28,11 +28,14 @@ determines the numbers: data, model, recipe, loss, measurement, subsets, seeds):
         manifest.json      human-readable request, layout, progress, cost, summary
         base.pt            the base model's weights and metrics
         chunk-00000.pt ... one per chunk of models, checksummed, written atomically
-        .lock              held while a process builds the store
+        .lock              held while a process builds the store (its pid inside)
 
 Every chunk is written atomically (temp file, fsync, rename) before the
 manifest records it, so a run killed at any point (SIGKILL included) resumes
-from the last finished chunk and ends with the same numbers.
+from the last finished chunk and ends with the same numbers. Each chunk records
+its model range, so a lost manifest is rebuilt with the layout of the chunks on
+disk and nothing finished is retrained. A finished store is read without its lock
+and without writing (a read-only directory will do).
 """
 
 from __future__ import annotations
@@ -432,8 +435,8 @@ def _make_store_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except PermissionError as err:
         raise PermissionError(
-            f"cannot create the ground-truth store {path}: {err.filename} is not writable; "
-            "choose a writable store directory (CLI --out) or change its permissions."
+            f"cannot create the ground-truth store {path} (permission denied); choose a "
+            "writable store directory (CLI --out) or change its permissions."
         ) from err
 
 
