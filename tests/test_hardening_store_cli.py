@@ -334,6 +334,15 @@ def test_finished_store_loads_from_a_read_only_directory(tmp_path, store3, monke
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
 
 
+def test_cli_loads_a_finished_store_from_a_read_only_directory(tmp_path, cli_store, monkeypatch):
+    shutil.copytree(cli_store, tmp_path / cli_store.name)
+    with read_only(tmp_path, monkeypatch):
+        result = invoke("groundtruth", "--out", tmp_path, *CLI_STORE.split())
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / cli_store.name)
+    assert "(0 trained now)" in " ".join(result.stderr.split())
+
+
 def test_read_only_directories_give_clear_errors(tmp_path, store3, monkeypatch):
     data, config = tiny_setup()
     fresh = tmp_path / "fresh"
