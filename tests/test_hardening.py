@@ -609,3 +609,32 @@ def test_inf_anywhere_in_scoring_inputs(where):
     {"train X": Xt, "query X": Xq, "query y": yq}[where][0, 0] = math.inf
     with pytest.raises(ValueError, match="NaN/inf"):
         influence_scores(model, loss, inv, train=(Xt, y), query=(Xq, yq))
+
+
+# ---------------------------------------------------------------- the sweep's settings
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, phrase",
+    [
+        (dict(num_queries=True), TypeError, "num_queries must be an integer"),
+        (dict(depth=1.5), TypeError, "depth must be an integer"),
+        (dict(subsets=1), ValueError, "subsets must be >= 2"),
+        (dict(max_dense_gib=math.nan), ValueError, "max_dense_gib must be a finite number"),
+        (dict(max_dense_gib=0.0), ValueError, "max_dense_gib must be > 0"),
+        (dict(lr=math.inf), ValueError, "lr must be a finite number"),
+    ],
+)
+def test_sweep_settings_numbers(kwargs, error, phrase):
+    from curvinf.sweep import SweepSettings
+
+    with pytest.raises(error, match=phrase):
+        SweepSettings(**kwargs)
+
+
+def test_sweep_refuses_more_queries_than_the_data_has(tmp_path):
+    from curvinf.sweep import SweepSettings, run_sweep
+
+    with pytest.raises(ValueError, match="has 360 query points"):
+        run_sweep(SweepSettings(num_queries=361, subsets=2), tmp_path / "sweep", progress=False)
+    assert not (tmp_path / "sweep" / "groundtruth").exists()

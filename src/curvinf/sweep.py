@@ -52,7 +52,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ from curvinf.lds import LDSResult
 from curvinf.progress import progress_bar
 from curvinf.storage import read_json, read_jsonl, write_json, write_table
 from curvinf.training import TrainingRecipe
-from curvinf.validation import check_choice
+from curvinf.validation import check_choice, check_int, check_number
 
 DEFAULT_EPS = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 DEFAULT_DAMPING = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -168,20 +168,16 @@ class SweepSettings:
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
-        for name in ("depth", "num_queries"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}.")
+        for name in ("depth", "num_queries", "seed", "num_bootstrap"):
+            check_int(name, getattr(self, name), low=0)
         for name in ("width", "epochs", "seeds", "cg_queries", "cg_max_iter"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}.")
-        if not isinstance(self.subsets, int) or self.subsets < 2:
-            raise ValueError(f"subsets must be an int >= 2, got {self.subsets!r}.")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}.")
-        if not 0 < self.cg_tol < 1:
+            check_int(name, getattr(self, name), low=1)
+        check_int("subsets", self.subsets, low=2)
+        check_number("lr", self.lr, low=0, strict_low=True)
+        check_number("cg_tol", self.cg_tol, low=0, strict_low=True, high=1)
+        if self.cg_tol >= 1:
             raise ValueError(f"cg_tol must lie in (0, 1), got {self.cg_tol}.")
-        if self.num_bootstrap < 0:
-            raise ValueError(f"num_bootstrap must be >= 0, got {self.num_bootstrap}.")
+        check_number("max_dense_gib", self.max_dense_gib, low=0, strict_low=True)
         if not self.rungs:
             raise ValueError("rungs must name at least one rung.")
         for r in self.rungs:
@@ -429,7 +425,7 @@ def run_sweep(
     Raises ``ValueError`` if ``out`` holds a sweep of a different configuration
     (model, data, recipe, ground truth); a different grid only adds rows.
     """
-    from curvinf.groundtruth import RetrainingWarning, ground_truth
+    from curvinf.groundtruth import RetrainingWarning, ground_truth, take_queries
 
     if not isinstance(settings, SweepSettings):
         raise TypeError(f"settings must be SweepSettings, got {type(settings).__name__}.")
@@ -473,9 +469,7 @@ def run_sweep(
 
     torch.manual_seed(settings.seed)
     data = load_dataset(settings.dataset, seed=settings.seed)
-    if settings.num_queries:
-        q = settings.num_queries
-        data = replace(data, X_query=data.X_query[:q], y_query=data.y_query[:q])
+    data = take_queries(data, settings.num_queries)
     gt_config = settings.groundtruth_config()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RetrainingWarning)
