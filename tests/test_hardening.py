@@ -34,7 +34,7 @@ from curvinf import (
     train,
 )
 from curvinf.curvature import matrix_free
-from curvinf.curvature.kronecker import UnfactorableModelError
+from curvinf.curvature.layers import UnfactorableModelError
 from curvinf.lds import lds as lds_function
 from curvinf.progress import progress_bar
 from curvinf.retrain import train_many

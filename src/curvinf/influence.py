@@ -18,17 +18,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from curvinf.curvature.gram import GramInverse
-from curvinf.curvature.kronecker import (
-    LayerAdapter,
-    UnfactorableModelError,
-    capture_layer_factors,
-    layer_adapters,
-)
+from curvinf.curvature.layers import measure_factors
 from curvinf.curvature.operators import InverseOperator, KroneckerEigenBlock
 from curvinf.losses import MEASURES, check_loss, check_targets, example_measure
 from curvinf.params import (
     check_fitted_on,
-    count_trainable,
     evaluation_copy,
     trainable_parameters,
 )
@@ -107,40 +101,6 @@ def _gradients(
     return out, False
 
 
-def _layer_factors(
-    model: nn.Module,
-    kind: str,
-    measure: str,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    verify: bool = True,
-) -> tuple[list[LayerAdapter], list[torch.Tensor], list[torch.Tensor]] | None:
-    """``(adapters, ã, s)`` of a ``Linear``-only model on (n, F) inputs: per layer the
-    augmented inputs ``ã`` (n, in') and ``s = ∂f(z_n)/∂z_l`` (n, out), so that the
-    per-example gradient of the layer is ``s ãᵀ``; ``None`` for other models."""
-    if X.ndim != 2:
-        return None
-    try:
-        adapters = layer_adapters(model, "per-example gradients")
-    except TypeError:
-        return None
-    if sum(ad.index.numel() for ad in adapters) != count_trainable(model):
-        return None
-
-    def measure_grad(f: torch.Tensor) -> torch.Tensor:
-        r = vmap(grad(lambda fn, t: example_measure(kind, measure, fn, t)))(f, y)
-        return r[:, :, None]
-
-    try:
-        a_all, s_all = capture_layer_factors(model, adapters, X, measure_grad, verify=verify)
-    except UnfactorableModelError:
-        return None
-    if any(a.shape[1] != 1 for a in a_all):
-        return None
-    return adapters, [a[:, 0] for a in a_all], [s[:, 0, 0] for s in s_all]
-
-
 def _outer_product_grads(
     model: nn.Module,
     kind: str,
@@ -153,7 +113,7 @@ def _outer_product_grads(
 ) -> bool:
     """Per-example gradients of a ``Linear``-only model into ``out`` (n, D); ``False`` if
     the model is not one (``out`` is then untouched)."""
-    factors = _layer_factors(model, kind, measure, X, y, verify=verify)
+    factors = measure_factors(model, kind, measure, X, y, verify=verify)
     if factors is None:
         return False
     n = len(X)
@@ -201,7 +161,7 @@ def _kronecker_scores(
     (Xt, yt), (Xq, yq) = train, query
     Xq, Xt = Xq.to(torch.float64), Xt.to(torch.float64)
     yq, yt = (yq.to(torch.float64), yt.to(torch.float64)) if kind == "mse" else (yq, yt)
-    fq = _layer_factors(model, kind, measure, Xq, yq)
+    fq = measure_factors(model, kind, measure, Xq, yq)
     if fq is None:
         return None
     adapters = fq[0]
@@ -222,7 +182,7 @@ def _kronecker_scores(
     ]
     scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64)
     for a in range(0, len(Xt), chunk_size):
-        ft = _layer_factors(
+        ft = measure_factors(
             model, kind, "loss", Xt[a : a + chunk_size], yt[a : a + chunk_size], verify=a == 0
         )
         if ft is None:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from curvinf.curvature.context import FitContext
-from curvinf.curvature.kronecker import UnfactorableModelError, capture_layer_factors
+from curvinf.curvature.layers import UnfactorableModelError, capture_layer_factors, linear_layers
 from curvinf.curvature.operators import (
     Curvature,
     InverseOperator,
@@ -54,7 +54,6 @@ from curvinf.curvature.operators import (
     layer_matrix,
 )
 from curvinf.curvature.regularization import Regularization
-from curvinf.curvature.structured import linear_adapters
 from curvinf.losses import output_grad
 from curvinf.params import ParamBlock
 from curvinf.progress import announce, progress_bar
@@ -163,7 +162,7 @@ class _DenseRows:
 
 
 def _linear_rows(ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock]) -> _LinearRows | None:
-    adapters = linear_adapters(ctx)
+    adapters = linear_layers(ctx.model, ctx.X, "the Gram route")
     if adapters is None:
         return None
     layers = []
@@ -179,16 +178,17 @@ def _linear_rows(ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock]) -> 
     for a in range(0, ctx.n, ctx.chunk_size):
         xb, Qb = ctx.X[a : a + ctx.chunk_size], Q[a : a + ctx.chunk_size]
         try:
-            a_all, s_all = capture_layer_factors(
+            caps = capture_layer_factors(
                 ctx.model, adapters, xb, lambda f, Qb=Qb: Qb, verify=a == 0
             )
         except UnfactorableModelError:
             return None
-        if any(t.shape[1] != 1 for t in a_all):
+        if not caps.one_position:
             return None
+        a_all, s_all = caps.rows()
         for i in range(len(adapters)):
-            A[i].append(a_all[i][:, 0])
-            S[i].append(s_all[i][:, :, 0] * scale)
+            A[i].append(a_all[i])
+            S[i].append(s_all[i] * scale)
     return _LinearRows([torch.cat(t) for t in A], [torch.cat(t) for t in S], layers, adapters)
 
 

@@ -48,11 +48,11 @@ from torch import nn
 from torch.func import jvp
 
 from curvinf.curvature.context import FitContext
-from curvinf.curvature.kronecker import (
+from curvinf.curvature.layers import (
     LayerAdapter,
     UnfactorableModelError,
-    fit_layer_factors,
-    layer_adapters,
+    fit_captures,
+    linear_layers,
 )
 from curvinf.losses import output_grad, output_hessian
 from curvinf.params import ParamBlock
@@ -73,23 +73,6 @@ ELEMENTWISE = (
 )
 
 Pairs = dict[tuple[int, int], torch.Tensor]
-
-
-def linear_adapters(ctx: FitContext) -> list[LayerAdapter] | None:
-    """Linear adapters covering every parameter, each layer contiguous in θ; else ``None``."""
-    if ctx.X.ndim != 2:
-        return None
-    try:
-        adapters = layer_adapters(ctx.model, "structured")
-    except TypeError:
-        return None
-    covered = sum(ad.index.numel() for ad in adapters)
-    shapes_ok = all(
-        ad.index.numel()
-        == ad.module.weight.numel() + (ad.module.bias.numel() if ad.has_bias else 0)
-        for ad in adapters
-    )
-    return adapters if covered == ctx.num_params and shapes_ok else None
 
 
 def _aug_shape(ad: LayerAdapter) -> tuple[int, int]:
@@ -221,7 +204,7 @@ def ggn_blocks(
     ctx: FitContext, blocks: list[ParamBlock]
 ) -> list[tuple[ParamBlock, torch.Tensor]] | None:
     """GGN blocks for ``nn.Linear``-only models on 2-D inputs (module doc), else ``None``."""
-    adapters = linear_adapters(ctx)
+    adapters = linear_layers(ctx.model, ctx.X, "structured")
     covers = None if adapters is None else _covers(adapters, blocks)
     if covers is None:
         return None
@@ -231,13 +214,12 @@ def ggn_blocks(
     with progress_bar(ctx.n, "GGN examples", ctx.progress) as advance:
         for c, (xb, yb) in enumerate(ctx.chunks()):
             try:
-                a_all, s_all = fit_layer_factors(ctx, adapters, xb, yb, gen, verify=c == 0)
+                caps = fit_captures(ctx, adapters, xb, yb, gen, verify=c == 0)
             except UnfactorableModelError:  # weight sharing, parameters used outside a layer
                 return None
-            if any(a.shape[1] != 1 for a in a_all):
+            if not caps.one_position:
                 return None
-            a_all = [a[:, 0] for a in a_all]  # (n, in')
-            s_all = [s[:, :, 0] for s in s_all]  # (n, K, out)
+            a_all, s_all = caps.rows()  # (n, in'), (n, K, out)
             for m, lo in pairs:
                 acc.add_a(m, lo, s_all[m].transpose(1, 2) @ s_all[lo], a_all[m], a_all[lo])
             advance(len(xb))
@@ -288,7 +270,7 @@ def hessian_blocks(
 ) -> list[tuple[ParamBlock, torch.Tensor]] | None:
     """Hessian blocks of the mean loss for ``Sequential`` MLPs (module doc), else ``None``."""
     mlp = _sequential_mlp(ctx.model)
-    adapters = None if mlp is None else linear_adapters(ctx)
+    adapters = None if mlp is None else linear_layers(ctx.model, ctx.X, "structured")
     covers = None if adapters is None else _covers(adapters, blocks)
     if covers is None:
         return None

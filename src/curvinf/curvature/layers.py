@@ -1,0 +1,353 @@
+"""One module for the layers that per-layer factors describe: adapters, capture, coverage.
+
+A parameterised layer whose per-example gradient factorises as ``Σ_t s_t ã_tᵀ``
+(``ã`` the layer input with a trailing 1 for the bias, ``s`` the gradient with
+respect to the layer output) has a :class:`LayerAdapter`. The adapters, the one
+capture of inputs and output gradients (:func:`capture_layer_factors`, returning
+:class:`Captures`) and the one test of which parameters they cover
+(:func:`linear_layers`) are used by the structured dense routes, the Gram route,
+the Kronecker rungs and the scoring fast paths. A new layer type is one adapter
+class here, registered in :data:`ADAPTERS`, and nothing elsewhere.
+
+Every capture can prove the factorisation for the model at hand
+(``verify=True``, :func:`_check_factorisation`), so a route built on it is never
+taken for a model it does not describe (docs/conventions.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+
+from curvinf.curvature.context import FitContext
+from curvinf.losses import example_measure, output_sqrt
+from curvinf.params import count_trainable, param_offsets
+
+
+class UnfactorableModelError(TypeError):
+    """The model's per-layer gradients are not the outer products ``s ãᵀ`` a route assumes."""
+
+
+class SharedLayerError(UnfactorableModelError):
+    """A parameterised layer ran more than once in one forward pass (weight sharing)."""
+
+
+def layer_label(name: str, module: nn.Module) -> str:
+    """``"layer 'fc1' (Linear)"``; the root module is named as such, not ``''``."""
+    where = f"layer '{name}'" if name else "the root module"
+    return f"{where} ({type(module).__name__})"
+
+
+class LayerAdapter:
+    """How a parameterised layer's gradient factorises as ``s ãᵀ``.
+
+    Covers the layer's trainable weight and, if trainable, its bias (a frozen bias
+    is a constant of the layer: ``ã`` then has no column of ones).
+    """
+
+    def __init__(self, name: str, module: nn.Module, offsets: dict[str, tuple[int, int]]) -> None:
+        self.name = name
+        self.module = module
+        prefix = f"{name}." if name else ""
+        label = layer_label(name, module)
+        if prefix + "weight" not in offsets:
+            raise UnfactorableModelError(
+                f"{label} has a frozen weight but a trainable bias; per-layer factors need the "
+                "weight trainable. Freeze the bias too, or use method='block_ggn' or 'ggn'."
+            )
+        a, b = offsets[prefix + "weight"]
+        self.has_bias = prefix + "bias" in offsets
+        if self.has_bias and offsets[prefix + "bias"][0] != b:
+            raise UnfactorableModelError(
+                f"{label} registers parameters between its weight and bias; per-layer factors "
+                "need them adjacent. Use method='block_ggn' or 'ggn'."
+            )
+        stop = offsets[prefix + "bias"][1] if self.has_bias else b
+        self.index = torch.arange(a, stop)
+        if sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad) != len(
+            self.index
+        ):
+            raise UnfactorableModelError(
+                f"{label} holds trainable parameters besides its weight and bias; "
+                "use method='block_ggn' or 'ggn'."
+            )
+
+    @property
+    def label(self) -> str:
+        return layer_label(self.name, self.module)
+
+    def inputs(self, a: torch.Tensor) -> torch.Tensor:
+        """Layer input -> ``ã`` (N, T, in + has_bias)."""
+        raise NotImplementedError
+
+    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the layer output -> (N, T, out)."""
+        raise NotImplementedError
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` on (N, in) or (N, ..., in) inputs (leading dims after N shared: T)."""
+
+    def inputs(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        return a
+
+    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {nn.Linear: LinearAdapter}
+
+
+def layer_adapters(model: nn.Module, method: str) -> list[LayerAdapter]:
+    """One adapter per module owning trainable parameters, in parameter order.
+
+    Raises :class:`UnfactorableModelError` (a ``TypeError``) naming any layer the
+    per-layer factors cannot describe (unsupported type, custom ``forward`` via a
+    subclass, partly frozen).
+    """
+    offsets = param_offsets(model)
+    adapters = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        cls = ADAPTERS.get(type(module))
+        if cls is None:
+            supported = ", ".join(t.__name__ for t in ADAPTERS)
+            raise UnfactorableModelError(
+                f"{layer_label(name, module)} is not supported by {method}; supported layers: "
+                f"{supported} (exact types, not subclasses). Use method='block_ggn' or 'ggn', "
+                "which work for any differentiable layer."
+            )
+        adapters.append(cls(name, module, offsets))
+    return adapters
+
+
+def capture_layer_factors(
+    model: nn.Module,
+    adapters: list[LayerAdapter],
+    X: torch.Tensor,
+    cotangents: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    verify: bool = True,
+) -> Captures:
+    """Per-layer factors of per-example gradients for one forward pass over ``X``.
+
+    ``cotangents(f)`` maps the outputs ``f`` (n, C) to output-space vectors
+    ``R`` (n, C, K). Returns per layer ``ã`` (n, T, in+1) and
+    ``s`` (n, K, T, out), the backpropagation of each column ``R[:, :, k]`` to the
+    layer's output, so that ``Σ_t s_nkt ã_ntᵀ = ∂(f_n · R_nk)/∂[W | b]``.
+
+    ``verify``: prove that identity for this model before trusting it
+    (:func:`_check_factorisation`: every layer ran once, the gradient of a random
+    output direction equals ``Σ s ãᵀ`` layer by layer, and an example's output
+    does not depend on the rest of the batch); routes verify their first chunk.
+    Raises :class:`UnfactorableModelError` (:class:`SharedLayerError` if a layer
+    runs twice) when the model is not what the factors assume.
+    """
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if i in inputs:
+                raise SharedLayerError(
+                    f"{adapters[i].label} is called more than once per forward pass; "
+                    "shared layers are not supported by K-FAC yet."
+                )
+            inputs[i], outputs[i] = args[0].detach(), out
+
+        return fn
+
+    flags = [p.requires_grad for p in model.parameters()]
+    handles = [ad.module.register_forward_hook(hook(i)) for i, ad in enumerate(adapters)]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            f = model(X)
+            missing = [ad.label for i, ad in enumerate(adapters) if i not in inputs]
+            if missing:
+                raise UnfactorableModelError(
+                    f"{', '.join(missing)} holds trainable parameters but was not called in the "
+                    "forward pass (its parameters are used another way, e.g. "
+                    "F.linear(x, layer.weight)), so per-layer factors cannot describe its "
+                    "gradient. Call the layer as a module, or use method='block_ggn' or 'ggn'."
+                )
+            R = cotangents(f.detach())
+            zs = [outputs[i] for i in range(len(adapters))]
+            per_k = [
+                torch.autograd.grad(f, zs, grad_outputs=R[:, :, k], retain_graph=True)
+                for k in range(R.shape[2])
+            ]
+            a_tilde = [ad.inputs(inputs[i]) for i, ad in enumerate(adapters)]
+            if verify:
+                _check_factorisation(f, zs, adapters, a_tilde)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    if verify and len(X) > 1:
+        with torch.no_grad():
+            alone = model(X[:1])
+        if not _close(alone, f[:1].detach()):
+            raise UnfactorableModelError(
+                "an example's output changes with the rest of the batch (batch statistics or "
+                "cross-example layers), so per-example gradients are not defined the way "
+                "per-layer factors assume; use method='block_ggn' or 'ggn'."
+            )
+    s = [
+        torch.stack([ad.output_grads(g[i]) for g in per_k], dim=1) for i, ad in enumerate(adapters)
+    ]
+    return Captures(a_tilde, s)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to a few hundred ulps of the dtype, relative to the larger norm."""
+    tol = 1e3 * torch.finfo(a.dtype).eps * max(float(a.norm()), float(b.norm()), 1e-30)
+    return float((a - b).norm()) <= tol
+
+
+def _check_factorisation(
+    f: torch.Tensor,
+    zs: list[torch.Tensor],
+    adapters: list[LayerAdapter],
+    a_tilde: list[torch.Tensor],
+) -> None:
+    """Raise unless ``∂(f · r)/∂[W | b] = Σ_{n,t} s_nt ã_ntᵀ`` per layer for a random ``r``.
+
+    ``s = ∂(f · r)/∂z`` at the layer's captured output. The identity fails when a
+    layer's parameters are also used outside its own call (weight tying with a
+    functional op, a custom ``forward``), which the hooks cannot see.
+    """
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(f.shape, generator=gen, dtype=f.dtype)
+    params = []
+    for ad in adapters:
+        params += [ad.module.weight] + ([ad.module.bias] if ad.has_bias else [])
+    grads = torch.autograd.grad(
+        f, zs + params, grad_outputs=r, retain_graph=True, allow_unused=True
+    )
+    s_r, p_r = grads[: len(zs)], grads[len(zs) :]
+    k = 0
+    for ad, z_grad, a in zip(adapters, s_r, a_tilde, strict=True):
+        g = ad.output_grads(z_grad)  # (n, T, out)
+        factored = torch.einsum("nto,nti->oi", g, a)  # (out, in')
+        true = [
+            t if t is not None else torch.zeros_like(p)
+            for t, p in zip(
+                p_r[k : k + 1 + ad.has_bias], params[k : k + 1 + ad.has_bias], strict=True
+            )
+        ]
+        k += 1 + ad.has_bias
+        direct = true[0].reshape(factored.shape[0], -1)
+        if ad.has_bias:
+            direct = torch.cat([direct, true[1].reshape(-1, 1)], dim=1)
+        if direct.shape != factored.shape or not _close(direct, factored):
+            raise UnfactorableModelError(
+                f"the gradient of {ad.label} is not the outer product of its output gradients "
+                "and inputs: its parameters are also used outside its own call (e.g. weight "
+                "tying through F.linear, or a custom forward), which per-layer factors cannot "
+                "see. Use method='block_ggn' or 'ggn'."
+            )
+
+
+@dataclass
+class Captures:
+    """Per-layer factors of one chunk's per-example gradients.
+
+    ``inputs[i]``: ``ã`` (n, T, in + has_bias); ``grads[i]``: ``s`` (n, K, T, out), the
+    backpropagation of each of ``K`` output-space vectors to the layer's output; so the
+    gradient of ``f_n · R_nk`` with respect to layer ``i``'s ``[W | b]`` is
+    ``Σ_t s[n, k, t] ã[n, t]ᵀ``.
+    """
+
+    inputs: list[torch.Tensor]
+    grads: list[torch.Tensor]
+
+    @property
+    def one_position(self) -> bool:
+        """Whether every layer sees one position per example (T = 1: no weight sharing)."""
+        return all(a.shape[1] == 1 for a in self.inputs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.inputs, *self.grads))
+
+    def rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """For T = 1: per layer ``ã`` (n, in') and ``s`` (n, K, out)."""
+        return [a[:, 0] for a in self.inputs], [s[:, :, 0] for s in self.grads]
+
+
+def linear_layers(model: nn.Module, X: torch.Tensor, purpose: str) -> list[LayerAdapter] | None:
+    """Adapters covering every trainable parameter of ``model``, each layer contiguous in θ,
+    for (N, features) inputs ``X``; ``None`` when the model is not such a network.
+
+    The structural half of the proof a factored route needs; the capture's ``verify``
+    is the numerical half (the layers are called once, nothing else uses their weights).
+    """
+    if X.ndim != 2:
+        return None
+    try:
+        adapters = layer_adapters(model, purpose)
+    except UnfactorableModelError:
+        return None
+    covered = sum(ad.index.numel() for ad in adapters)
+    return adapters if covered == count_trainable(model) else None
+
+
+def fit_captures(
+    ctx: FitContext,
+    adapters: list[LayerAdapter],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    verify: bool = True,
+) -> Captures:
+    """A fit chunk's captures, backpropagating the fit's output square roots ``Q``
+    (``K`` columns per example, drawn with ``generator`` for ``fisher="mc"``)."""
+
+    def sqrt_columns(f: torch.Tensor) -> torch.Tensor:
+        return output_sqrt(
+            ctx.kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=generator
+        )
+
+    return capture_layer_factors(ctx.model, adapters, xb, sqrt_columns, verify=verify)
+
+
+def measure_factors(
+    model: nn.Module,
+    kind: str,
+    measure: str,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    verify: bool = True,
+) -> tuple[list[LayerAdapter], list[torch.Tensor], list[torch.Tensor]] | None:
+    """Per-example gradients of the measurement ``f(z_n)`` as layer factors:
+    ``(adapters, ã, s)`` with per layer ``ã`` (n, in') and ``s = ∂f(z_n)/∂z_l`` (n, out),
+    so the layer's gradient is ``s ãᵀ``; ``None`` for models the factors do not describe."""
+    adapters = linear_layers(model, X, "per-example gradients")
+    if adapters is None:
+        return None
+
+    def measure_grad(f: torch.Tensor) -> torch.Tensor:
+        r = vmap(grad(lambda fn, t: example_measure(kind, measure, fn, t)))(f, y)
+        return r[:, :, None]
+
+    try:
+        caps = capture_layer_factors(model, adapters, X, measure_grad, verify=verify)
+    except UnfactorableModelError:
+        return None
+    if not caps.one_position:
+        return None
+    a, s = caps.rows()
+    return adapters, a, [g[:, 0] for g in s]
