@@ -533,8 +533,10 @@ def test_an_inverse_that_keeps_almost_nothing_warns():
 def test_progress_is_on_by_default_and_appears_only_for_slow_work(monkeypatch, capsys):
     import inspect
 
-    for fn in (fit_curvature, influence_scores, matrix_free):
-        assert inspect.signature(fn).parameters["progress"].default is True
+    from curvinf.curvature import FitSettings
+
+    assert FitSettings().progress is True  # fit_curvature and matrix_free
+    assert inspect.signature(influence_scores).parameters["progress"].default is True
     monkeypatch.setenv("CURVINF_PROGRESS", "1")
     with progress_bar(10, "quick work", True, delay=60.0) as advance:
         advance(10)

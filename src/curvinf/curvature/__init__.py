@@ -23,10 +23,12 @@ pseudo-gradients: ``matrix_free("ggn", ...).inverse(reg, solver=Gram())``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from curvinf.curvature.context import FitContext
+from curvinf.curvature.context import FitContext, FitSettings
 from curvinf.curvature.dense import (
     DenseCurvature,
     DiagonalCurvature,
@@ -38,7 +40,6 @@ from curvinf.curvature.gram import Gram, GramInverse
 from curvinf.curvature.kronecker import KroneckerCurvature, fit_kronecker
 from curvinf.curvature.matfree import MATRIX_FREE_METHODS, MatrixFreeCurvature, matrix_free
 from curvinf.curvature.operators import (
-    DEFAULT_MAX_DENSE_BYTES,
     Curvature,
     InverseCurvature,
     InverseOperator,
@@ -54,7 +55,7 @@ from curvinf.curvature.solvers import (
     solve_inverse,
 )
 from curvinf.params import model_fingerprint
-from curvinf.validation import check_choice, check_dense_budget, check_number
+from curvinf.validation import check_choice, check_dense_budget
 
 METHODS = (
     "hessian",
@@ -75,6 +76,7 @@ __all__ = [
     "METHODS",
     "ConvergenceError",
     "Curvature",
+    "FitSettings",
     "DenseCurvature",
     "DiagonalCurvature",
     "Gram",
@@ -101,14 +103,8 @@ def fit_curvature(
     X: torch.Tensor,
     y: torch.Tensor,
     *,
-    fisher: str = "type2",
-    mc_samples: int = 1,
-    seed: int = 0,
-    partition: str = "layer",
-    kfac_variant: str = "expand",
-    chunk_size: int = 256,
-    max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES,
-    progress: bool = True,
+    settings: FitSettings | None = None,
+    **options: Any,
 ) -> Curvature:
     """Fit one rung of the curvature ladder on the training data ``(X, y)``.
 
@@ -117,15 +113,10 @@ def fit_curvature(
         model: a module mapping (N, F) to (N, C); fitted on a float64 copy.
         loss: ``nn.CrossEntropyLoss()`` (``y``: (N,) int) or ``nn.MSELoss()``
             (``y``: (N, C) float), mean reduction.
-        fisher: output-space curvature of GGN-type rungs: ``type2`` (exact),
-            ``mc`` (``mc_samples`` labels sampled from the model, ``seed``) or
-            ``empirical`` (observed labels). Ignored by Hessian rungs and identity.
-        partition: blocks of the block rungs: ``layer`` (weight and bias
-            together) or ``tensor``.
-        kfac_variant: ``expand`` or ``reduce`` for layers with weight sharing.
-        chunk_size: examples per chunk; memory grows linearly with it.
-        max_dense_bytes: refuse dense matrices above this size.
-        progress: draw progress bars (once work lasts over two seconds).
+        settings, options: the fit options, :class:`FitSettings` (``fisher``,
+            ``mc_samples``, ``seed``, ``partition``, ``kfac_variant``, ``chunk_size``,
+            ``max_dense_bytes``, ``progress``), as one object and/or keywords
+            (``fit_curvature("ggn", ..., fisher="mc")``); keywords win.
 
     The model is differentiated in eval mode, with respect to its trainable
     parameters (docs/conventions.md); the returned curvature records the model's
@@ -135,39 +126,27 @@ def fit_curvature(
         A :class:`Curvature`: ``.dense()``, ``.matvec(V)``, ``.inverse(reg)``.
     """
     check_choice("method", method, METHODS)
-    check_number("max_dense_bytes", max_dense_bytes, low=0, strict_low=True)
-    ctx = FitContext.build(
-        model,
-        loss,
-        X,
-        y,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        seed=seed,
-        chunk_size=chunk_size,
-        progress=progress,
-    )
-    curv = _fit(method, ctx, partition, kfac_variant, max_dense_bytes)
+    settings = FitSettings.from_options(settings, **options)
+    ctx = FitContext.build(model, loss, X, y, settings)
+    curv = _fit(method, ctx)
     curv.model_fingerprint = model_fingerprint(model)
     return curv
 
 
-def _fit(
-    method: str, ctx: FitContext, partition: str, kfac_variant: str, max_dense_bytes: float
-) -> Curvature:
-    D = ctx.num_params
+def _fit(method: str, ctx: FitContext) -> Curvature:
+    D, s = ctx.num_params, ctx.settings
     if method in ("hessian", "ggn"):
-        check_dense_budget(D, max_dense_bytes, method)
+        check_dense_budget(D, s.max_dense_bytes, method)
         compute = hessian_blocks if method == "hessian" else ggn_blocks
-        return DenseCurvature(method, D, compute(ctx, ctx.whole()), max_dense_bytes)
+        return DenseCurvature(method, D, compute(ctx, ctx.whole()), s.max_dense_bytes)
     if method in ("block_hessian", "block_ggn"):
-        blocks = ctx.blocks(partition)
+        blocks = ctx.blocks(s.partition)
         largest = max(b.size for b in blocks)
-        check_dense_budget(largest, max_dense_bytes, f"{method} block")
+        check_dense_budget(largest, s.max_dense_bytes, f"{method} block")
         compute = hessian_blocks if method == "block_hessian" else ggn_blocks
-        return DenseCurvature(method, D, compute(ctx, blocks), max_dense_bytes)
+        return DenseCurvature(method, D, compute(ctx, blocks), s.max_dense_bytes)
     if method in ("kfac", "ekfac"):
-        return fit_kronecker(ctx, method, max_dense_bytes, kfac_variant)
+        return fit_kronecker(ctx, method, s.max_dense_bytes, s.kfac_variant)
     if method == "diag_ggn":
-        return DiagonalCurvature(method, ggn_diagonal(ctx), max_dense_bytes)
-    return DiagonalCurvature(method, torch.ones(D, dtype=torch.float64), max_dense_bytes)
+        return DiagonalCurvature(method, ggn_diagonal(ctx), s.max_dense_bytes)
+    return DiagonalCurvature(method, torch.ones(D, dtype=torch.float64), s.max_dense_bytes)

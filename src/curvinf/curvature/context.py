@@ -8,34 +8,103 @@ parameters, output-space square roots, and per-example pseudo-gradients.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
+from curvinf.curvature.operators import DEFAULT_MAX_DENSE_BYTES
 from curvinf.losses import FISHER_TYPES, check_loss, check_targets, output_sqrt
-from curvinf.params import ParamBlock, evaluation_copy, param_blocks, trainable_parameters
-from curvinf.validation import check_choice, check_int, check_model_finite, check_xy
+from curvinf.params import (
+    PARTITIONS,
+    ParamBlock,
+    evaluation_copy,
+    param_blocks,
+    trainable_parameters,
+)
+from curvinf.validation import check_choice, check_int, check_model_finite, check_number, check_xy
+
+KFAC_VARIANTS = ("expand", "reduce")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How a rung is fitted: the one declaration of the fit options, validated on creation.
+
+    :func:`~curvinf.curvature.fit_curvature` and :func:`~curvinf.curvature.matrix_free`
+    take these as keyword arguments (or one ``settings=FitSettings(...)``).
+
+    Attributes:
+        fisher: output-space curvature of GGN-type rungs: ``type2`` (exact), ``mc``
+            (``mc_samples`` labels sampled from the model, seeded by ``seed``) or
+            ``empirical`` (observed labels). Ignored by Hessian rungs and identity.
+        mc_samples: labels sampled per example for ``fisher="mc"``.
+        seed: seed of every random choice of the fit.
+        partition: blocks of the block rungs: ``layer`` (weight and bias together) or
+            ``tensor``.
+        kfac_variant: ``expand`` or ``reduce`` for K-FAC layers with weight sharing.
+        chunk_size: examples per chunk; memory grows linearly with it.
+        vector_chunk: vectors per ``vmap`` call of matrix-free products.
+        max_dense_bytes: refuse dense matrices above this size (bytes).
+        progress: progress bars (drawn once work lasts over two seconds).
+    """
+
+    fisher: str = "type2"
+    mc_samples: int = 1
+    seed: int = 0
+    partition: str = "layer"
+    kfac_variant: str = "expand"
+    chunk_size: int = 256
+    vector_chunk: int = 64
+    max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("fisher", self.fisher, FISHER_TYPES)
+        check_choice("partition", self.partition, PARTITIONS)
+        check_choice("kfac_variant", self.kfac_variant, KFAC_VARIANTS)
+        check_int("mc_samples", self.mc_samples, low=1)
+        check_int("seed", self.seed)
+        check_int("chunk_size", self.chunk_size, low=1)
+        check_int("vector_chunk", self.vector_chunk, low=1)
+        check_number("max_dense_bytes", self.max_dense_bytes, low=0, strict_low=True)
+
+    @classmethod
+    def from_options(cls, settings: FitSettings | None = None, **options: Any) -> FitSettings:
+        """``settings`` with ``options`` replaced; an unknown option names the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown fit option(s) {', '.join(map(repr, unknown))}; the options are "
+                f"{', '.join(sorted(known))} (curvinf.curvature.FitSettings)."
+            )
+        if settings is not None and not isinstance(settings, FitSettings):
+            raise TypeError(f"settings must be a FitSettings, got {type(settings).__name__}.")
+        return replace(settings or cls(), **options)
 
 
 @dataclass
 class FitContext:
-    """Validated inputs of a fit, in float64."""
+    """Validated inputs of a fit: an eval-mode copy of the model, data in ``dtype``."""
 
     model: nn.Module
-    kind: str
+    loss_kind: str
     X: torch.Tensor
     y: torch.Tensor
-    fisher: str = "type2"
-    mc_samples: int = 1
-    seed: int = 0
-    chunk_size: int = 256
-    progress: bool = True
+    settings: FitSettings = field(default_factory=FitSettings)
     params: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         self.params = {k: v.detach() for k, v in trainable_parameters(self.model).items()}
+
+    fisher = property(lambda self: self.settings.fisher)
+    mc_samples = property(lambda self: self.settings.mc_samples)
+    seed = property(lambda self: self.settings.seed)
+    chunk_size = property(lambda self: self.settings.chunk_size)
+    progress = property(lambda self: self.settings.progress)
 
     @classmethod
     def build(
@@ -44,21 +113,15 @@ class FitContext:
         loss: nn.Module,
         X: torch.Tensor,
         y: torch.Tensor,
+        settings: FitSettings | None = None,
         *,
-        fisher: str = "type2",
-        mc_samples: int = 1,
-        seed: int = 0,
-        chunk_size: int = 256,
-        progress: bool = True,
         dtype: torch.dtype = torch.float64,
     ) -> FitContext:
+        """Validate a fit's inputs (before any work) and copy them to ``dtype``."""
+        settings = settings or FitSettings()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         kind = check_loss(loss)
-        check_choice("fisher", fisher, FISHER_TYPES)
-        check_int("chunk_size", chunk_size, low=1)
-        check_int("mc_samples", mc_samples, low=1)
-        check_int("seed", seed)
         check_model_finite(model)
         if not trainable_parameters(model):
             raise ValueError(
@@ -77,7 +140,7 @@ class FitContext:
             )
         y = y.to(dtype) if kind == "mse" else y
         check_targets(kind, out.shape[1], y)
-        return cls(model64, kind, X, y, fisher, mc_samples, seed, chunk_size, progress)
+        return cls(model64, kind, X, y, settings)
 
     @property
     def num_params(self) -> int:
@@ -133,7 +196,12 @@ class FitContext:
             with torch.no_grad():
                 out = f(theta, xb)
             Q = output_sqrt(
-                self.kind, self.fisher, out, yb, mc_samples=self.mc_samples, generator=generator
+                self.loss_kind,
+                self.fisher,
+                out,
+                yb,
+                mc_samples=self.mc_samples,
+                generator=generator,
             )
 
         def one(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

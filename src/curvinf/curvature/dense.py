@@ -95,7 +95,9 @@ def hessian_blocks(
             f, theta = ctx.outputs_fn(block.names)
             H = torch.zeros(block.size, block.size, dtype=torch.float64)
             for xb, yb in ctx.chunks():
-                H += (len(xb) / ctx.n) * _chunk_hessian(ctx.kind, f, theta, xb, yb, basis_chunk)
+                H += (len(xb) / ctx.n) * _chunk_hessian(
+                    ctx.loss_kind, f, theta, xb, yb, basis_chunk
+                )
             out.append((block, 0.5 * (H + H.T)))
             advance(block.size)
     return out

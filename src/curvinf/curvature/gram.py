@@ -216,7 +216,7 @@ def train_coefficients(ctx: FitContext, Q: torch.Tensor) -> torch.Tensor | None:
     gradient leaves the range of its root (``fisher="mc"``)."""
     with torch.no_grad():
         f = torch.cat([ctx.model(xb) for xb, _ in ctx.chunks()])
-    r = output_grad(ctx.kind, f, ctx.y)  # (N, C)
+    r = output_grad(ctx.loss_kind, f, ctx.y)  # (N, C)
     sq = (Q * Q).sum(1)  # (N, K): squared column norms (columns orthogonal)
     proj = (Q * r[:, :, None]).sum(1)
     c = torch.where(sq > 0, proj / sq.clamp_min(1e-300), torch.zeros_like(proj))

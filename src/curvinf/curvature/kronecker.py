@@ -31,13 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from curvinf.curvature.context import FitContext
+from curvinf.curvature.context import KFAC_VARIANTS, FitContext
 from curvinf.curvature.layers import Captures, LayerAdapter, fit_captures, layer_adapters
 from curvinf.curvature.operators import Curvature, EigenBlock, KroneckerEigenBlock
 from curvinf.progress import progress_bar
 from curvinf.validation import check_choice
-
-KFAC_VARIANTS = ("expand", "reduce")
 
 
 @dataclass

@@ -317,7 +317,7 @@ def fit_captures(
 
     def sqrt_columns(f: torch.Tensor) -> torch.Tensor:
         return output_sqrt(
-            ctx.kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=generator
+            ctx.loss_kind, ctx.fisher, f, yb, mc_samples=ctx.mc_samples, generator=generator
         )
 
     return capture_layer_factors(ctx.model, adapters, xb, sqrt_columns, verify=verify)

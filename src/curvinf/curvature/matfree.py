@@ -28,11 +28,13 @@ other solvers of :mod:`curvinf.curvature.solvers` never form a matrix.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from curvinf.curvature.context import FitContext
+from curvinf.curvature.context import FitContext, FitSettings
 from curvinf.curvature.operators import (
     DEFAULT_MAX_DENSE_BYTES,
     Curvature,
@@ -44,7 +46,7 @@ from curvinf.curvature.operators import (
 from curvinf.curvature.regularization import Regularization
 from curvinf.losses import batch_loss, output_sqrt
 from curvinf.params import ParamBlock, model_fingerprint
-from curvinf.validation import check_choice, check_dense_budget, check_int, check_number
+from curvinf.validation import check_choice, check_dense_budget, check_int
 
 MATRIX_FREE_METHODS = ("hessian", "ggn", "block_hessian", "block_ggn")
 
@@ -71,8 +73,7 @@ class MatrixFreeCurvature(Curvature):
         max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES,
     ) -> None:
         super().__init__(method, ctx.num_params, max_dense_bytes)
-        if vector_chunk < 1:
-            raise ValueError(f"vector_chunk must be >= 1, got {vector_chunk}.")
+        check_int("vector_chunk", vector_chunk, low=1)
         self.ctx = ctx
         self.param_blocks = param_blocks
         self.vector_chunk = vector_chunk
@@ -114,7 +115,7 @@ class MatrixFreeCurvature(Curvature):
     def _block_product(self, block: ParamBlock, V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``V C_b`` for one block: ``V`` (K, d_b) in the context dtype -> (K, d_b)."""
         f, theta = self.ctx.outputs_fn(block.names)
-        kind = self.ctx.kind
+        kind = self.ctx.loss_kind
         acc = torch.zeros(V.shape, dtype=torch.float64)
         for rows in idx.split(self.ctx.chunk_size):
             xb, yb = self.ctx.X[rows], self.ctx.y[rows]
@@ -177,7 +178,9 @@ def _output_roots(ctx: FitContext) -> torch.Tensor:
         with torch.no_grad():
             out = f(theta, xb)
         roots.append(
-            output_sqrt(ctx.kind, ctx.fisher, out, yb, mc_samples=ctx.mc_samples, generator=gen)
+            output_sqrt(
+                ctx.loss_kind, ctx.fisher, out, yb, mc_samples=ctx.mc_samples, generator=gen
+            )
         )
     return torch.cat(roots)
 
@@ -189,56 +192,38 @@ def matrix_free(
     X: torch.Tensor,
     y: torch.Tensor,
     *,
-    fisher: str = "type2",
-    mc_samples: int = 1,
-    seed: int = 0,
-    partition: str = "layer",
-    chunk_size: int = 256,
-    vector_chunk: int = 64,
     dtype: torch.dtype = torch.float64,
-    max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES,
-    progress: bool = True,
+    settings: FitSettings | None = None,
+    **options: Any,
 ) -> MatrixFreeCurvature:
     """A matrix-free exact rung on the training data ``(X, y)``.
 
     Args:
         method: ``hessian``, ``ggn``, ``block_hessian`` or ``block_ggn``.
-        model, loss, X, y, fisher, mc_samples, seed, partition, chunk_size:
-            as in :func:`curvinf.fit_curvature`; the same arguments give
-            products equal to ``fit_curvature(...).matvec`` (float64).
-        vector_chunk: vectors per ``vmap`` call; memory grows linearly with it.
+        model, loss, X, y, settings, options: as in :func:`curvinf.fit_curvature`
+            (:class:`~curvinf.curvature.context.FitSettings`; ``vector_chunk`` is the
+            number of vectors per ``vmap`` call, ``max_dense_bytes`` the budget of
+            ``dense()``); the same arguments give products equal to
+            ``fit_curvature(...).matvec`` (float64).
         dtype: compute dtype of the products (float64 default; float32 is
             about twice as fast on CPU, with relative errors near 1e-6 that
             bound how tight an iterative solve can get).
-        max_dense_bytes: budget of ``dense()`` and of solver ``.dense()``.
-        progress: progress bars in the solvers.
 
     Returns:
         A :class:`MatrixFreeCurvature`; ``.inverse(reg, solver=CG(...))``.
     """
     check_choice("method", method, MATRIX_FREE_METHODS)
-    check_number("max_dense_bytes", max_dense_bytes, low=0, strict_low=True)
-    check_int("vector_chunk", vector_chunk, low=1)
+    settings = FitSettings.from_options(settings, **options)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
-    ctx = FitContext.build(
-        model,
-        loss,
-        X,
-        y,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        seed=seed,
-        chunk_size=chunk_size,
-        progress=progress,
-        dtype=dtype,
-    )
-    if method in ("hessian", "ggn"):
-        blocks = ctx.whole()
-    else:
-        blocks = ctx.blocks(partition)
+    ctx = FitContext.build(model, loss, X, y, settings, dtype=dtype)
+    blocks = ctx.whole() if method in ("hessian", "ggn") else ctx.blocks(settings.partition)
     curv = MatrixFreeCurvature(
-        method, ctx, blocks, vector_chunk=vector_chunk, max_dense_bytes=max_dense_bytes
+        method,
+        ctx,
+        blocks,
+        vector_chunk=settings.vector_chunk,
+        max_dense_bytes=settings.max_dense_bytes,
     )
     curv.model_fingerprint = model_fingerprint(model)
     return curv

@@ -305,8 +305,8 @@ def hessian_blocks(
             # M_{L-1} = H_out, M_k = diag(σ'_k) W̄ᵀ M_{k+1} W̄ diag(σ'_k) + diag(σ''_k ⊙ W̄ᵀ g_{k+1}).
             g: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
             M: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
-            g[L - 1] = output_grad(ctx.kind, f, yb)
-            M[L - 1] = output_hessian(ctx.kind, f)
+            g[L - 1] = output_grad(ctx.loss_kind, f, yb)
+            M[L - 1] = output_hessian(ctx.loss_kind, f)
             for k in range(L - 2, -1, -1):
                 u = g[k + 1] @ W[k + 1]
                 g[k] = d1[k] * u
