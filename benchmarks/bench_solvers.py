@@ -59,8 +59,9 @@ from curvinf import (
     train,
 )
 from curvinf.curvature.gram import Gram
+from curvinf.curvature.krylov import lanczos, power_iteration
 from curvinf.curvature.matfree import matrix_free
-from curvinf.curvature.solvers import CG, Lanczos, Preconditioned, lanczos, power_iteration
+from curvinf.curvature.solvers import CG, Lanczos, Preconditioned
 
 RESULTS = Path("benchmarks/data")  # JSON summaries (committed)
 SCORES = Path("benchmarks/results")  # score matrices (git-ignored)

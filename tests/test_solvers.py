@@ -157,7 +157,7 @@ def test_preconditioned_starts_at_preconditioner_and_converges(psd, method):
     P = _preconditioner(psd)
     V = rhs()
     first = solve_inverse(
-        psd, reg, Preconditioned(preconditioner=P, method=method, max_iter=0, on_failure="warn")
+        psd, reg, Preconditioned(preconditioner=P, iteration=method, max_iter=0, on_failure="warn")
     )
     with pytest.warns(RuntimeWarning):
         torch.testing.assert_close(first.apply(V), P.apply(V), rtol=0, atol=0)
@@ -167,7 +167,7 @@ def test_preconditioned_starts_at_preconditioner_and_converges(psd, method):
     inv = solve_inverse(
         psd,
         reg,
-        Preconditioned(preconditioner=P, method=method, step=step, tol=1e-9, max_iter=5000),
+        Preconditioned(preconditioner=P, iteration=method, step=step, tol=1e-9, max_iter=5000),
     )
     X, rep = inv.solve(V)
     assert rep.all_converged
@@ -186,8 +186,8 @@ def test_settings_are_validated():
         Lanczos(k=0)
     with pytest.raises(ValueError, match="scale"):
         LiSSA(scale=-1.0)
-    with pytest.raises(ValueError, match="method"):
-        Preconditioned(method="gmres")
+    with pytest.raises(ValueError, match="iteration"):
+        Preconditioned(iteration="gmres")
     with pytest.raises(TypeError, match="preconditioner"):
         Preconditioned(preconditioner=3)
     with pytest.raises(TypeError, match="solver"):
