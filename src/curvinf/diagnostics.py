@@ -35,20 +35,7 @@ from curvinf.curvature.operators import (
     InverseCurvature,
     KroneckerEigenBlock,
 )
-
-LADDER_STEPS: tuple[tuple[str, str, str], ...] = (
-    ("ggn_substitution", "hessian", "ggn"),
-    ("block_diagonalisation", "ggn", "block_ggn"),
-    ("kronecker_basis", "block_ggn", "ekfac"),
-    ("kronecker_eigenvalues", "ekfac", "kfac"),
-)
-"""The four steps of the ladder as ``(name, from rung, to rung)``.
-
-``kronecker_basis`` (block-GGN → EK-FAC) replaces each layer's eigenbasis by the
-Kronecker basis and keeps the exact diagonal in it; ``kronecker_eigenvalues``
-(EK-FAC → K-FAC) replaces that diagonal by products of factor eigenvalues.
-Together they are the Kronecker factorisation, block-GGN → K-FAC.
-"""
+from curvinf.names import LADDER_STEPS
 
 
 def relative_frobenius_error(approx: torch.Tensor, ref: torch.Tensor) -> float:

@@ -59,10 +59,9 @@ from typing import Any
 import torch
 
 from curvinf import storage
-from curvinf.curvature import LADDER, METHODS, Curvature, Regularization, fit_curvature
+from curvinf.curvature import Curvature, Regularization, fit_curvature
 from curvinf.data import DATASETS, load_dataset
 from curvinf.diagnostics import (
-    LADDER_STEPS,
     error_shares,
     influence_error,
     inverse_error,
@@ -76,6 +75,7 @@ from curvinf.groundtruth import GroundTruth, check_fraction, take_queries
 from curvinf.influence import influence_scores
 from curvinf.losses import MEASURES
 from curvinf.models import num_params
+from curvinf.names import DENSE_RUNGS, KRONECKER_RUNGS, LADDER, LADDER_STEPS, METHODS
 from curvinf.params import param_blocks
 from curvinf.storage import (
     CorruptFileError,
@@ -90,9 +90,6 @@ from curvinf.storage import (
 )
 from curvinf.training import TrainingRecipe
 from curvinf.validation import check_choice, check_int, check_number
-
-DENSE_RUNGS = ("hessian", "ggn")
-KRONECKER_RUNGS = ("ekfac", "kfac")
 
 COLUMNS = (
     "config",

@@ -25,21 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from curvinf.curvature import METHODS
-from curvinf.diagnostics import LADDER_STEPS
 from curvinf.experiments import read_table
+from curvinf.names import LADDER_STEPS, RUNG_COLORS
 from curvinf.storage import atomic_write, read_blob, read_json
-
-RUNG_COLORS: dict[str, str] = {
-    "hessian": "#222222",
-    "ggn": "#1f77b4",
-    "block_hessian": "#9467bd",
-    "block_ggn": "#2ca02c",
-    "ekfac": "#ff7f0e",
-    "kfac": "#d62728",
-    "diag_ggn": "#8c564b",
-    "identity": "#7f7f7f",
-}
-"""One colour per rung, used by every figure."""
 
 STEP_COLORS: dict[str, str] = {name: RUNG_COLORS[to] for name, _, to in LADDER_STEPS}
 STEP_LABELS: dict[str, str] = {

@@ -38,7 +38,7 @@ from curvinf.curvature.dense import (
 )
 from curvinf.curvature.gram import Gram, GramInverse
 from curvinf.curvature.kronecker import KroneckerCurvature, fit_kronecker
-from curvinf.curvature.matfree import MATRIX_FREE_METHODS, MatrixFreeCurvature, matrix_free
+from curvinf.curvature.matfree import MatrixFreeCurvature, matrix_free
 from curvinf.curvature.operators import (
     Curvature,
     InverseCurvature,
@@ -54,20 +54,9 @@ from curvinf.curvature.solvers import (
     SolveReport,
     solve_inverse,
 )
+from curvinf.names import LADDER, MATRIX_FREE_METHODS, METHODS
 from curvinf.params import model_fingerprint
 from curvinf.validation import check_choice, check_dense_budget
-
-METHODS = (
-    "hessian",
-    "ggn",
-    "block_hessian",
-    "block_ggn",
-    "ekfac",
-    "kfac",
-    "diag_ggn",
-    "identity",
-)
-LADDER = ("hessian", "ggn", "block_ggn", "ekfac", "kfac")
 
 __all__ = [
     "CG",

@@ -45,10 +45,9 @@ from curvinf.curvature.operators import (
 )
 from curvinf.curvature.regularization import Regularization
 from curvinf.losses import batch_loss, output_sqrt
+from curvinf.names import MATRIX_FREE_METHODS
 from curvinf.params import ParamBlock, model_fingerprint
 from curvinf.validation import check_choice, check_dense_budget, check_int
-
-MATRIX_FREE_METHODS = ("hessian", "ggn", "block_hessian", "block_ggn")
 
 
 class MatrixFreeCurvature(Curvature):

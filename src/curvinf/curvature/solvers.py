@@ -59,10 +59,10 @@ from curvinf.curvature.krylov import (
 )
 from curvinf.curvature.operators import Curvature, InverseOperator, _as_rows
 from curvinf.curvature.regularization import Regularization
+from curvinf.names import PRECONDITIONERS, PSD_METHODS
 from curvinf.validation import check_choice
 
 FAILURE_MODES = ("raise", "warn")
-PRECONDITIONERS = ("ekfac", "kfac", "ggn")
 
 
 class ConvergenceError(RuntimeError):
@@ -221,11 +221,6 @@ class Lanczos(_Settings):
 
 
 SOLVERS = (CG, Lanczos, LiSSA, Preconditioned, Gram)
-PSD_METHODS = ("ggn", "block_ggn", "ekfac", "kfac", "diag_ggn", "identity")
-"""Rungs that are positive semi-definite by construction: a truncation ``eps < damping``
-drops nothing of them, so a solver of ``(C + λI)⁻¹`` computes the same inverse."""
-
-
 # --------------------------------------------------------------------------- inverses
 
 
