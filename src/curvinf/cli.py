@@ -1,5 +1,11 @@
-"""The ``curvinf`` command. Each sub-command lives in the module that does its work;
-this file only wires them into one typer app.
+"""The ``curvinf`` command: one typer app whose sub-commands call the library.
+
+Each sub-command checks its whole command line first (for ``groundtruth`` and
+``sweep-regularization`` into a job: :func:`groundtruth_job`, :func:`sweep_job`), then
+does the work (:func:`run_groundtruth`, :func:`run_sweep_cli`, or a library function).
+The modules a command needs are imported inside it, on purpose: a command loads only
+what it uses (the study's plotting and report, ``rich``), so ``curvinf --help`` and the
+argument checks answer quickly.
 
 Errors: every sub-command first checks all its arguments, then works. A bad argument
 ends the command with one ``error: ...`` line on stderr and exit status 2
@@ -12,13 +18,22 @@ with 1 when a configuration failed (the others are kept and reported).
 from __future__ import annotations
 
 import sys
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from curvinf.storage import StoreBusyError
+
+if TYPE_CHECKING:
+    from curvinf.data import DataSplit
+    from curvinf.groundtruth import GroundTruth, GroundTruthConfig
+    from curvinf.sweep import SweepSettings
 
 BAD_ARGUMENT = 2
 FAILED = 1
@@ -116,12 +131,149 @@ def groundtruth(
 ) -> None:
     """Build or resume the LDS ground truth (M subsets x R seeds retrained); print its store."""
     options = dict(locals())
-    from curvinf.groundtruth import groundtruth_job, run_groundtruth
-
     with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
         job = groundtruth_job(**options)
     with exit_on(FAILED, WORK_ERRORS):
         run_groundtruth(job)
+
+
+@dataclass(frozen=True)
+class GroundTruthJob:
+    """A validated ``curvinf groundtruth`` command line, ready for :func:`run_groundtruth`."""
+
+    data: DataSplit
+    config: GroundTruthConfig
+    out: Path
+    models_per_chunk: int | None
+    max_memory_bytes: float
+    threads: int
+    repair: bool
+    progress: bool
+
+
+def groundtruth_job(
+    *,
+    out: str,
+    dataset: str,
+    queries: int,
+    depth: int,
+    width: int,
+    activation: str,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    subsets: int,
+    alpha: float,
+    seeds: int,
+    subset_seed: int,
+    measure: str,
+    matched_steps: bool,
+    vary_init: bool,
+    chunk: int,
+    memory_gib: float,
+    threads: int,
+    repair: bool,
+    progress: bool,
+) -> GroundTruthJob:
+    """Check every ``curvinf groundtruth`` option (before any work) and return the job.
+
+    Raises ``ValueError``/``TypeError`` naming the option, ``NotADirectoryError`` if
+    ``out`` is (or lies under) a file.
+    """
+    from curvinf.data import load_dataset
+    from curvinf.groundtruth import GroundTruthConfig, check_fraction, take_queries
+    from curvinf.storage import check_directory
+    from curvinf.training import TrainingRecipe
+    from curvinf.validation import check_int, check_number
+
+    for name, value, low in (
+        ("--depth", depth, 0),
+        ("--width", width, 1),
+        ("--epochs", epochs, 1),
+        ("--batch-size", batch_size, 1),
+        ("--seed", seed, 0),
+        ("--subsets", subsets, 2),
+        ("--seeds", seeds, 1),
+        ("--subset-seed", subset_seed, 0),
+        ("--chunk", chunk, 0),
+        ("--threads", threads, 0),
+    ):
+        check_int(name, value, low=low)
+    check_fraction("--alpha", alpha)
+    check_number("--memory-gib", memory_gib, low=0.0, strict_low=True)
+    out_dir = check_directory(out, name="--out")
+    data = take_queries(load_dataset(dataset, seed=seed), queries, name="--queries")
+    config = GroundTruthConfig(
+        depth=depth,
+        width=width,
+        activation=activation,
+        model_seed=seed,
+        recipe=TrainingRecipe(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+        ),
+        loss="ce" if data.task == "classification" else "mse",
+        measure=measure,
+        num_subsets=subsets,
+        alpha=alpha,
+        num_seeds=seeds,
+        seed=subset_seed,
+        matched_steps=matched_steps,
+        vary_init=vary_init,
+    )
+    return GroundTruthJob(
+        data=data,
+        config=config,
+        out=out_dir,
+        models_per_chunk=chunk or None,
+        max_memory_bytes=memory_gib * 2**30,
+        threads=threads,
+        repair=repair,
+        progress=progress,
+    )
+
+
+def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
+    """The ``curvinf groundtruth`` command's work: build or resume the store of ``job``,
+    print a summary (stderr) and the store's path (stdout)."""
+    import torch
+    from rich.console import Console
+
+    from curvinf.groundtruth import RetrainingWarning, ground_truth
+
+    console = Console(stderr=True)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
+        gt = ground_truth(
+            job.data,
+            job.config,
+            job.out,
+            progress=job.progress,
+            models_per_chunk=job.models_per_chunk,
+            max_memory_bytes=job.max_memory_bytes,
+            repair=job.repair,
+            log=lambda msg: console.print(msg, style="yellow"),
+        )
+    summary = gt.summary()["retrained_median"]
+    console.print(
+        f"{job.config.num_models} models ({gt.models_trained} trained now), "
+        f"{gt.manifest['cost']['wall_s_total']:.1f} s in all; median retrained train loss "
+        f"{summary['train_loss']:.4g}, query loss {summary['query_loss']:.4g}; base model "
+        f"{gt.base['train_loss']:.4g}, {gt.base['query_loss']:.4g}"
+    )
+    for msg in gt.warnings:
+        console.print(f"WARNING: {msg}", style="bold red")
+    print(gt.path)
+    return gt
 
 
 @app.command()
@@ -221,12 +373,110 @@ def sweep_regularization(
 ) -> None:
     """Sweep damping and truncation for every rung: LDS, error vs the Hessian, pathologies."""
     options = dict(locals())
-    from curvinf.sweep import run_sweep_cli, sweep_job
-
     with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
         job = sweep_job(**options)
     with exit_on(FAILED, WORK_ERRORS):
         run_sweep_cli(job)
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """A validated ``curvinf sweep-regularization`` command line, for :func:`run_sweep_cli`."""
+
+    settings: SweepSettings
+    out: Path
+    figures: Path
+    threads: int
+    progress: bool
+
+
+def sweep_job(
+    *,
+    out: str,
+    dataset: str,
+    depth: int,
+    width: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    subsets: int,
+    seeds: int,
+    queries: int,
+    rungs: str,
+    eps: str,
+    damping: str,
+    product: bool,
+    relative: bool,
+    cg_damping: str,
+    cg_queries: int,
+    cg_max_iter: int,
+    figures: str,
+    threads: int,
+    progress: bool,
+) -> SweepJob:
+    """Check every ``curvinf sweep-regularization`` option (before any work); return the job.
+
+    Raises ``ValueError``/``TypeError`` naming the option, ``NotADirectoryError`` if
+    ``out`` or ``figures`` is (or lies under) a file, ``PermissionError`` if one cannot
+    be written.
+    """
+    from curvinf.data import load_dataset
+    from curvinf.groundtruth import take_queries
+    from curvinf.storage import check_directory
+    from curvinf.sweep import SweepSettings
+    from curvinf.validation import check_int
+
+    def floats(name: str, text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(t) for t in text.split(",") if t.strip())
+        except ValueError as err:
+            raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}.") from err
+
+    check_int("--threads", threads, low=0)
+    check_int("--seed", seed, low=0)
+    settings = SweepSettings(
+        dataset=dataset,
+        depth=depth,
+        width=width,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        subsets=subsets,
+        seeds=seeds,
+        num_queries=queries,
+        rungs=tuple(r.strip() for r in rungs.split(",") if r.strip()),
+        eps_grid=floats("eps", eps),
+        damping_grid=floats("damping", damping),
+        product=product,
+        relative=relative,
+        cg_damping=floats("cg-damping", cg_damping),
+        cg_queries=cg_queries,
+        cg_max_iter=cg_max_iter,
+    )
+    take_queries(load_dataset(dataset, seed=seed), queries, name="--queries")  # not too many
+    return SweepJob(
+        settings=settings,
+        out=check_directory(out, name="--out", writable=True),
+        figures=check_directory(figures or Path(out) / "figures", name="--figures", writable=True),
+        threads=threads,
+        progress=progress,
+    )
+
+
+def run_sweep_cli(job: SweepJob) -> None:
+    """The ``curvinf sweep-regularization`` command's work: run, plot, print a summary."""
+    import torch
+
+    from curvinf.sweep import plot_sweep, run_sweep, summary_table
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    t0 = time.perf_counter()
+    rows = run_sweep(job.settings, job.out, progress=job.progress)
+    figs = plot_sweep(rows, job.figures)
+    print(summary_table(rows))
+    print(f"{len(rows)} rows in {job.out / 'sweep.csv'}; figures: {', '.join(map(str, figs))}")
+    print(f"{time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":  # pragma: no cover

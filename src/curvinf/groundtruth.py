@@ -21,21 +21,19 @@ Retraining protocol (defaults):
 Models are trained in chunks by :func:`curvinf.retrain.train_many` (vmap over
 stacked parameters); model ``i`` is subset ``i // R``, seed ``i % R``.
 
-Store layout (one directory per request, named by a hash of everything that
-determines the numbers: data, model, recipe, loss, measurement, subsets, seeds)::
+The store (:mod:`curvinf.gtstore`) is one directory per request, named by a hash of
+everything that determines the numbers (:func:`store_request`: data, model, recipe, loss,
+measurement, subsets, seeds), holding a manifest, the base model and one checksummed file
+per chunk of models. Every chunk is written atomically (temp file, fsync, rename) before
+the manifest records it, so a run killed at any point (SIGKILL included) resumes from the
+last finished chunk and ends with the same numbers; a lost manifest is rebuilt with the
+layout of the chunks on disk and nothing finished is retrained. A finished store is read
+without its lock and without writing (a read-only directory will do).
 
-    <out>/<name>-<hash>/
-        manifest.json      human-readable request, layout, progress, cost, summary
-        base.pt            the base model's weights and metrics
-        chunk-00000.pt ... one per chunk of models, checksummed, written atomically
-        .lock              held while a process builds the store (its pid inside)
-
-Every chunk is written atomically (temp file, fsync, rename) before the
-manifest records it, so a run killed at any point (SIGKILL included) resumes
-from the last finished chunk and ends with the same numbers. Each chunk records
-its model range, so a lost manifest is rebuilt with the layout of the chunks on
-disk and nothing finished is retrained. A finished store is read without its lock
-and without writing (a read-only directory will do).
+The build (:func:`ground_truth`) is: check the arguments, load a finished store, else
+under the store's lock open its manifest, train the base model if missing, train the
+missing chunks, assemble the :class:`GroundTruth` with its health warnings and record
+its summary.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +53,23 @@ import torch
 from torch import nn
 
 from curvinf.data import DataSplit
+from curvinf.gtstore import (
+    BASE,
+    FORMAT,
+    check_request,
+    chunk_path,
+    chunk_range,
+    locked_store,
+    models_in,
+    open_manifest,
+    read_base,
+    read_chunks,
+    read_finished,
+    store_path,
+    stored_manifest,
+    utc_now,
+    write_manifest,
+)
 from curvinf.lds import LDSResult, lds, make_subsets, subset_size
 from curvinf.losses import MEASURES, check_targets
 from curvinf.models import ACTIVATIONS, make_mlp
@@ -69,22 +83,10 @@ from curvinf.retrain import (
     subset_recipe,
     train_many,
 )
-from curvinf.storage import (
-    CorruptFileError,
-    StoreLock,
-    check_directory,
-    read_blob,
-    read_json,
-    remove_temporaries,
-    request_hash,
-    tensor_digest,
-    write_blob,
-    write_json,
-)
+from curvinf.storage import check_directory, request_hash, tensor_digest, write_blob
 from curvinf.training import TrainingRecipe, train
 from curvinf.validation import check_choice, check_int, check_number, check_xy
 
-FORMAT = 1
 LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_MEMORY_BYTES = 2 * 2**30
@@ -212,6 +214,20 @@ class GroundTruth:
     def lds(self, scores: torch.Tensor, **kwargs: Any) -> LDSResult:
         """:func:`curvinf.lds.lds` of ``scores`` (Q, N) against this ground truth."""
         return lds(scores, self.masks, self.truth, **kwargs)
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's ``summary``: base and median retrained metrics, mean truth, warnings."""
+        acc = self.query_accuracy
+        return {
+            "base": self.base,
+            "retrained_median": {
+                "train_loss": float(self.train_loss.median()),
+                "query_loss": float(self.query_loss.median()),
+                "query_accuracy": None if acc is None else float(acc.median()),
+            },
+            "truth_mean": float(self.truth.mean()),
+            "warnings": self.warnings,
+        }
 
 
 def check_fraction(name: str, value: object) -> float:
@@ -367,6 +383,43 @@ def ground_truth(
         StoreBusyError: another process is building the same store.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    data, model, loss = _checked_inputs(
+        data, config, models_per_chunk, max_memory_bytes, warn_factor, warn_margin
+    )
+    request = store_request(config, data)
+    key = request_hash(request)
+    path = store_path(check_directory(store_dir, name="store_dir"), store_name(config, data))
+    stored = stored_manifest(path)
+    if stored is not None:
+        check_request(stored, request, key, path)
+        finished = _load_finished(path, stored, config, data, warn_factor, warn_margin)
+        if finished is not None:
+            return finished
+    with locked_store(path, say):
+        manifest = open_manifest(
+            path,
+            request,
+            key,
+            config.num_models,
+            models_per_chunk,
+            lambda: _default_chunk(config, data, config.make_model(data), max_memory_bytes),
+            repair,
+            say,
+        )
+        run = _Run(path, manifest, config, data, model, loss)
+        return _build(run, progress, repair, warn_factor, warn_margin, say)
+
+
+def _checked_inputs(
+    data: DataSplit,
+    config: GroundTruthConfig,
+    models_per_chunk: int | None,
+    max_memory_bytes: float,
+    warn_factor: float,
+    warn_margin: float,
+) -> tuple[DataSplit, nn.Module, nn.Module]:
+    """Check :func:`ground_truth`'s arguments; return the data in the config's dtype, the
+    base model at initialisation and the loss."""
     if not isinstance(config, GroundTruthConfig):
         raise TypeError(f"config must be a GroundTruthConfig, got {type(config).__name__}.")
     if not isinstance(data, DataSplit):
@@ -389,76 +442,7 @@ def ground_truth(
             "use loss='mse'."
         )
     check_targets(config.loss, data.num_outputs, data.y_train, "train y")
-
-    request = store_request(config, data)
-    key = request_hash(request)
-    path = _store_path(check_directory(store_dir, name="store_dir"), store_name(config, data))
-    stored = _stored_manifest(path)
-    if stored is not None:
-        _check_request(stored, request, key, path)
-        finished = _load_finished(path, stored, config, data, warn_factor, warn_margin)
-        if finished is not None:
-            return finished
-    _make_store_dir(path)
-    with StoreLock(path):
-        for leftover in remove_temporaries(path):
-            say(f"removed {leftover.name}, a partial file left by an interrupted run")
-        manifest = _open_manifest(
-            path, request, key, config, data, models_per_chunk, max_memory_bytes, repair, say
-        )
-        return _build(
-            path,
-            manifest,
-            config,
-            data,
-            model,
-            loss,
-            progress,
-            repair,
-            warn_factor,
-            warn_margin,
-            say,
-        )
-
-
-def _store_path(store_dir: Path, name: str) -> Path:
-    """The store directory: ``store_dir`` itself if it is a store (it has a manifest, or it
-    is named like this request's store), else ``store_dir/name``."""
-    if (store_dir / "manifest.json").exists() or store_dir.name == name:
-        return store_dir
-    return store_dir / name
-
-
-def _make_store_dir(path: Path) -> None:
-    """Create the store directory, or raise a ``PermissionError`` that says what to do."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except PermissionError as err:
-        raise PermissionError(
-            f"cannot create the ground-truth store {path} (permission denied); choose a "
-            "writable store directory (CLI --out) or change its permissions."
-        ) from err
-
-
-def _stored_manifest(path: Path) -> dict[str, Any] | None:
-    """The store's manifest if it exists and is well formed, else None (read only)."""
-    try:
-        manifest = read_json(path / "manifest.json")
-    except (CorruptFileError, OSError):
-        return None
-    ok = isinstance(manifest, dict) and "request" in manifest and "layout" in manifest
-    return manifest if ok else None
-
-
-def _check_request(manifest: dict[str, Any], request: dict[str, Any], key: str, path: Path) -> None:
-    """Raise ``ValueError`` listing the differences if the store was built for another request."""
-    if manifest["request"] != request or manifest.get("key") != key:
-        diffs = _differences(manifest["request"], request)
-        raise ValueError(
-            f"the store at {path} was built for a different request; differences "
-            f"(stored vs requested): {'; '.join(diffs) or 'key only'}. Use another output "
-            "directory, or delete this store to rebuild it."
-        )
+    return data, model, loss
 
 
 def _load_finished(
@@ -471,18 +455,10 @@ def _load_finished(
 ) -> GroundTruth | None:
     """A finished store read without its lock and without writing, or None if the manifest
     does not say it is complete or any file fails to verify (the locked path then decides)."""
-    if not manifest.get("progress", {}).get("complete"):
+    blobs = read_finished(path, manifest)
+    if blobs is None:
         return None
-    key = manifest["key"]
-    base = _verified(path / "base.pt", key, {})
-    if base is None or "params" not in base:
-        return None
-    chunks = {}
-    for c in range(manifest["layout"]["num_chunks"]):
-        a, b = _chunk_range(manifest, c)
-        chunks[c] = _verified(_chunk_path(path, c), key, {"start": a, "stop": b})
-        if chunks[c] is None:
-            return None
+    base, chunks = blobs
     return _assemble(path, manifest, config, data, base, chunks, warn_factor, warn_margin, 0)
 
 
@@ -497,159 +473,6 @@ def _default_chunk(
     return math.ceil(config.num_models / num_chunks)
 
 
-def _chunk_size_on_disk(path: Path, key: str) -> int | None:
-    """Models per chunk of the store's chunk files, from the first one that verifies (each
-    records its model range ``start..stop``), or None if there is none."""
-    for file in sorted(path.glob("chunk-*.pt")):
-        index = file.stem.removeprefix("chunk-")
-        blob = _verified(file, key, {}) if index.isdigit() else None
-        if blob is None or not isinstance(blob.get("start"), int):
-            continue
-        index, start, stop = int(index), blob["start"], blob["stop"]
-        size = stop - start if index == 0 else start // index
-        if size >= 1 and start == index * size:
-            return size
-    return None
-
-
-def _open_manifest(
-    path: Path,
-    request: dict[str, Any],
-    key: str,
-    config: GroundTruthConfig,
-    data: DataSplit,
-    models_per_chunk: int | None,
-    max_memory_bytes: float,
-    repair: bool,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    """The store's manifest: the existing one, or a new one whose layout is that of the
-    chunk files already on disk (a lost manifest), else ``models_per_chunk`` or the
-    memory budget's default."""
-    file = path / "manifest.json"
-    if file.exists():
-        try:
-            manifest = read_json(file)
-            if (
-                not isinstance(manifest, dict)
-                or "request" not in manifest
-                or "layout" not in manifest
-            ):
-                raise CorruptFileError(f"{file} lacks 'request' or 'layout'.")
-        except CorruptFileError as err:
-            if not repair:
-                raise CorruptFileError(
-                    f"{err} The store's manifest is damaged; pass repair=True (CLI --repair) to "
-                    "rebuild it (finished chunks that verify are kept), or delete the directory."
-                ) from err
-            say(f"{err} Rebuilding the manifest; chunks that verify are kept, the rest recomputed.")
-        else:
-            _check_request(manifest, request, key, path)
-            if (
-                models_per_chunk is not None
-                and models_per_chunk != manifest["layout"]["models_per_chunk"]
-            ):
-                say(
-                    f"the store was created with {manifest['layout']['models_per_chunk']} models "
-                    f"per chunk; keeping that (requested {models_per_chunk})"
-                )
-            return manifest
-    on_disk = _chunk_size_on_disk(path, key)
-    if on_disk is not None:
-        asked = f", not the requested {models_per_chunk}" if models_per_chunk != on_disk else ""
-        say(
-            f"rebuilding the manifest of {path.name} from its chunk files: {on_disk} models per "
-            f"chunk{asked if models_per_chunk else ''}; finished chunks are kept"
-        )
-        models_per_chunk = on_disk
-    elif models_per_chunk is None:
-        models_per_chunk = _default_chunk(config, data, config.make_model(data), max_memory_bytes)
-    num_models = config.num_models
-    manifest = {
-        "format": FORMAT,
-        "key": key,
-        "created": _now(),
-        "request": request,
-        "layout": {
-            "num_models": num_models,
-            "models_per_chunk": models_per_chunk,
-            "num_chunks": math.ceil(num_models / models_per_chunk),
-            "model_order": "model i is subset i // num_seeds, seed i % num_seeds",
-            "chunk_file": "chunk-{index:05d}.pt",
-        },
-        "progress": {"chunks_done": [], "models_done": 0, "complete": False},
-        "cost": {
-            "models_trained_total": 0,
-            "wall_s_total": 0.0,
-            "base_wall_s": None,
-            "retrain_wall_s": 0.0,
-            "retrain_cpu_s": 0.0,
-        },
-        "runs": [],
-        "summary": None,
-    }
-    write_json(file, manifest)
-    return manifest
-
-
-def _differences(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
-    if isinstance(stored, dict) and isinstance(wanted, dict):
-        out = []
-        for k in sorted(set(stored) | set(wanted)):
-            out += _differences(stored.get(k), wanted.get(k), f"{prefix}{k}.")
-        return out
-    return [] if stored == wanted else [f"{prefix.rstrip('.')}: {stored!r} vs {wanted!r}"]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _chunk_path(path: Path, index: int) -> Path:
-    return path / f"chunk-{index:05d}.pt"
-
-
-def _chunk_range(manifest: dict[str, Any], index: int) -> tuple[int, int]:
-    size, total = manifest["layout"]["models_per_chunk"], manifest["layout"]["num_models"]
-    return index * size, min(total, (index + 1) * size)
-
-
-def _checked_blob(file: Path, key: str, expect: dict[str, Any]) -> dict:
-    """The blob in ``file`` if it verifies, belongs to store ``key`` and holds ``expect``;
-    else ``CorruptFileError``."""
-    blob = read_blob(file)
-    if not isinstance(blob, dict) or blob.get("key") != key:
-        raise CorruptFileError(f"{file} belongs to another store (key mismatch).")
-    for k, v in expect.items():
-        if blob.get(k) != v:
-            raise CorruptFileError(f"{file} holds {k}={blob.get(k)!r}, expected {v!r}.")
-    return blob
-
-
-def _verified(file: Path, key: str, expect: dict[str, Any]) -> dict | None:
-    """:func:`_checked_blob`, or None if the file is missing, unreadable or fails the checks."""
-    try:
-        return _checked_blob(file, key, expect)
-    except (CorruptFileError, OSError):
-        return None
-
-
-def _read_checked(
-    file: Path, key: str, expect: dict[str, Any], repair: bool, say: Callable[[str], None]
-) -> dict | None:
-    """A verified blob, or None (after a message) if damaged and ``repair``."""
-    try:
-        return _checked_blob(file, key, expect)
-    except CorruptFileError as err:
-        if not repair:
-            raise CorruptFileError(
-                f"{err} Pass repair=True (CLI --repair) to recompute it, or delete the file."
-            ) from err
-        say(f"{err} Recomputing it.")
-        file.unlink(missing_ok=True)
-        return None
-
-
 def _retraining_plan(
     config: GroundTruthConfig, n: int
 ) -> tuple[torch.Tensor, torch.Tensor, TrainingRecipe]:
@@ -661,114 +484,145 @@ def _retraining_plan(
 
 
 def _build(
-    path: Path,
-    manifest: dict[str, Any],
-    config: GroundTruthConfig,
-    data: DataSplit,
-    model: nn.Module,
-    loss: nn.Module,
+    run: _Run,
     progress: bool,
     repair: bool,
     warn_factor: float,
     warn_margin: float,
     say: Callable[[str], None],
 ) -> GroundTruth:
-    key = manifest["key"]
-    X, y = data.train
-    n = len(X)
-    masks, seeds, sub = _retraining_plan(config, n)
-    run = {
-        "started": _now(),
-        "wall_s": 0.0,
-        "models_trained": 0,
-        "chunks_written": [],
-        "torch_threads": torch.get_num_threads(),
-    }
-    start_time = time.perf_counter()
-
-    def save_manifest(worked: bool = True) -> None:
-        if worked and not any(r is run for r in manifest["runs"]):
-            manifest["runs"].append(run)  # loads that train nothing are not runs
-        run["wall_s"] = round(time.perf_counter() - start_time, 3)
-        manifest["cost"]["wall_s_total"] = round(sum(r["wall_s"] for r in manifest["runs"]), 3)
-        write_json(path / "manifest.json", manifest)
-
-    # The base model, trained once on all the data by the ordinary path.
-    base_file = path / "base.pt"
-    base = _read_checked(base_file, key, {}, repair, say) if base_file.exists() else None
-    if base is not None and "params" not in base:
-        base = None  # written before base weights were stored: retrain (deterministic)
+    """Under the store's lock: train what the store lacks (the base model, then the
+    missing chunks), assemble the ground truth and record its summary."""
+    path, manifest = run.path, run.manifest
+    base = read_base(path, manifest["key"], repair, say)
     if base is None:
-        t0 = time.perf_counter()
-        trained = train(model, loss, X, y, config.recipe)
-        params = {k: v.detach()[None] for k, v in trained.model.named_parameters()}
-        base = {
-            "key": key,
-            "params": {k: v[0].clone() for k, v in params.items()},
-            **_metrics(
-                model, loss, params, data, torch.ones(1, n, dtype=torch.bool), config.measure
-            ),
-        }
-        write_blob(base_file, base)
-        manifest["cost"]["base_wall_s"] = round(time.perf_counter() - t0, 3)
-        save_manifest()
-
-    # Finished chunks: verify every file; recompute what is missing or damaged.
-    num_chunks = manifest["layout"]["num_chunks"]
-    chunks: dict[int, dict] = {}
-    listed = set(manifest["progress"]["chunks_done"])
-    for c in range(num_chunks):
-        file = _chunk_path(path, c)
-        a, b = _chunk_range(manifest, c)
-        if file.exists():
-            blob = _read_checked(file, key, {"start": a, "stop": b}, repair, say)
-            if blob is not None:
-                chunks[c] = blob
-        elif c in listed:
-            msg = f"{file} is listed as finished in the manifest but is missing"
-            if not repair:
-                raise CorruptFileError(f"{msg}; pass repair=True (CLI --repair) to recompute it.")
-            say(f"{msg}; recomputing it.")
+        base = run.train_base()
+    chunks = read_chunks(path, manifest, repair, say)
     manifest["progress"]["chunks_done"] = sorted(chunks)
-    manifest["progress"]["models_done"] = sum(
-        _chunk_range(manifest, c)[1] - _chunk_range(manifest, c)[0] for c in chunks
-    )
-    todo = [c for c in range(num_chunks) if c not in chunks]
-    if todo:
-        done = manifest["progress"]["models_done"]
-        if done:
-            say(f"resuming {path.name}: {done} of {config.num_models} models already trained")
-        remaining = sum(_chunk_range(manifest, c)[1] - _chunk_range(manifest, c)[0] for c in todo)
-        desc = f"retraining {remaining} models x {sub.epochs} epochs"
-        with progress_bar(remaining * sub.epochs, desc, progress) as advance:
-            for c in todo:
-                a, b = _chunk_range(manifest, c)
-                t0, c0 = time.perf_counter(), time.process_time()
-                blob = _train_chunk(config, data, model, loss, masks, seeds, sub, a, b, advance)
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                blob.update(key=key, start=a, stop=b, wall_s=round(wall, 3), cpu_s=round(cpu, 3))
-                write_blob(_chunk_path(path, c), blob)
-                chunks[c] = blob
-                manifest["progress"]["chunks_done"] = sorted(chunks)
-                manifest["progress"]["models_done"] += b - a
-                manifest["cost"]["models_trained_total"] += b - a
-                cost = manifest["cost"]
-                cost["retrain_wall_s"] = round(cost.get("retrain_wall_s", 0.0) + wall, 3)
-                cost["retrain_cpu_s"] = round(cost.get("retrain_cpu_s", 0.0) + cpu, 3)
-                run["models_trained"] += b - a
-                run["chunks_written"].append(c)
-                save_manifest()
+    manifest["progress"]["models_done"] = models_in(manifest, chunks)
+    run.train_missing(chunks, progress, say)
 
     was_complete = manifest["progress"]["complete"]
     old_summary = manifest.get("summary")
     manifest["progress"]["complete"] = True
     gt = _assemble(
-        path, manifest, config, data, base, chunks, warn_factor, warn_margin, run["models_trained"]
+        path,
+        manifest,
+        run.config,
+        run.data,
+        base,
+        chunks,
+        warn_factor,
+        warn_margin,
+        run.models_trained,
     )
-    manifest["summary"] = _summary(gt)
+    manifest["summary"] = gt.summary()
     if not was_complete or json.loads(json.dumps(manifest["summary"])) != old_summary:
-        save_manifest(worked=False)  # a plain load of a finished store writes nothing
+        run.save(worked=False)  # a plain load of a finished store writes nothing
     return gt
+
+
+class _Run:
+    """One build of the store ``path``: trains the base model and the missing chunks, and
+    keeps this run's entry in the manifest's ``runs`` and the store's cost up to date."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        config: GroundTruthConfig,
+        data: DataSplit,
+        model: nn.Module,
+        loss: nn.Module,
+    ) -> None:
+        self.path, self.manifest, self.config = path, manifest, config
+        self.data, self.model, self.loss = data, model, loss
+        self.plan = _retraining_plan(config, len(data.X_train))
+        self.record: dict[str, Any] = {
+            "started": utc_now(),
+            "wall_s": 0.0,
+            "models_trained": 0,
+            "chunks_written": [],
+            "torch_threads": torch.get_num_threads(),
+        }
+        self.start_time = time.perf_counter()
+
+    @property
+    def models_trained(self) -> int:
+        return self.record["models_trained"]
+
+    def save(self, worked: bool = True) -> None:
+        """Write the manifest with this run's wall time (listing the run if it ``worked``)."""
+        manifest, record = self.manifest, self.record
+        if worked and not any(r is record for r in manifest["runs"]):
+            manifest["runs"].append(record)  # loads that train nothing are not runs
+        record["wall_s"] = round(time.perf_counter() - self.start_time, 3)
+        manifest["cost"]["wall_s_total"] = round(sum(r["wall_s"] for r in manifest["runs"]), 3)
+        write_manifest(self.path, manifest)
+
+    def train_base(self) -> dict[str, Any]:
+        """Train the base model once on all the data by the ordinary path (:func:`train`),
+        measure it, write ``base.pt`` and record its cost."""
+        config, data, model, loss = self.config, self.data, self.model, self.loss
+        X, y = data.train
+        t0 = time.perf_counter()
+        trained = train(model, loss, X, y, config.recipe)
+        params = {k: v.detach()[None] for k, v in trained.model.named_parameters()}
+        everything = torch.ones(1, len(X), dtype=torch.bool)
+        base = {
+            "key": self.manifest["key"],
+            "params": {k: v[0].clone() for k, v in params.items()},
+            **_metrics(model, loss, params, data, everything, config.measure),
+        }
+        write_blob(self.path / BASE, base)
+        self.manifest["cost"]["base_wall_s"] = round(time.perf_counter() - t0, 3)
+        self.save()
+        return base
+
+    def train_missing(
+        self, chunks: dict[int, dict], progress: bool, say: Callable[[str], None]
+    ) -> None:
+        """Train every chunk not in ``chunks`` (adding it there); each file is written
+        before the manifest records it."""
+        manifest = self.manifest
+        todo = [c for c in range(manifest["layout"]["num_chunks"]) if c not in chunks]
+        if not todo:
+            return
+        masks, seeds, sub = self.plan
+        done = manifest["progress"]["models_done"]
+        if done:
+            say(
+                f"resuming {self.path.name}: {done} of {self.config.num_models} models "
+                "already trained"
+            )
+        remaining = models_in(manifest, todo)
+        desc = f"retraining {remaining} models x {sub.epochs} epochs"
+        with progress_bar(remaining * sub.epochs, desc, progress) as advance:
+            for c in todo:
+                a, b = chunk_range(manifest, c)
+                t0, c0 = time.perf_counter(), time.process_time()
+                blob = _train_chunk(
+                    self.config, self.data, self.model, self.loss, masks, seeds, sub, a, b, advance
+                )
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                blob.update(
+                    key=manifest["key"], start=a, stop=b, wall_s=round(wall, 3), cpu_s=round(cpu, 3)
+                )
+                write_blob(chunk_path(self.path, c), blob)
+                chunks[c] = blob
+                self._chunk_written(c, b - a, wall, cpu)
+
+    def _chunk_written(self, index: int, models: int, wall: float, cpu: float) -> None:
+        """Record chunk ``index`` (``models`` models, ``wall``/``cpu`` seconds) as done; save."""
+        progress, cost = self.manifest["progress"], self.manifest["cost"]
+        progress["chunks_done"] = sorted({*progress["chunks_done"], index})
+        progress["models_done"] += models
+        cost["models_trained_total"] += models
+        cost["retrain_wall_s"] = round(cost.get("retrain_wall_s", 0.0) + wall, 3)
+        cost["retrain_cpu_s"] = round(cost.get("retrain_cpu_s", 0.0) + cpu, 3)
+        self.record["models_trained"] += models
+        self.record["chunks_written"].append(index)
+        self.save()
 
 
 def _assemble(
@@ -832,21 +686,6 @@ def _assemble(
     )
 
 
-def _summary(gt: GroundTruth) -> dict[str, Any]:
-    """The manifest's ``summary``: base and median retrained metrics, mean truth, warnings."""
-    acc = gt.query_accuracy
-    return {
-        "base": gt.base,
-        "retrained_median": {
-            "train_loss": float(gt.train_loss.median()),
-            "query_loss": float(gt.query_loss.median()),
-            "query_accuracy": None if acc is None else float(acc.median()),
-        },
-        "truth_mean": float(gt.truth.mean()),
-        "warnings": gt.warnings,
-    }
-
-
 def _train_chunk(
     config: GroundTruthConfig,
     data: DataSplit,
@@ -866,7 +705,7 @@ def _train_chunk(
     init = None
     if config.vary_init:
         init_seeds = [retrain_seed(config.seed, int(i) // R, int(i) % R, "init") for i in ids]
-        init = stack_params([_with_seed(config, data, s) for s in init_seeds])
+        init = stack_params([replace(config, model_seed=s).make_model(data) for s in init_seeds])
     try:
         result = train_many(
             model,
@@ -885,18 +724,6 @@ def _train_chunk(
             "the learning rate, or check the base model's recipe."
         ) from err
     return _metrics(model, loss, result.params, data, subsets, config.measure)
-
-
-def _with_seed(config: GroundTruthConfig, data: DataSplit, seed: int) -> nn.Module:
-    return make_mlp(
-        data.num_features,
-        data.num_outputs,
-        depth=config.depth,
-        width=config.width,
-        activation=config.activation,
-        seed=seed,
-        dtype=DTYPES[config.dtype],
-    )
 
 
 def _metrics(
@@ -994,148 +821,14 @@ def health_warnings(
 __all__ = [
     "GroundTruth",
     "GroundTruthConfig",
-    "GroundTruthJob",
     "RetrainingWarning",
+    "check_fraction",
     "data_fingerprint",
     "ground_truth",
-    "groundtruth_job",
     "health_warnings",
     "retrain_seed",
     "retrain_seeds",
-    "run_groundtruth",
     "store_name",
     "store_request",
     "take_queries",
 ]
-
-
-@dataclass(frozen=True)
-class GroundTruthJob:
-    """A validated ``curvinf groundtruth`` command line, ready for :func:`run_groundtruth`."""
-
-    data: DataSplit
-    config: GroundTruthConfig
-    out: Path
-    models_per_chunk: int | None
-    max_memory_bytes: float
-    threads: int
-    repair: bool
-    progress: bool
-
-
-def groundtruth_job(
-    *,
-    out: str,
-    dataset: str,
-    queries: int,
-    depth: int,
-    width: int,
-    activation: str,
-    epochs: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    batch_size: int,
-    seed: int,
-    subsets: int,
-    alpha: float,
-    seeds: int,
-    subset_seed: int,
-    measure: str,
-    matched_steps: bool,
-    vary_init: bool,
-    chunk: int,
-    memory_gib: float,
-    threads: int,
-    repair: bool,
-    progress: bool,
-) -> GroundTruthJob:
-    """Check every ``curvinf groundtruth`` option (before any work) and return the job.
-
-    Raises ``ValueError``/``TypeError`` naming the option, ``NotADirectoryError`` if
-    ``out`` is (or lies under) a file.
-    """
-    from curvinf.data import load_dataset
-
-    for name, value, low in (
-        ("--depth", depth, 0),
-        ("--width", width, 1),
-        ("--epochs", epochs, 1),
-        ("--batch-size", batch_size, 1),
-        ("--seed", seed, 0),
-        ("--subsets", subsets, 2),
-        ("--seeds", seeds, 1),
-        ("--subset-seed", subset_seed, 0),
-        ("--chunk", chunk, 0),
-        ("--threads", threads, 0),
-    ):
-        check_int(name, value, low=low)
-    check_fraction("--alpha", alpha)
-    check_number("--memory-gib", memory_gib, low=0.0, strict_low=True)
-    out_dir = check_directory(out, name="--out")
-    data = take_queries(load_dataset(dataset, seed=seed), queries, name="--queries")
-    config = GroundTruthConfig(
-        depth=depth,
-        width=width,
-        activation=activation,
-        model_seed=seed,
-        recipe=TrainingRecipe(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            epochs=epochs,
-            seed=seed,
-        ),
-        loss="ce" if data.task == "classification" else "mse",
-        measure=measure,
-        num_subsets=subsets,
-        alpha=alpha,
-        num_seeds=seeds,
-        seed=subset_seed,
-        matched_steps=matched_steps,
-        vary_init=vary_init,
-    )
-    return GroundTruthJob(
-        data=data,
-        config=config,
-        out=out_dir,
-        models_per_chunk=chunk or None,
-        max_memory_bytes=memory_gib * 2**30,
-        threads=threads,
-        repair=repair,
-        progress=progress,
-    )
-
-
-def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
-    """The ``curvinf groundtruth`` command's work: build or resume the store of ``job``,
-    print a summary (stderr) and the store's path (stdout)."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
-        gt = ground_truth(
-            job.data,
-            job.config,
-            job.out,
-            progress=job.progress,
-            models_per_chunk=job.models_per_chunk,
-            max_memory_bytes=job.max_memory_bytes,
-            repair=job.repair,
-            log=lambda msg: console.print(msg, style="yellow"),
-        )
-    summary = _summary(gt)["retrained_median"]
-    console.print(
-        f"{job.config.num_models} models ({gt.models_trained} trained now), "
-        f"{gt.manifest['cost']['wall_s_total']:.1f} s in all; median retrained train loss "
-        f"{summary['train_loss']:.4g}, query loss {summary['query_loss']:.4g}; base model "
-        f"{gt.base['train_loss']:.4g}, {gt.base['query_loss']:.4g}"
-    )
-    for msg in gt.warnings:
-        console.print(f"WARNING: {msg}", style="bold red")
-    print(gt.path)
-    return gt

@@ -63,6 +63,7 @@ from curvinf.curvature.matfree import matrix_free
 from curvinf.curvature.solvers import CG
 from curvinf.data import DATASETS, load_dataset
 from curvinf.diagnostics import influence_error, inverse_error
+from curvinf.groundtruth import GroundTruthConfig, RetrainingWarning, ground_truth, take_queries
 from curvinf.influence import per_example_grads
 from curvinf.lds import LDSResult
 from curvinf.progress import progress_bar
@@ -193,10 +194,8 @@ class SweepSettings:
     def recipe(self) -> TrainingRecipe:
         return TrainingRecipe(epochs=self.epochs, lr=self.lr, seed=self.seed)
 
-    def groundtruth_config(self):
+    def groundtruth_config(self) -> GroundTruthConfig:
         """The :class:`~curvinf.groundtruth.GroundTruthConfig` of this configuration."""
-        from curvinf.groundtruth import GroundTruthConfig
-
         return GroundTruthConfig(
             depth=self.depth,
             width=self.width,
@@ -425,8 +424,6 @@ def run_sweep(
     Raises ``ValueError`` if ``out`` holds a sweep of a different configuration
     (model, data, recipe, ground truth); a different grid only adds rows.
     """
-    from curvinf.groundtruth import RetrainingWarning, ground_truth, take_queries
-
     if not isinstance(settings, SweepSettings):
         raise TypeError(f"settings must be SweepSettings, got {type(settings).__name__}.")
     say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -773,100 +770,6 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {rung} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class SweepJob:
-    """A validated ``curvinf sweep-regularization`` command line, for :func:`run_sweep_cli`."""
-
-    settings: SweepSettings
-    out: Path
-    figures: Path
-    threads: int
-    progress: bool
-
-
-def sweep_job(
-    *,
-    out: str,
-    dataset: str,
-    depth: int,
-    width: int,
-    epochs: int,
-    lr: float,
-    seed: int,
-    subsets: int,
-    seeds: int,
-    queries: int,
-    rungs: str,
-    eps: str,
-    damping: str,
-    product: bool,
-    relative: bool,
-    cg_damping: str,
-    cg_queries: int,
-    cg_max_iter: int,
-    figures: str,
-    threads: int,
-    progress: bool,
-) -> SweepJob:
-    """Check every ``curvinf sweep-regularization`` option (before any work); return the job.
-
-    Raises ``ValueError``/``TypeError`` naming the option, ``NotADirectoryError`` if
-    ``out`` or ``figures`` is (or lies under) a file, ``PermissionError`` if one cannot
-    be written.
-    """
-    from curvinf.groundtruth import take_queries
-    from curvinf.storage import check_directory
-    from curvinf.validation import check_int
-
-    def floats(name: str, text: str) -> tuple[float, ...]:
-        try:
-            return tuple(float(t) for t in text.split(",") if t.strip())
-        except ValueError as err:
-            raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}.") from err
-
-    check_int("--threads", threads, low=0)
-    check_int("--seed", seed, low=0)
-    settings = SweepSettings(
-        dataset=dataset,
-        depth=depth,
-        width=width,
-        epochs=epochs,
-        lr=lr,
-        seed=seed,
-        subsets=subsets,
-        seeds=seeds,
-        num_queries=queries,
-        rungs=tuple(r.strip() for r in rungs.split(",") if r.strip()),
-        eps_grid=floats("eps", eps),
-        damping_grid=floats("damping", damping),
-        product=product,
-        relative=relative,
-        cg_damping=floats("cg-damping", cg_damping),
-        cg_queries=cg_queries,
-        cg_max_iter=cg_max_iter,
-    )
-    take_queries(load_dataset(dataset, seed=seed), queries, name="--queries")  # not too many
-    return SweepJob(
-        settings=settings,
-        out=check_directory(out, name="--out", writable=True),
-        figures=check_directory(figures or Path(out) / "figures", name="--figures", writable=True),
-        threads=threads,
-        progress=progress,
-    )
-
-
-def run_sweep_cli(job: SweepJob) -> None:
-    """The ``curvinf sweep-regularization`` command's work: run, plot, print a summary."""
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    t0 = time.perf_counter()
-    rows = run_sweep(job.settings, job.out, progress=job.progress)
-    figs = plot_sweep(rows, job.figures)
-    print(summary_table(rows))
-    print(f"{len(rows)} rows in {job.out / 'sweep.csv'}; figures: {', '.join(map(str, figs))}")
-    print(f"{time.perf_counter() - t0:.0f} s")
 
 
 __all__ = [
