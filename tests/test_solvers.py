@@ -16,7 +16,6 @@ from curvinf.curvature import (
     LiSSA,
     Preconditioned,
     matrix_free,
-    solve_inverse,
 )
 from curvinf.curvature.dense import DenseCurvature
 from curvinf.curvature.solvers import power_iteration
@@ -59,7 +58,7 @@ def test_cg_equals_dense_damped_inverse(psd):
     reg = Regularization(damping=1e-2, eps=0.0)
     V = rhs()
     V[2] = 0.0  # a zero right-hand side is answered by zero, converged
-    inv = solve_inverse(psd, reg, CG(tol=1e-9))
+    inv = psd.inverse(reg, solver=CG(tol=1e-9))
     X, rep = inv.solve(V)
     want = V @ psd.inverse(reg).dense()
     assert rel_err(X, want) <= cond(psd, reg) * 1e-9
@@ -71,15 +70,15 @@ def test_cg_equals_dense_damped_inverse(psd):
 
 def test_cg_refuses_truncation(psd):
     with pytest.raises(ValueError, match="cannot truncate"):
-        solve_inverse(psd, Regularization(damping=0.0, eps=1e-4), CG())
+        psd.inverse(Regularization(damping=0.0, eps=1e-4), solver=CG())
 
 
 def test_cg_that_cannot_converge_says_so(psd):
     reg = Regularization(damping=1e-6, eps=0.0)
     with pytest.raises(ConvergenceError, match="hit the iteration cap") as err:
-        solve_inverse(psd, reg, CG(tol=1e-10, max_iter=3)).apply(rhs())
+        psd.inverse(reg, solver=CG(tol=1e-10, max_iter=3)).apply(rhs())
     assert not err.value.report.converged.any()
-    inv = solve_inverse(psd, reg, CG(tol=1e-10, max_iter=3, on_failure="warn"))
+    inv = psd.inverse(reg, solver=CG(tol=1e-10, max_iter=3, on_failure="warn"))
     with pytest.warns(RuntimeWarning, match="did not converge"):
         inv.apply(rhs())
     assert inv.last_report.iterations.max() == 3
@@ -88,12 +87,12 @@ def test_cg_that_cannot_converge_says_so(psd):
 def test_cg_reports_indefinite_breakdown():
     curv = synthetic(torch.linspace(-1.0, 1.0, D).double())
     with pytest.raises(ConvergenceError, match="not positive definite"):
-        solve_inverse(curv, Regularization(damping=0.0, eps=0.0), CG()).apply(rhs())
+        curv.inverse(Regularization(damping=0.0, eps=0.0), solver=CG()).apply(rhs())
 
 
 def test_lissa_equals_dense_within_tolerance(psd):
     reg = Regularization(damping=0.2, eps=0.0)
-    inv = solve_inverse(psd, reg, LiSSA(tol=1e-8, max_iter=5000))
+    inv = psd.inverse(reg, solver=LiSSA(tol=1e-8, max_iter=5000))
     X, rep = inv.solve(rhs())
     assert rep.all_converged
     assert rel_err(X, rhs() @ psd.inverse(reg).dense()) <= cond(psd, reg) * 1e-8
@@ -102,16 +101,16 @@ def test_lissa_equals_dense_within_tolerance(psd):
 def test_lissa_with_too_small_scale_reports_divergence(psd):
     reg = Regularization(damping=0.2, eps=0.0)
     with pytest.raises(ConvergenceError, match="diverged"):
-        solve_inverse(psd, reg, LiSSA(scale=0.5, max_iter=2000)).apply(rhs())
+        psd.inverse(reg, solver=LiSSA(scale=0.5, max_iter=2000)).apply(rhs())
 
 
 def test_stochastic_lissa_needs_matrix_free(psd):
     with pytest.raises(ValueError, match="matrix-free"):
-        solve_inverse(psd, Regularization(damping=0.2, eps=0), LiSSA(batch_size=4)).apply(rhs())
+        psd.inverse(Regularization(damping=0.2, eps=0), solver=LiSSA(batch_size=4)).apply(rhs())
 
 
 def test_lanczos_top_k_match_dense_spectrum(psd):
-    inv = solve_inverse(psd, Regularization(damping=1e-2, eps=0), Lanczos(k=8, max_iter=D))
+    inv = psd.inverse(Regularization(damping=1e-2, eps=0), solver=Lanczos(k=8, max_iter=D))
     top = psd.eigenvalues().flip(0)[:8]
     torch.testing.assert_close(inv.ritz_values, top, rtol=1e-8, atol=1e-10)
     assert inv.report.all_converged
@@ -119,7 +118,7 @@ def test_lanczos_top_k_match_dense_spectrum(psd):
 
 def test_lanczos_full_space_equals_dense_pseudo_inverse(psd):
     reg = Regularization.paper()  # eps=1e-4, no damping
-    inv = solve_inverse(psd, reg, Lanczos(k=D, max_iter=D))
+    inv = psd.inverse(reg, solver=Lanczos(k=D, max_iter=D))
     want = psd.inverse(reg).dense()
     assert rel_err(inv.dense(), want) < 1e-8
     assert inv.rank == psd.inverse(reg).rank == 30
@@ -127,18 +126,18 @@ def test_lanczos_full_space_equals_dense_pseudo_inverse(psd):
 
 def test_lanczos_complement_is_damped_as_eigenvalue_zero(psd):
     reg = Regularization(damping=1e-2, eps=0.0)
-    inv = solve_inverse(psd, reg, Lanczos(k=8, max_iter=D))
+    inv = psd.inverse(reg, solver=Lanczos(k=8, max_iter=D))
     U = inv.U
     evals = psd.eigenvalues().flip(0)[:8]
     want = (U / (evals + 1e-2)) @ U.T + (torch.eye(D, dtype=torch.float64) - U @ U.T) / 1e-2
     torch.testing.assert_close(inv.dense(), want, rtol=1e-8, atol=1e-8)
-    zero = solve_inverse(psd, reg, Lanczos(k=8, max_iter=D, complement="zero"))
+    zero = psd.inverse(reg, solver=Lanczos(k=8, max_iter=D, complement="zero"))
     torch.testing.assert_close(zero.dense(), (U / (evals + 1e-2)) @ U.T, rtol=1e-8, atol=1e-8)
 
 
 def test_lanczos_unconverged_pairs_are_reported(psd):
     with pytest.raises(ConvergenceError, match="Ritz pairs"):
-        solve_inverse(psd, Regularization.paper(), Lanczos(k=8, max_iter=9, tol=1e-10))
+        psd.inverse(Regularization.paper(), solver=Lanczos(k=8, max_iter=9, tol=1e-10))
 
 
 def _preconditioner(psd, seed=5):
@@ -156,18 +155,20 @@ def test_preconditioned_starts_at_preconditioner_and_converges(psd, method):
     reg = Regularization(damping=1e-2, eps=0.0)
     P = _preconditioner(psd)
     V = rhs()
-    first = solve_inverse(
-        psd, reg, Preconditioned(preconditioner=P, iteration=method, max_iter=0, on_failure="warn")
+    first = psd.inverse(
+        reg,
+        solver=Preconditioned(preconditioner=P, iteration=method, max_iter=0, on_failure="warn"),
     )
     with pytest.warns(RuntimeWarning):
         torch.testing.assert_close(first.apply(V), P.apply(V), rtol=0, atol=0)
     step = 1.0
     if method == "neumann":
         step = 1.0 / (1.05 * power_iteration(lambda W: P.apply(psd.matvec(W) + 1e-2 * W), D, 50))
-    inv = solve_inverse(
-        psd,
+    inv = psd.inverse(
         reg,
-        Preconditioned(preconditioner=P, iteration=method, step=step, tol=1e-9, max_iter=5000),
+        solver=Preconditioned(
+            preconditioner=P, iteration=method, step=step, tol=1e-9, max_iter=5000
+        ),
     )
     X, rep = inv.solve(V)
     assert rep.all_converged
@@ -191,7 +192,7 @@ def test_settings_are_validated():
     with pytest.raises(TypeError, match="preconditioner"):
         Preconditioned(preconditioner=3)
     with pytest.raises(TypeError, match="solver"):
-        solve_inverse(synthetic(torch.ones(3).double()), Regularization(), "cg")
+        synthetic(torch.ones(3).double()).inverse(Regularization(), solver="cg")
 
 
 # ---------------------------------------------------------------- on a model, matrix-free

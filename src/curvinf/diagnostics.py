@@ -27,14 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from curvinf.curvature.operators import (
-    Curvature,
-    DenseEigenBlock,
-    DiagonalEigenBlock,
-    EigenBlock,
-    InverseCurvature,
-    KroneckerEigenBlock,
-)
+from curvinf.curvature.operators import Curvature, EigenBlock, InverseOperator
 from curvinf.names import LADDER_STEPS
 
 
@@ -62,27 +55,35 @@ def influence_error(approx_scores: torch.Tensor, ref_scores: torch.Tensor) -> fl
 
 
 def influence_space_error(
-    approx: InverseCurvature,
-    ref: InverseCurvature,
+    approx: InverseOperator,
+    ref: InverseOperator,
     G_query: torch.Tensor,
     G_train: torch.Tensor,
 ) -> float:
     """``‖G_q (C̃⁺ − H⁺) G_trᵀ‖_F / ‖G_q H⁺ G_trᵀ‖_F`` from gradients ``G_q`` (Q, D),
     ``G_tr`` (N, D), with only ``inv.apply`` (no dense inverse)."""
-    _check_pair(approx, ref)
+    _eigen_pair(approx, ref)
     Gt = G_train.to(torch.float64)
     return influence_error(approx.apply(G_query) @ Gt.T, ref.apply(G_query) @ Gt.T)
 
 
-def _check_pair(approx: InverseCurvature, ref: InverseCurvature) -> None:
+def _eigen_pair(approx: InverseOperator, ref: InverseOperator) -> tuple:
+    """Both inverses' ``eigen_form()``; a clear error for one without it or other sizes."""
+    forms = []
     for name, inv in (("approx", approx), ("ref", ref)):
-        if not isinstance(inv, InverseCurvature):
-            raise TypeError(f"{name} must be an InverseCurvature, got {type(inv).__name__}.")
+        form = inv.eigen_form() if hasattr(inv, "eigen_form") else None
+        if form is None:
+            raise TypeError(
+                f"{name} must be an eigendecomposed inverse (fit_curvature(...).inverse(reg)), "
+                f"got {type(inv).__name__}."
+            )
+        forms.append(form)
     if approx.num_params != ref.num_params:
         raise ValueError(
             f"approx has {approx.num_params} parameters, ref {ref.num_params}; fit both rungs on "
             "the same model."
         )
+    return forms[0], forms[1]
 
 
 def _eigenvector_rows(
@@ -93,24 +94,10 @@ def _eigenvector_rows(
     positions = keep.reshape(-1).nonzero().squeeze(1)
     for a in range(0, len(positions), chunk_size):
         pos = positions[a : a + chunk_size]
-        if isinstance(block, DenseEigenBlock):
-            rows = block.U[:, pos].T
-        elif isinstance(block, DiagonalEigenBlock):
-            rows = torch.zeros(len(pos), len(block.index), dtype=torch.float64)
-            rows[torch.arange(len(pos)), pos] = 1.0
-        elif isinstance(block, KroneckerEigenBlock):
-            n_in = block.U_in.shape[0]
-            i, j = pos // n_in, pos % n_in
-            M = block.U_out[:, i].T[:, :, None] * block.U_in[:, j].T[:, None, :]
-            rows = block.from_matrix(M)
-        else:  # pragma: no cover - a new block type must be added here
-            raise TypeError(f"unsupported eigen-block type {type(block).__name__}.")
-        yield rows.to(torch.float64), pos
+        yield block.eigenvectors(pos).to(torch.float64), pos
 
 
-def inverse_error(
-    approx: InverseCurvature, ref: InverseCurvature, *, chunk_size: int = 256
-) -> float:
+def inverse_error(approx: InverseOperator, ref: InverseOperator, *, chunk_size: int = 256) -> float:
     """``‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F`` without forming either inverse densely.
 
     With ``H⁺ = Σ_i t_i v_i v_iᵀ`` (ref's eigenvectors, nonzero inverse eigenvalues)
@@ -121,16 +108,16 @@ def inverse_error(
     where ``C̃⁺ v_i`` is ``approx.apply`` on ``chunk_size`` eigenvectors at a time:
     memory ``O(chunk_size · D)``, cost ``rank(H⁺)`` products with ``C̃⁺``.
     """
-    _check_pair(approx, ref)
-    norm_a = sum(float(s.pow(2).sum()) for s in approx.inv_evals)
-    norm_r = sum(float(t.pow(2).sum()) for t in ref.inv_evals)
+    (_, approx_evals), (ref_blocks, ref_evals) = _eigen_pair(approx, ref)
+    norm_a = sum(float(s.pow(2).sum()) for s in approx_evals)
+    norm_r = sum(float(t.pow(2).sum()) for t in ref_evals)
     if norm_r == 0.0:
         raise ValueError(
             "the reference inverse is zero (every eigenvalue truncated); lower Regularization.eps."
         )
     cross = 0.0
     D = ref.num_params
-    for block, t in zip(ref.blocks, ref.inv_evals, strict=True):
+    for block, t in zip(ref_blocks, ref_evals, strict=True):
         t_flat = t.reshape(-1)
         for rows, pos in _eigenvector_rows(block, t != 0, chunk_size):
             V = torch.zeros(len(rows), D, dtype=torch.float64)

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from curvinf.curvature.gram import GramInverse
 from curvinf.curvature.layers import measure_factors
-from curvinf.curvature.operators import InverseOperator, KroneckerEigenBlock
+from curvinf.curvature.operators import InverseOperator, ScoringTask
 from curvinf.losses import MEASURES, check_loss, check_targets, example_measure
 from curvinf.params import (
     check_fitted_on,
@@ -130,97 +129,6 @@ def _outer_product_grads(
     return True
 
 
-def _kronecker_scores(
-    model: nn.Module,
-    kind: str,
-    measure: str,
-    inv: InverseOperator,
-    train: tuple[torch.Tensor, torch.Tensor],
-    query: tuple[torch.Tensor, torch.Tensor],
-    chunk_size: int,
-    advance,
-) -> torch.Tensor | None:
-    """Scores for a K-FAC / EK-FAC inverse of a ``Linear``-only model without flat gradients.
-
-    Per layer, with ``ŝ = U_Sᵀ s`` and ``â = U_Aᵀ ã`` (the rotated factors of the
-    per-example gradient ``s ãᵀ``) and inverse eigenvalues ``λ⁺`` (out, in'),
-
-        score[q, n] = Σ_layers Σ_{o,i} λ⁺[o,i] ŝ_q[o] â_q[i] ŝ_n[o] â_n[i],
-
-    one GEMM (Q, out·in') x (out·in', n) per layer: the flops of ``G_q C⁺ G_trᵀ``
-    without forming, rotating back or reordering gradients. ``None`` if the inverse
-    or the model lacks that structure.
-    """
-    blocks = getattr(inv, "blocks", None)
-    inv_evals = getattr(inv, "inv_evals", None)
-    if not blocks or inv_evals is None:
-        return None
-    if not all(isinstance(b, KroneckerEigenBlock) for b in blocks):
-        return None
-    model = evaluation_copy(model, torch.float64)
-    (Xt, yt), (Xq, yq) = train, query
-    Xq, Xt = Xq.to(torch.float64), Xt.to(torch.float64)
-    yq, yt = (yq.to(torch.float64), yt.to(torch.float64)) if kind == "mse" else (yq, yt)
-    fq = measure_factors(model, kind, measure, Xq, yq)
-    if fq is None:
-        return None
-    adapters = fq[0]
-    order = {int(ad.index[0]): i for i, ad in enumerate(adapters)}
-    layer_of = [order.get(int(b.index[0])) for b in blocks]
-    if sorted(i for i in layer_of if i is not None) != list(range(len(adapters))):
-        return None
-    for b, i in zip(blocks, layer_of, strict=True):
-        if not torch.equal(b.index, adapters[i].index) or b.has_bias != adapters[i].has_bias:
-            return None
-
-    def rotated(a: torch.Tensor, s: torch.Tensor, b: KroneckerEigenBlock) -> torch.Tensor:
-        return ((s @ b.U_out)[:, :, None] * (a @ b.U_in)[:, None, :]).reshape(len(a), -1)
-
-    pre = [
-        rotated(fq[1][i], fq[2][i], b) * lam.reshape(1, -1)
-        for b, i, lam in zip(blocks, layer_of, inv_evals, strict=True)
-    ]
-    scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64)
-    for a in range(0, len(Xt), chunk_size):
-        ft = measure_factors(
-            model, kind, "loss", Xt[a : a + chunk_size], yt[a : a + chunk_size], verify=a == 0
-        )
-        if ft is None:
-            return None
-        out = scores[:, a : a + chunk_size]
-        for b, i, P in zip(blocks, layer_of, pre, strict=True):
-            out.addmm_(P, rotated(ft[1][i], ft[2][i], b).T)
-        advance(len(ft[1][0]))
-    return scores
-
-
-def _gram_scores(
-    model: nn.Module,
-    loss: nn.Module,
-    measure: str,
-    inv: InverseOperator,
-    train: tuple[torch.Tensor, torch.Tensor],
-    query: tuple[torch.Tensor, torch.Tensor],
-    chunk_size: int,
-    advance,
-) -> torch.Tensor | None:
-    """Scores for a :class:`~curvinf.curvature.gram.GramInverse` when the training set is
-    the curvature's own: ``(M g_q)ᵀ F σ_t`` (:mod:`curvinf.curvature.gram`, (2)), without
-    training gradients or ``1/δ`` cancellation. ``None`` otherwise (or for ``fisher="mc"``)."""
-    if not isinstance(inv, GramInverse):
-        return None
-    ctx = inv.ctx
-    Xt, yt = train
-    if Xt.shape != ctx.X.shape or not torch.equal(Xt.to(torch.float64), ctx.X):
-        return None
-    if not torch.equal(yt.to(ctx.y.dtype), ctx.y) or inv.train_coefficients() is None:
-        return None
-    Gq = per_example_grads(model, loss, *query, measure=measure, chunk_size=chunk_size)
-    scores = inv.scores(Gq)
-    advance(len(Xt))
-    return scores
-
-
 def influence_scores(
     model: nn.Module,
     loss: nn.Module,
@@ -234,19 +142,18 @@ def influence_scores(
 ) -> torch.Tensor:
     """All-pairs scores ``G_q C⁺ G_trᵀ``: (Q, N) float64 (sign convention in the module doc).
 
-    Query gradients are preconditioned once (Q x D); training gradients are
-    computed ``chunk_size`` at a time, so memory is ``O((Q + chunk) D)``. For a
-    K-FAC / EK-FAC inverse of a ``Linear``-only model the same sum is taken per
-    layer in the Kronecker eigenbasis from the gradients' outer-product factors
-    (:func:`_kronecker_scores`), without flat per-example gradients; for a Gram
-    inverse of a GGN rung scored on its own training set, in sample space
-    (:func:`_gram_scores`).
+    The inverse is asked first for a faster route of its own
+    (:meth:`~curvinf.curvature.operators.InverseOperator.pairwise_scores`: per layer
+    in the Kronecker eigenbasis for K-FAC / EK-FAC, in sample space for a Gram
+    inverse on its own training set). Otherwise query gradients are preconditioned
+    once (Q x D) and training gradients computed ``chunk_size`` at a time, so memory
+    is ``O((Q + chunk) D)``.
 
     The model is evaluated in eval mode (docs/conventions.md). If the inverse
     records the model it was fitted on (``inv.model_fingerprint``, set by
     :func:`curvinf.fit_curvature`), a different model is refused.
     """
-    if not isinstance(inv, InverseOperator):
+    if not callable(getattr(inv, "apply", None)) or not hasattr(inv, "pairwise_scores"):
         raise TypeError(
             "inv must be an InverseCurvature (or a solver's inverse), e.g. "
             "fit_curvature(...).inverse(Regularization())."
@@ -259,32 +166,28 @@ def influence_scores(
     check_xy(Xt, yt, name="train", model=model)
     check_xy(Xq, yq, name="query", model=model)
     check_fitted_on(inv, model)
-    model = evaluation_copy(model)
+    model = evaluation_copy(model, torch.float64)
     with torch.no_grad():
-        out_features = model(Xq[:1].to(next(model.parameters()).dtype)).shape[1]
+        out_features = model(Xq[:1].to(torch.float64)).shape[1]
     check_targets(kind, out_features, yt, "train y")
     check_targets(kind, out_features, yq, "query y")
+    fast_route: list[bool | None] = [None]
+
+    def gradients(X: torch.Tensor, y: torch.Tensor, f: str) -> torch.Tensor:
+        G, fast_route[0] = _gradients(model, kind, f, X, y, chunk_size, fast=fast_route[0])
+        return G
+
     with progress_bar(len(Xt), "influence scores", progress) as advance:
-        fast = _kronecker_scores(model, kind, measure, inv, train, query, chunk_size, advance)
-        if fast is None:
-            fast = _gram_scores(model, loss, measure, inv, train, query, chunk_size, advance)
+        task = ScoringTask(model, kind, measure, (Xt, yt), (Xq, yq), chunk_size, advance, gradients)
+        fast = inv.pairwise_scores(task)
         if fast is not None:
             return fast
-        model = evaluation_copy(model, torch.float64)
-        Gq, fast_route = _gradients(model, kind, measure, Xq, yq, chunk_size)
+        Gq = gradients(Xq, yq, measure)
         P = torch.cat([inv.apply(Gq[a : a + chunk_size]) for a in range(0, len(Gq), chunk_size)])
         del Gq
         scores = torch.empty(len(Xq), len(Xt), dtype=torch.float64)
         for a in range(0, len(Xt), chunk_size):
-            Gt = _gradients(
-                model,
-                kind,
-                "loss",
-                Xt[a : a + chunk_size],
-                yt[a : a + chunk_size],
-                chunk_size,
-                fast=fast_route,
-            )[0]
+            Gt = gradients(Xt[a : a + chunk_size], yt[a : a + chunk_size], "loss")
             scores[:, a : a + len(Gt)] = P @ Gt.T
             advance(len(Gt))
     return scores

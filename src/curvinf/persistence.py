@@ -54,7 +54,11 @@ import torch
 from torch import nn
 
 from curvinf.curvature.dense import DenseCurvature, DiagonalCurvature
-from curvinf.curvature.kronecker import GemmKroneckerEigenBlock, KroneckerCurvature
+from curvinf.curvature.kronecker import (
+    GemmKroneckerEigenBlock,
+    KroneckerCurvature,
+    KroneckerInverse,
+)
 from curvinf.curvature.operators import (
     DEFAULT_MAX_DENSE_BYTES,
     Curvature,
@@ -66,6 +70,7 @@ from curvinf.curvature.operators import (
     KroneckerEigenBlock,
 )
 from curvinf.curvature.regularization import Regularization
+from curvinf.names import KRONECKER_RUNGS
 from curvinf.params import check_fitted_on
 from curvinf.storage import CorruptFileError, atomic_write, tensor_digest
 
@@ -108,6 +113,14 @@ class LoadedCurvature(Curvature):
 
     def _eigen(self) -> list[EigenBlock]:
         return self._blocks
+
+    def eigen_inverse(
+        self, blocks: list[EigenBlock], inv_evals: list[torch.Tensor], reg: Regularization
+    ) -> InverseCurvature:
+        """A loaded K-FAC / EK-FAC keeps its Kronecker scoring route."""
+        if self.method in KRONECKER_RUNGS:
+            return KroneckerInverse(self, blocks, inv_evals, reg)
+        return InverseCurvature(self, blocks, inv_evals, reg)
 
     def __repr__(self) -> str:
         return (
@@ -308,7 +321,7 @@ def _inverse_from_record(curv: LoadedCurvature, record: dict[str, Any]) -> Inver
         s.shape != b.eigenvalues.shape for s, b in zip(inv_evals, blocks, strict=False)
     ):
         raise ValueError("the inverse eigenvalues do not match the blocks")
-    inv = InverseCurvature(curv, blocks, inv_evals, Regularization(**record["regularization"]))
+    inv = curv.eigen_inverse(blocks, inv_evals, Regularization(**record["regularization"]))
     try:  # the fingerprint may be a read-only property reading the curvature's
         inv.model_fingerprint = curv.model_fingerprint  # type: ignore[attr-defined]
     except AttributeError:

@@ -13,7 +13,9 @@ diag_ggn        diagonal of the GGN                                 diagonal
 identity        I (gradient dot product, the no-curvature floor)    diagonal
 ==============  ==================================================  ============
 
-Past dense memory, :func:`matrix_free` gives the exact rungs (hessian, ggn,
+Every inverse comes from ``curvature.inverse(reg, solver=None)``: no solver
+eigendecomposes; a solver setting builds its own inverse. Past dense memory,
+:func:`matrix_free` gives the exact rungs (hessian, ggn,
 block_hessian, block_ggn) as products only, inverted by the iterative solvers
 of :mod:`curvinf.curvature.solvers` (``CG``, ``Lanczos``, ``LiSSA``,
 ``Preconditioned``): ``matrix_free("ggn", ...).inverse(reg, solver=CG())``;
@@ -52,7 +54,6 @@ from curvinf.curvature.solvers import (
     LiSSA,
     Preconditioned,
     SolveReport,
-    solve_inverse,
 )
 from curvinf.names import LADDER, MATRIX_FREE_METHODS, METHODS
 from curvinf.params import model_fingerprint
@@ -81,7 +82,6 @@ __all__ = [
     "SolveReport",
     "fit_curvature",
     "matrix_free",
-    "solve_inverse",
 ]
 
 

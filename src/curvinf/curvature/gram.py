@@ -49,7 +49,9 @@ from curvinf.curvature.layers import UnfactorableModelError, capture_layer_facto
 from curvinf.curvature.operators import (
     Curvature,
     InverseOperator,
-    _as_rows,
+    InverseReport,
+    ScoringTask,
+    as_rows,
     layer_flat,
     layer_matrix,
 )
@@ -73,6 +75,11 @@ class Gram:
     """
 
     progress: bool = True
+
+    def build_inverse(self, curvature: Curvature, reg: Regularization) -> GramInverse:
+        """The exact inverse through the Gram matrix (:class:`GramInverse`); ``TypeError``
+        for a rung that is not a GGN-type matrix-free rung."""
+        return GramInverse(curvature, reg, self)
 
 
 def thin_roots(Q: torch.Tensor) -> torch.Tensor:
@@ -236,6 +243,9 @@ class GramInverse(InverseOperator):
         eigenvalues: per block, the eigenvalues of ``K_b`` (``"eigh"`` mode; else ``None``).
         seconds: time spent building and factorising Gram matrices so far.
         reports: empty (the route has no iterations; kept for the solver interface).
+
+    Scoring on the fit's own training set goes through :meth:`pairwise_scores`, (2) of
+    the module doc, without training gradients or ``1/δ`` cancellation.
     """
 
     def __init__(self, curvature: Curvature, reg: Regularization, solver: Gram) -> None:
@@ -256,13 +266,13 @@ class GramInverse(InverseOperator):
         self.seconds = 0.0
         t0 = time.perf_counter()
         self.ctx = ctx
-        self.Q = thin_roots(curvature._Q.to(torch.float64))  # type: ignore[attr-defined]
+        self.roots = thin_roots(curvature.output_roots.to(torch.float64))  # type: ignore[attr-defined]
         self.param_blocks: list[ParamBlock] = curvature.param_blocks  # type: ignore[attr-defined]
-        rows = _linear_rows(ctx, self.Q, self.param_blocks)
+        rows = _linear_rows(ctx, self.roots, self.param_blocks)
         self.rows = (
             rows
             if rows is not None
-            else _dense_rows(ctx, self.Q, self.param_blocks, curvature.max_dense_bytes)
+            else _dense_rows(ctx, self.roots, self.param_blocks, curvature.max_dense_bytes)
         )
         self.R = self.rows.R
         self._sigma: torch.Tensor | None | bool = False  # False: not computed yet
@@ -372,7 +382,7 @@ class GramInverse(InverseOperator):
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Rows of ``V`` (K, D) times ``C⁺``, by (1) or Woodbury -> (K, D) float64."""
-        V2, vector = _as_rows(V, self.num_params, "V")
+        V2, vector = as_rows(V, self.num_params, "V")
         out = torch.empty_like(V2)
         for b, block in enumerate(self.param_blocks):
             X = self._solve(b, self.rows.times(b, V2), "correction")
@@ -386,7 +396,7 @@ class GramInverse(InverseOperator):
     def train_coefficients(self) -> torch.Tensor | None:
         """``σ`` (N, K) of (2) for the fit's training data; ``None`` for ``fisher="mc"``."""
         if self._sigma is False:
-            self._sigma = train_coefficients(self.ctx, self.Q)
+            self._sigma = train_coefficients(self.ctx, self.roots)
         return self._sigma  # type: ignore[return-value]
 
     def scores(self, Gq: torch.Tensor) -> torch.Tensor:
@@ -398,7 +408,7 @@ class GramInverse(InverseOperator):
                 "scores by (2) need loss gradients in the range of the output roots, which "
                 "fisher='mc' does not give; use influence_scores, which falls back to apply()."
             )
-        Gq, _ = _as_rows(Gq, self.num_params, "Gq")
+        Gq, _ = as_rows(Gq, self.num_params, "Gq")
         N, K = sigma.shape
         out = torch.zeros(N, len(Gq), dtype=torch.float64)
         with progress_bar(len(self.param_blocks), "Gram blocks", self.solver.progress) as advance:
@@ -408,6 +418,23 @@ class GramInverse(InverseOperator):
                 out += (FZ * sigma[:, :, None]).sum(1)
                 advance(1)
         return out.T.contiguous()
+
+    @property
+    def report(self) -> InverseReport:
+        return InverseReport(route="gram", notes=f"{self.mode}, R = {self.R}")
+
+    def pairwise_scores(self, task: ScoringTask) -> torch.Tensor | None:
+        """Scores by (2) when the training set is the curvature's own (not for ``mc``)."""
+        Xt, yt = task.train
+        if Xt.shape != self.ctx.X.shape or not torch.equal(Xt.to(torch.float64), self.ctx.X):
+            return None
+        if not torch.equal(yt.to(self.ctx.y.dtype), self.ctx.y):
+            return None
+        if self.train_coefficients() is None:
+            return None
+        scores = self.scores(task.gradients(*task.query, task.measure))
+        task.advance(len(Xt))
+        return scores
 
     def __repr__(self) -> str:
         return (

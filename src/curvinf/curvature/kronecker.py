@@ -32,8 +32,21 @@ from dataclasses import dataclass, field
 import torch
 
 from curvinf.curvature.context import KFAC_VARIANTS, FitContext
-from curvinf.curvature.layers import Captures, LayerAdapter, fit_captures, layer_adapters
-from curvinf.curvature.operators import Curvature, EigenBlock, KroneckerEigenBlock
+from curvinf.curvature.layers import (
+    Captures,
+    LayerAdapter,
+    fit_captures,
+    layer_adapters,
+    measure_factors,
+)
+from curvinf.curvature.operators import (
+    Curvature,
+    EigenBlock,
+    InverseCurvature,
+    KroneckerEigenBlock,
+    ScoringTask,
+)
+from curvinf.curvature.regularization import Regularization
 from curvinf.progress import progress_bar
 from curvinf.validation import check_choice
 
@@ -163,6 +176,64 @@ class GemmKroneckerEigenBlock(KroneckerEigenBlock):
         return self.from_matrix(M.view(K, out, n_in))
 
 
+def kronecker_pairwise_scores(
+    blocks: list[KroneckerEigenBlock], inv_evals: list[torch.Tensor], task: ScoringTask
+) -> torch.Tensor | None:
+    """All-pairs scores of a K-FAC / EK-FAC inverse without flat per-example gradients.
+
+    Per layer, with ``ŝ = U_Sᵀ s`` and ``â = U_Aᵀ ã`` (the rotated factors of the
+    per-example gradient ``s ãᵀ``) and inverse eigenvalues ``λ⁺`` (out, in'),
+
+        score[q, n] = Σ_layers Σ_{o,i} λ⁺[o,i] ŝ_q[o] â_q[i] ŝ_n[o] â_n[i],
+
+    one GEMM (Q, out·in') x (out·in', n) per layer: the flops of ``G_q C⁺ G_trᵀ``
+    without forming, rotating back or reordering gradients. ``None`` if the model
+    is not one whose layers the blocks describe (then the generic route runs).
+    """
+    kind, model = task.loss_kind, task.model
+    (Xt, yt), (Xq, yq) = task.train, task.query
+    Xq, Xt = Xq.to(torch.float64), Xt.to(torch.float64)
+    yq, yt = (yq.to(torch.float64), yt.to(torch.float64)) if kind == "mse" else (yq, yt)
+    fq = measure_factors(model, kind, task.measure, Xq, yq)
+    if fq is None:
+        return None
+    adapters = fq[0]
+    order = {int(ad.index[0]): i for i, ad in enumerate(adapters)}
+    layer_of = [order.get(int(b.index[0])) for b in blocks]
+    if sorted(i for i in layer_of if i is not None) != list(range(len(adapters))):
+        return None
+    for b, i in zip(blocks, layer_of, strict=True):
+        if not torch.equal(b.index, adapters[i].index) or b.has_bias != adapters[i].has_bias:
+            return None
+
+    def rotated(a: torch.Tensor, s: torch.Tensor, b: KroneckerEigenBlock) -> torch.Tensor:
+        return ((s @ b.U_out)[:, :, None] * (a @ b.U_in)[:, None, :]).reshape(len(a), -1)
+
+    pre = [
+        rotated(fq[1][i], fq[2][i], b) * lam.reshape(1, -1)
+        for b, i, lam in zip(blocks, layer_of, inv_evals, strict=True)
+    ]
+    scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64)
+    step = task.chunk_size
+    for a in range(0, len(Xt), step):
+        ft = measure_factors(model, kind, "loss", Xt[a : a + step], yt[a : a + step], verify=a == 0)
+        if ft is None:
+            return None
+        out = scores[:, a : a + step]
+        for b, i, P in zip(blocks, layer_of, pre, strict=True):
+            out.addmm_(P, rotated(ft[1][i], ft[2][i], b).T)
+        task.advance(len(ft[1][0]))
+    return scores
+
+
+class KroneckerInverse(InverseCurvature):
+    """The inverse of a K-FAC / EK-FAC curvature: every block a :class:`KroneckerEigenBlock`,
+    scored per layer in the Kronecker eigenbasis (:func:`kronecker_pairwise_scores`)."""
+
+    def pairwise_scores(self, task: ScoringTask) -> torch.Tensor | None:
+        return kronecker_pairwise_scores(self.blocks, self.inv_evals, task)  # type: ignore[arg-type]
+
+
 class KroneckerCurvature(Curvature):
     """K-FAC (``corrected=False``) or EK-FAC (``corrected=True``) over a model's layers."""
 
@@ -181,6 +252,11 @@ class KroneckerCurvature(Curvature):
         self.factors = factors
         self.bases = bases if bases is not None else factor_eigendecompositions(factors)
         self.corrected_evals = corrected_evals
+
+    def eigen_inverse(
+        self, blocks: list[EigenBlock], inv_evals: list[torch.Tensor], reg: Regularization
+    ) -> KroneckerInverse:
+        return KroneckerInverse(self, blocks, inv_evals, reg)
 
     def _eigen(self) -> list[EigenBlock]:
         blocks: list[EigenBlock] = []

@@ -40,10 +40,8 @@ from curvinf.curvature.operators import (
     Curvature,
     DenseEigenBlock,
     EigenBlock,
-    InverseOperator,
-    _as_rows,
+    as_rows,
 )
-from curvinf.curvature.regularization import Regularization
 from curvinf.losses import batch_loss, output_sqrt
 from curvinf.names import MATRIX_FREE_METHODS
 from curvinf.params import ParamBlock, model_fingerprint
@@ -77,11 +75,11 @@ class MatrixFreeCurvature(Curvature):
         self.param_blocks = param_blocks
         self.vector_chunk = vector_chunk
         self.products = 0
-        self._Q = _output_roots(ctx) if method in ("ggn", "block_ggn") else None
+        self.output_roots = output_roots(ctx) if method in ("ggn", "block_ggn") else None
 
     @property
     def is_ggn(self) -> bool:
-        return self._Q is not None
+        return self.output_roots is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,7 +91,7 @@ class MatrixFreeCurvature(Curvature):
         ``rows`` (long tensor of training indices) evaluates the curvature of
         that subset instead, normalised by its size (stochastic solvers).
         """
-        V2, vector = _as_rows(V, self.num_params, "V")
+        V2, vector = as_rows(V, self.num_params, "V")
         idx = torch.arange(self.ctx.n) if rows is None else torch.as_tensor(rows).long()
         if idx.numel() == 0:
             raise ValueError("rows is empty; pass at least one training index.")
@@ -118,12 +116,12 @@ class MatrixFreeCurvature(Curvature):
         acc = torch.zeros(V.shape, dtype=torch.float64)
         for rows in idx.split(self.ctx.chunk_size):
             xb, yb = self.ctx.X[rows], self.ctx.y[rows]
-            if self._Q is None:
+            if self.output_roots is None:
                 g = grad(lambda t, xb=xb, yb=yb: batch_loss(kind, f(t, xb), yb))
                 part = vmap(lambda v, g=g: jvp(g, (theta,), (v,))[1])(V)
                 acc += (len(rows) / len(idx)) * part.to(torch.float64)
             else:
-                Q = self._Q[rows]  # (n, C, K_f)
+                Q = self.output_roots[rows]  # (n, C, K_f)
 
                 def fx(t: torch.Tensor, xb: torch.Tensor = xb) -> torch.Tensor:
                     return f(t, xb)
@@ -149,18 +147,6 @@ class MatrixFreeCurvature(Curvature):
             out.append(DenseEigenBlock(block.index, U, evals))
         return out
 
-    def inverse(self, reg: Regularization | None = None, solver=None) -> InverseOperator:
-        """``C⁺`` under ``reg``: by ``solver`` (see :mod:`curvinf.curvature.solvers`).
-
-        ``solver=None`` eigendecomposes ``dense()`` (small models only, exact);
-        ``CG``, ``Lanczos``, ``LiSSA`` or ``Preconditioned`` stay matrix-free.
-        """
-        if solver is None:
-            return super().inverse(reg)
-        from curvinf.curvature.solvers import solve_inverse
-
-        return solve_inverse(self, reg, solver)
-
     def __repr__(self) -> str:
         return (
             f"MatrixFreeCurvature(method={self.method!r}, num_params={self.num_params}, "
@@ -168,7 +154,7 @@ class MatrixFreeCurvature(Curvature):
         )
 
 
-def _output_roots(ctx: FitContext) -> torch.Tensor:
+def output_roots(ctx: FitContext) -> torch.Tensor:
     """``Q_n`` (N, C, K_f) for every training example, drawn like the dense GGN fit."""
     f, theta = ctx.outputs_fn(tuple(ctx.params))
     gen = ctx.generator()

@@ -18,10 +18,14 @@ of :class:`~curvinf.curvature.regularization.Regularization`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+from torch import nn
 
+from curvinf.curvature.krylov import SolveReport
 from curvinf.curvature.regularization import Regularization
 from curvinf.validation import check_dense_budget, check_finite
 
@@ -42,6 +46,11 @@ class EigenBlock(ABC):
     def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Rows of ``V`` (K, d) times ``U diag(s) Uᵀ``; ``s`` shaped like ``eigenvalues``."""
 
+    @abstractmethod
+    def eigenvectors(self, positions: torch.Tensor) -> torch.Tensor:
+        """The eigenvectors at ``positions`` of ``eigenvalues.flatten()`` as rows (k, d) in
+        the block's local coordinates."""
+
 
 @dataclass
 class DenseEigenBlock(EigenBlock):
@@ -56,6 +65,9 @@ class DenseEigenBlock(EigenBlock):
     def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return ((V @ self.U) * s) @ self.U.T
 
+    def eigenvectors(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.U[:, positions].T
+
 
 @dataclass
 class DiagonalEigenBlock(EigenBlock):
@@ -68,6 +80,11 @@ class DiagonalEigenBlock(EigenBlock):
 
     def scale(self, V: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return V * s
+
+    def eigenvectors(self, positions: torch.Tensor) -> torch.Tensor:
+        rows = torch.zeros(len(positions), len(self.index), dtype=torch.float64)
+        rows[torch.arange(len(positions)), positions] = 1.0
+        return rows
 
 
 def layer_matrix(V: torch.Tensor, out: int, n_in: int, has_bias: bool) -> torch.Tensor:
@@ -119,8 +136,14 @@ class KroneckerEigenBlock(EigenBlock):
         M = self.U_out.T @ self.to_matrix(V) @ self.U_in
         return self.from_matrix(self.U_out @ (M * s) @ self.U_in.T)
 
+    def eigenvectors(self, positions: torch.Tensor) -> torch.Tensor:
+        n_in = self.U_in.shape[0]
+        i, j = positions // n_in, positions % n_in
+        M = self.U_out[:, i].T[:, :, None] * self.U_in[:, j].T[:, None, :]
+        return self.from_matrix(M)
 
-def _as_rows(V: torch.Tensor, num_params: int, name: str) -> tuple[torch.Tensor, bool]:
+
+def as_rows(V: torch.Tensor, num_params: int, name: str) -> tuple[torch.Tensor, bool]:
     check_finite(name, V)
     vector = V.ndim == 1
     V2 = V[None] if vector else V
@@ -175,7 +198,7 @@ class Curvature(ABC):
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """Rows of ``V`` (K, D) times ``C``."""
-        V2, vector = _as_rows(V, self.num_params, "V")
+        V2, vector = as_rows(V, self.num_params, "V")
         blocks = self.eigen()
         out = _apply_blocks(blocks, [b.eigenvalues for b in blocks], V2)
         return out[0] if vector else out
@@ -185,29 +208,104 @@ class Curvature(ABC):
         check_dense_budget(self.num_params, self.max_dense_bytes, f"{self.method}.dense()")
         return self.matvec(torch.eye(self.num_params, dtype=torch.float64))
 
-    def inverse(self, reg: Regularization | None = None) -> InverseCurvature:
-        """The regularised (pseudo-)inverse ``C⁺`` under ``reg`` (default:
-        ``Regularization()``, damping 1e-3 with a truncation guard)."""
+    def inverse(
+        self, reg: Regularization | None = None, solver: InverseSolver | None = None
+    ) -> InverseOperator:
+        """The regularised (pseudo-)inverse ``C⁺`` under ``reg`` — the one way to get one.
+
+        ``reg``: default ``Regularization()`` (damping 1e-3 with a truncation guard).
+        ``solver``: ``None`` eigendecomposes the curvature (its blocks) and applies
+        ``reg`` to the eigenvalues exactly; a solver setting (``CG``, ``LiSSA``,
+        ``Preconditioned``, ``Lanczos``, ``Gram``) builds its own inverse, refusing
+        clearly where it does not apply.
+        """
         reg = Regularization() if reg is None else reg
         if not isinstance(reg, Regularization):
             raise TypeError(f"reg must be a Regularization, got {type(reg).__name__}.")
+        if solver is not None:
+            build = getattr(solver, "build_inverse", None)
+            if build is None:
+                raise TypeError(
+                    "solver must be a solver setting (CG, LiSSA, Preconditioned, Lanczos or "
+                    f"Gram from curvinf.curvature), got {type(solver).__name__}."
+                )
+            return build(self, reg)
         blocks = self.eigen()
         inv = reg.inverse_eigenvalues([b.eigenvalues for b in blocks], dim=self.num_params)
-        out = InverseCurvature(self, blocks, inv, reg)
+        out = self.eigen_inverse(blocks, inv, reg)
         reg.warn_if_mostly_truncated(out.rank, self.num_params, f"the {self.method} inverse")
         return out
+
+    def eigen_inverse(
+        self, blocks: list[EigenBlock], inv_evals: list[torch.Tensor], reg: Regularization
+    ) -> InverseCurvature:
+        """The eigen-route inverse; a rung with a faster scoring route returns a subclass."""
+        return InverseCurvature(self, blocks, inv_evals, reg)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(method={self.method!r}, num_params={self.num_params})"
 
 
+class InverseSolver(Protocol):
+    """A solver setting: builds the inverse of a curvature under a regulariser."""
+
+    def build_inverse(self, curvature: Curvature, reg: Regularization) -> InverseOperator: ...
+
+
+@dataclass
+class ScoringTask:
+    """What an inverse's fast scoring route may use (:meth:`InverseOperator.pairwise_scores`).
+
+    ``model``: an eval-mode float64 copy; ``loss_kind``: ``"ce"`` or ``"mse"``;
+    ``measure``: the query measurement; ``train``/``query``: validated ``(X, y)``;
+    ``chunk_size``: training rows per chunk; ``advance(n)``: progress after ``n``
+    training rows; ``gradients(X, y, measure)``: per-example gradients (n, D) of
+    ``model``, the generic route's.
+    """
+
+    model: nn.Module
+    loss_kind: str
+    measure: str
+    train: tuple[torch.Tensor, torch.Tensor]
+    query: tuple[torch.Tensor, torch.Tensor]
+    chunk_size: int
+    advance: Callable[[int], None]
+    gradients: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+
+
+@dataclass
+class InverseReport:
+    """How an inverse was computed, in one shape for every route.
+
+    ``route``: ``eigen``, ``cg``, ``lissa``, ``<preconditioner>-cg`` / ``-neumann``,
+    ``lanczos`` or ``gram``; ``rank``: eigen-directions with a non-zero inverse
+    eigenvalue (``None`` when not known, e.g. iterative solves); ``solves``: one
+    :class:`~curvinf.curvature.krylov.SolveReport` per iterative call (iterations,
+    residuals, convergence); ``notes``: anything else worth saying.
+    """
+
+    route: str
+    rank: int | None = None
+    solves: list[SolveReport] = field(default_factory=list)
+    notes: str = ""
+
+    @property
+    def converged(self) -> bool:
+        """Whether every iterative solve so far converged (true for direct routes)."""
+        return all(r.all_converged for r in self.solves)
+
+    all_converged = converged
+
+
 class InverseOperator(ABC):
     """Anything that applies a regularised inverse ``C⁺`` to rows: what influence needs.
 
-    :class:`InverseCurvature` (eigendecomposed rungs) and the iterative
-    solvers' inverses (:mod:`curvinf.curvature.solvers`) share this interface:
-    ``num_params``, ``apply(V)`` for rows ``V`` (K, D) -> (K, D) float64, and
-    ``dense()`` (``apply`` to the identity, under the memory budget).
+    Every inverse — eigen (dense, block, Kronecker, diagonal), iterative (CG, LiSSA,
+    Neumann), Lanczos, Gram — has ``num_params``, ``apply(V)`` for rows ``V`` (K, D)
+    -> (K, D) float64, ``dense()`` (``apply`` to the identity, under the memory
+    budget) and ``report``; and two optional hooks whose defaults say "none":
+    :meth:`pairwise_scores` (a faster all-pairs scoring route) and
+    :meth:`eigen_form` (an explicit eigendecomposition, for the diagnostics).
     """
 
     curvature: Curvature
@@ -233,9 +331,24 @@ class InverseOperator(ABC):
         )
         return self.apply(torch.eye(self.num_params, dtype=torch.float64))
 
+    @property
+    @abstractmethod
+    def report(self) -> InverseReport:
+        """How this inverse was computed (:class:`InverseReport`)."""
+
+    def pairwise_scores(self, task: ScoringTask) -> torch.Tensor | None:
+        """All-pairs scores ``G_q C⁺ G_trᵀ`` (Q, N) by a route faster than ``apply``, or
+        ``None`` when this inverse has none for ``task`` (then the generic route runs)."""
+        return None
+
+    def eigen_form(self) -> tuple[list[EigenBlock], list[torch.Tensor]] | None:
+        """``(blocks, inverse eigenvalues)`` when ``C⁺`` is an explicit block
+        eigendecomposition; ``None`` otherwise."""
+        return None
+
 
 class InverseCurvature(InverseOperator):
-    """``C⁺`` of a fitted curvature under one :class:`Regularization`."""
+    """``C⁺`` of an eigendecomposed curvature under one :class:`Regularization`."""
 
     def __init__(
         self,
@@ -250,26 +363,22 @@ class InverseCurvature(InverseOperator):
         self.reg = reg
 
     @property
-    def num_params(self) -> int:
-        return self.curvature.num_params
-
-    @property
     def rank(self) -> int:
         """How many eigen-directions survive truncation."""
         return sum(int((s != 0).sum()) for s in self.inv_evals)
 
+    @property
+    def report(self) -> InverseReport:
+        return InverseReport(route="eigen", rank=self.rank)
+
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Rows of ``V`` (K, D) times ``C⁺`` -> (K, D) float64 (a (D,) vector works too)."""
-        V2, vector = _as_rows(V, self.num_params, "V")
+        V2, vector = as_rows(V, self.num_params, "V")
         out = _apply_blocks(self.blocks, self.inv_evals, V2)
         return out[0] if vector else out
 
-    def dense(self) -> torch.Tensor:
-        """``C⁺`` as a (D, D) float64 matrix."""
-        check_dense_budget(
-            self.num_params, self.curvature.max_dense_bytes, f"{self.curvature.method} inverse"
-        )
-        return self.apply(torch.eye(self.num_params, dtype=torch.float64))
+    def eigen_form(self) -> tuple[list[EigenBlock], list[torch.Tensor]]:
+        return self.blocks, self.inv_evals
 
     def __repr__(self) -> str:
         return f"InverseCurvature(method={self.curvature.method!r}, reg={self.reg})"

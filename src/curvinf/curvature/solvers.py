@@ -1,11 +1,12 @@
 """Iterative inverses of a curvature: ``(C + λI)⁻¹ V`` and truncated pseudo-inverses.
 
-Each solver is a validated settings dataclass; :func:`solve_inverse` (or
-``curvature.inverse(reg, solver=...)`` on a matrix-free rung) turns a
+Each solver is a validated settings dataclass whose ``build_inverse`` turns a
 curvature (anything with ``matvec`` (K, D) -> (K, D) and ``num_params``; dense
 and matrix-free rungs alike) and a :class:`Regularization` into an
-:class:`~curvinf.curvature.operators.InverseOperator`, so
-:func:`curvinf.influence_scores` takes it like a dense rung's inverse.
+:class:`~curvinf.curvature.operators.InverseOperator`:
+``curvature.inverse(reg, solver=CG())`` is the one way, and
+:func:`curvinf.influence_scores` takes the result like any inverse. The Krylov
+algorithms themselves are pure functions in :mod:`~curvinf.curvature.krylov`.
 
 ==============  ===========================================  ======================
 solver          computes                                     regularisation
@@ -30,10 +31,10 @@ Truncation (``reg.eps > 0``) is a statement about eigenvalues, which the
 Krylov/Neumann solvers never see: CG, LiSSA and Preconditioned raise a
 ``ValueError`` for ``eps > 0`` (use ``Lanczos`` for a truncated inverse).
 
-Every apply returns a :class:`SolveReport` per right-hand side (iterations,
+Every apply records a :class:`SolveReport` (per right-hand side: iterations,
 true relative residual ``‖b - A x‖ / ‖b‖``, converged, ``‖x‖``), kept in
-``inverse.reports``. A right-hand side that does not converge, breaks down
-(``pᵀAp <= 0``: indefinite ``C + λI``) or turns non-finite raises
+``inverse.report.solves`` (also ``inverse.reports``). A right-hand side that does
+not converge, breaks down (``pᵀAp <= 0``: indefinite ``C + λI``) or turns non-finite raises
 :class:`ConvergenceError` (``on_failure="raise"``, the default) or warns
 (``"warn"``); it is never returned silently.
 """
@@ -47,7 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from curvinf.curvature.gram import Gram, GramInverse
+from curvinf.curvature.gram import Gram
+from curvinf.curvature.kronecker import fit_kronecker
 from curvinf.curvature.krylov import (
     Operator,
     SolveReport,
@@ -57,7 +59,8 @@ from curvinf.curvature.krylov import (
     power_iteration,
     preconditioned_neumann,
 )
-from curvinf.curvature.operators import Curvature, InverseOperator, _as_rows
+from curvinf.curvature.matfree import MatrixFreeCurvature
+from curvinf.curvature.operators import Curvature, InverseOperator, InverseReport, as_rows
 from curvinf.curvature.regularization import Regularization
 from curvinf.names import PRECONDITIONERS, PSD_METHODS
 from curvinf.validation import check_choice
@@ -87,6 +90,15 @@ class _Settings:
             raise ValueError(f"max_iter must be an int >= 0, got {self.max_iter!r}.")
         check_choice("on_failure", self.on_failure, FAILURE_MODES)
 
+    def build_inverse(self, curvature: Curvature, reg: Regularization) -> InverseOperator:
+        """``(C + λI)⁻¹`` applied by this iteration on demand (:class:`IterativeInverse`)."""
+        check_damping_only(self, curvature, reg)
+        return IterativeInverse(curvature, reg, self)
+
+    def solve_rows(self, inverse: IterativeInverse, B: torch.Tensor) -> tuple:
+        """``(C + λI)⁻¹ B`` for rows ``B`` (K, D): ``(X, SolveReport)``."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class CG(_Settings):
@@ -101,6 +113,16 @@ class CG(_Settings):
 
     max_iter: int = 1000
     restarts: int = 3
+
+    def solve_rows(self, inverse: IterativeInverse, B: torch.Tensor) -> tuple:
+        return block_cg(
+            inverse.damped_matvec,
+            B,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            restarts=self.restarts,
+            progress=self.progress,
+        )
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,37 @@ class LiSSA(_Settings):
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size!r}.")
         if self.power_iterations < 1:
             raise ValueError(f"power_iterations must be >= 1, got {self.power_iterations}.")
+
+    def solve_rows(self, inverse: IterativeInverse, B: torch.Tensor) -> tuple:
+        A = inverse.damped_matvec
+        if inverse.lissa_scale is None:
+            inverse.lissa_scale = self.scale or 1.1 * power_iteration(
+                A, inverse.num_params, self.power_iterations, self.seed
+            )
+        sampler = None
+        if self.batch_size is not None:
+            curvature, damping = inverse.curvature, inverse.reg.damping
+            if not hasattr(curvature, "ctx"):
+                raise ValueError(
+                    "stochastic LiSSA (batch_size=...) needs a matrix-free rung "
+                    "(curvinf.curvature.matfree.matrix_free); use batch_size=None here."
+                )
+            n = curvature.ctx.n
+            gen = torch.Generator().manual_seed(self.seed)
+
+            def sampler() -> Operator:
+                rows = torch.randperm(n, generator=gen)[: self.batch_size]
+                return lambda V: curvature.matvec(V, rows=rows) + damping * V
+
+        return lissa(
+            A,
+            B,
+            scale=inverse.lissa_scale,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            sampler=sampler,
+            progress=self.progress,
+        )
 
 
 @dataclass(frozen=True)
@@ -185,6 +238,42 @@ class Preconditioned(_Settings):
         if not (math.isfinite(self.step) and self.step > 0):
             raise ValueError(f"step must be a finite number > 0, got {self.step!r}.")
 
+    def build_inverse(self, curvature: Curvature, reg: Regularization) -> InverseOperator:
+        check_damping_only(self, curvature, reg)
+        pre = self.preconditioner
+        if isinstance(pre, str):
+            pre_reg = self.preconditioner_reg or Regularization(damping=reg.damping, eps=0.0)
+            pre = fitted_preconditioner(curvature, pre, pre_reg)
+        if pre.num_params != curvature.num_params:
+            raise ValueError(
+                f"the preconditioner has {pre.num_params} parameters, the curvature "
+                f"{curvature.num_params}; fit both on the same model."
+            )
+        return IterativeInverse(curvature, reg, self, pre)
+
+    def solve_rows(self, inverse: IterativeInverse, B: torch.Tensor) -> tuple:
+        P = inverse.preconditioner.apply  # type: ignore[union-attr]
+        if self.iteration == "cg":
+            return block_cg(
+                inverse.damped_matvec,
+                B,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                precond=P,
+                x0=P(B),
+                restarts=self.restarts,
+                progress=self.progress,
+            )
+        return preconditioned_neumann(
+            inverse.damped_matvec,
+            P,
+            B,
+            step=self.step,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            progress=self.progress,
+        )
+
 
 @dataclass(frozen=True)
 class Lanczos(_Settings):
@@ -219,8 +308,26 @@ class Lanczos(_Settings):
         if self.max_iter is not None and self.max_iter < self.k:
             raise ValueError(f"max_iter ({self.max_iter}) must be >= k ({self.k}) or None.")
 
+    def build_inverse(self, curvature: Curvature, reg: Regularization) -> InverseOperator:
+        """The truncated/damped inverse on the top-``k`` Ritz pairs (:class:`LanczosInverse`)."""
+        return LanczosInverse(curvature, reg, self)
+
 
 SOLVERS = (CG, Lanczos, LiSSA, Preconditioned, Gram)
+
+
+def check_damping_only(solver: object, curvature: Curvature, reg: Regularization) -> None:
+    """Refuse a truncation that an iteration on ``C + λI`` cannot compute (ValueError)."""
+    if reg.eps > 0 and (reg.truncates_nonnegative() or curvature.method not in PSD_METHODS):
+        raise ValueError(
+            f"{type(solver).__name__} solves (C + λI)⁻¹ V and cannot truncate eigenvalues, but "
+            f"reg (damping={reg.damping:g}, eps={reg.eps:g}"
+            f"{', relative' if reg.relative else ''}) asks for a pseudo-inverse of the "
+            f"{curvature.method} rung. Pass Regularization(damping=λ, eps=0) with λ > 0, or "
+            "use solver=Lanczos(k=...) for a truncated inverse."
+        )
+
+
 # --------------------------------------------------------------------------- inverses
 
 
@@ -243,89 +350,33 @@ class IterativeInverse(InverseOperator):
         self.solver = solver
         self.preconditioner = preconditioner
         self.reports: list[SolveReport] = []
-        self._scale: float | None = None
+        self.lissa_scale: float | None = None
 
     @property
     def last_report(self) -> SolveReport | None:
         return self.reports[-1] if self.reports else None
 
-    def _A(self, V: torch.Tensor) -> torch.Tensor:
+    @property
+    def report(self) -> InverseReport:
+        return InverseReport(route=solver_name(self.solver), solves=self.reports)
+
+    def damped_matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """``(C + λI) V`` for rows ``V``: the operator every iteration solves with."""
         return self.curvature.matvec(V) + self.reg.damping * V
 
     def solve(self, V: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
         """``(C + λI)⁻¹`` on rows of ``V`` (K, D) -> ((K, D) float64, report)."""
-        V2, vector = _as_rows(V, self.num_params, "V")
+        V2, vector = as_rows(V, self.num_params, "V")
         t0 = time.perf_counter()
-        s = self.solver
-        if isinstance(s, CG):
-            X, rep = block_cg(
-                self._A,
-                V2,
-                tol=s.tol,
-                max_iter=s.max_iter,
-                restarts=s.restarts,
-                progress=s.progress,
-            )
-        elif isinstance(s, LiSSA):
-            X, rep = self._lissa(V2)
-        else:
-            P = self.preconditioner.apply  # type: ignore[union-attr]
-            if s.iteration == "cg":
-                X, rep = block_cg(
-                    self._A,
-                    V2,
-                    tol=s.tol,
-                    max_iter=s.max_iter,
-                    precond=P,
-                    x0=P(V2),
-                    restarts=s.restarts,
-                    progress=s.progress,
-                )
-            else:
-                X, rep = preconditioned_neumann(
-                    self._A, P, V2, step=s.step, tol=s.tol, max_iter=s.max_iter, progress=s.progress
-                )
-        rep.solver = _solver_name(s)
+        X, rep = self.solver.solve_rows(self, V2)
+        rep.solver = solver_name(self.solver)
         rep.seconds = time.perf_counter() - t0
         self.reports.append(rep)
-        _check_report(rep, s.on_failure)
+        _check_report(rep, self.solver.on_failure)
         return (X[0] if vector else X), rep
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         return self.solve(V)[0]
-
-    def _lissa(self, B: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
-        s: LiSSA = self.solver  # type: ignore[assignment]
-        if self._scale is None:
-            self._scale = s.scale or 1.1 * power_iteration(
-                self._A, self.num_params, s.power_iterations, s.seed
-            )
-        if s.batch_size is None:
-            step_op: Operator = self._A
-            sampler = None
-        else:
-            if not hasattr(self.curvature, "ctx"):
-                raise ValueError(
-                    "stochastic LiSSA (batch_size=...) needs a matrix-free rung "
-                    "(curvinf.curvature.matfree.matrix_free); use batch_size=None here."
-                )
-            n = self.curvature.ctx.n
-            gen = torch.Generator().manual_seed(s.seed)
-
-            def sampler() -> Operator:
-                rows = torch.randperm(n, generator=gen)[: s.batch_size]
-                return lambda V: self.curvature.matvec(V, rows=rows) + self.reg.damping * V
-
-            step_op = self._A
-        return lissa(
-            step_op,
-            B,
-            scale=self._scale,
-            tol=s.tol,
-            max_iter=s.max_iter,
-            sampler=sampler,
-            progress=s.progress,
-        )
 
     def __repr__(self) -> str:
         return (
@@ -342,8 +393,9 @@ class LanczosInverse(InverseOperator):
         ritz_residuals: (k,) ``‖C u_i - θ_i u_i‖``.
         inv_values: (k,) regularised inverse eigenvalues ``s``.
         complement_value: ``c``.
-        report: the eigen-solve's report (iterations, converged per Ritz pair
-            in ``converged``; ``residual`` holds the relative Ritz residuals).
+        eigen_report: the eigen-solve's :class:`SolveReport` (iterations, converged per
+            Ritz pair in ``converged``; ``residual`` holds the relative Ritz residuals),
+            also ``report.solves[0]``.
     """
 
     def __init__(self, curvature: Curvature, reg: Regularization, solver: Lanczos) -> None:
@@ -368,7 +420,7 @@ class LanczosInverse(InverseOperator):
         self.complement_value = 0.0 if zero_c else float(inv[1][0])
         scale = max(float(theta.abs().max()), 1e-300)
         rel = res / scale
-        self.report = SolveReport(
+        self.eigen_report = SolveReport(
             solver="lanczos",
             iterations=torch.full((len(theta),), steps),
             residual=rel,
@@ -383,11 +435,15 @@ class LanczosInverse(InverseOperator):
                 f"relative residual > {solver.tol:g}; raise max_iter (now {steps}) or lower k"
             ),
         )
-        self.reports: list[SolveReport] = [self.report]
-        _check_report(self.report, solver.on_failure)
+        self.reports: list[SolveReport] = [self.eigen_report]
+        _check_report(self.eigen_report, solver.on_failure)
         reg.warn_if_mostly_truncated(
             self.rank, curvature.num_params, f"the {curvature.method} Lanczos inverse"
         )
+
+    @property
+    def report(self) -> InverseReport:
+        return InverseReport(route="lanczos", rank=self.rank, solves=self.reports)
 
     @property
     def rank(self) -> int:
@@ -396,7 +452,7 @@ class LanczosInverse(InverseOperator):
         return kept + (self.num_params - len(self.ritz_values) if self.complement_value else 0)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
-        V2, vector = _as_rows(V, self.num_params, "V")
+        V2, vector = as_rows(V, self.num_params, "V")
         coef = V2 @ self.U  # (K, k)
         out = (coef * (self.inv_values - self.complement_value)) @ self.U.T
         if self.complement_value:
@@ -410,50 +466,10 @@ class LanczosInverse(InverseOperator):
         )
 
 
-def solve_inverse(
-    curvature: Curvature,
-    reg: Regularization | None,
-    solver: CG | Lanczos | LiSSA | Preconditioned,
+def fitted_preconditioner(
+    curvature: Curvature, method: str, reg: Regularization
 ) -> InverseOperator:
-    """The inverse of ``curvature`` under ``reg`` by ``solver`` (see the module table)."""
-    reg = Regularization() if reg is None else reg
-    if not isinstance(reg, Regularization):
-        raise TypeError(f"reg must be a Regularization, got {type(reg).__name__}.")
-    if not isinstance(solver, SOLVERS):
-        raise TypeError(
-            f"solver must be one of CG, Lanczos, LiSSA, Preconditioned, Gram; got "
-            f"{type(solver).__name__}."
-        )
-    if isinstance(solver, Lanczos):
-        return LanczosInverse(curvature, reg, solver)
-    if isinstance(solver, Gram):
-        return GramInverse(curvature, reg, solver)
-    if reg.eps > 0 and (reg.truncates_nonnegative() or curvature.method not in PSD_METHODS):
-        raise ValueError(
-            f"{type(solver).__name__} solves (C + λI)⁻¹ V and cannot truncate eigenvalues, but "
-            f"reg (damping={reg.damping:g}, eps={reg.eps:g}"
-            f"{', relative' if reg.relative else ''}) asks for a pseudo-inverse of the "
-            f"{curvature.method} rung. Pass Regularization(damping=λ, eps=0) with λ > 0, or "
-            "use solver=Lanczos(k=...) for a truncated inverse."
-        )
-    pre = None
-    if isinstance(solver, Preconditioned):
-        pre = solver.preconditioner
-        if isinstance(pre, str):
-            pre = _fit_preconditioner(
-                curvature,
-                pre,
-                solver.preconditioner_reg or Regularization(damping=reg.damping, eps=0.0),
-            )
-        if pre.num_params != curvature.num_params:
-            raise ValueError(
-                f"the preconditioner has {pre.num_params} parameters, the curvature "
-                f"{curvature.num_params}; fit both on the same model."
-            )
-    return IterativeInverse(curvature, reg, solver, pre)
-
-
-def _fit_preconditioner(curvature: Curvature, method: str, reg: Regularization) -> InverseOperator:
+    """The ``method`` preconditioner fitted on a matrix-free rung's own data and fisher."""
     ctx = getattr(curvature, "ctx", None)
     if ctx is None:
         raise ValueError(
@@ -467,18 +483,15 @@ def _fit_preconditioner(curvature: Curvature, method: str, reg: Regularization) 
             "pass Regularization(damping=λ, eps=0) with λ > 0 or set preconditioner_reg."
         )
     if method == "ggn":
-        from curvinf.curvature.matfree import MatrixFreeCurvature
-
         ggn = MatrixFreeCurvature(
             "ggn", ctx, ctx.whole(), max_dense_bytes=curvature.max_dense_bytes
         )
-        return GramInverse(ggn, reg, Gram())
-    from curvinf.curvature.kronecker import fit_kronecker
-
+        return ggn.inverse(reg, solver=Gram())
     return fit_kronecker(ctx, method, curvature.max_dense_bytes, "expand").inverse(reg)
 
 
-def _solver_name(s: object) -> str:
+def solver_name(s: object) -> str:
+    """``cg``, ``lissa``, ``lanczos``, ``ekfac-cg``, ``custom-neumann``, ...: a report's route."""
     if isinstance(s, Preconditioned):
         name = s.preconditioner if isinstance(s.preconditioner, str) else "custom"
         return f"{name}-{s.iteration}"
@@ -507,5 +520,4 @@ __all__ = [
     "LiSSA",
     "Preconditioned",
     "SolveReport",
-    "solve_inverse",
 ]
