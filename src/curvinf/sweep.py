@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from curvinf.curvature import LADDER, METHODS, Curvature, Regularization, fit_curvature
+from curvinf.curvature import Curvature, Regularization, fit_curvature
 from curvinf.curvature.matfree import matrix_free
 from curvinf.curvature.solvers import CG
 from curvinf.data import DATASETS, load_dataset
@@ -66,6 +66,7 @@ from curvinf.diagnostics import influence_error, inverse_error
 from curvinf.groundtruth import GroundTruthConfig, RetrainingWarning, ground_truth, take_queries
 from curvinf.influence import per_example_grads
 from curvinf.lds import LDSResult
+from curvinf.names import LADDER, MARKERS, METHODS, RUNG_COLORS
 from curvinf.progress import progress_bar
 from curvinf.storage import read_json, read_jsonl, write_json, write_table
 from curvinf.training import TrainingRecipe
@@ -538,7 +539,6 @@ def plot_lds_heatmap(rows: list[dict[str, Any]], path: str | Path) -> Path:
     Cells without an inverse (``ε = 0`` and a non-positive damped eigenvalue)
     are hatched grey and marked ``×``.
     """
-    from curvinf.report import RUNG_COLORS
 
     plt = _pyplot()
     path = Path(path)
@@ -615,13 +615,9 @@ def plot_lds_product(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-MARKERS = {"hessian": "o", "ggn": "s", "block_ggn": "D", "ekfac": "^", "kfac": "v"}
-
-
 def plot_lds_vs_error(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """LDS against influence-space error (vs the Hessian, same regulariser), one panel per
     regulariser kind; points coloured by log10 of the regulariser, edged in the rung's colour."""
-    from curvinf.report import RUNG_COLORS
 
     plt = _pyplot()
     path = Path(path)
@@ -681,7 +677,6 @@ def plot_lds_vs_error(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 def plot_pathologies(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """max ‖C⁺g_q‖ against the regulariser per rung (both kinds), and CG iterations vs δ."""
-    from curvinf.report import RUNG_COLORS
 
     plt = _pyplot()
     path = Path(path)
