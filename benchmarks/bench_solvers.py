@@ -203,8 +203,8 @@ def run_small(args) -> dict:
     )
     out["lanczos"] = {
         "k": len(inv_l.ritz_values),
-        "steps": int(inv_l.report.iterations[0]),
-        "converged_pairs": int(inv_l.report.converged.sum()),
+        "steps": int(inv_l.eigen_report.iterations[0]),
+        "converged_pairs": int(inv_l.eigen_report.converged.sum()),
         "fit_s": lz_fit_s,
         "score_s": lz_score_s,
         "total_s": lz_fit_s + lz_score_s,
@@ -432,7 +432,7 @@ def run_gram(args) -> dict:
                 )
             )
             theta = inv.ritz_values
-            rel = inv.report.residual
+            rel = inv.eigen_report.residual
             kept = inv.inv_values != 0
             S_by[method] = S
             rec[method] = {
@@ -441,7 +441,7 @@ def run_gram(args) -> dict:
                 "fit_s": fit_s,
                 "score_s": score_s,
                 "rank": inv.rank,
-                "kept_converged": int((kept & inv.report.converged).sum()),
+                "kept_converged": int((kept & inv.eigen_report.converged).sum()),
                 "kept_worst_residual": float(rel[kept].max()) if bool(kept.any()) else 0.0,
                 "smallest_ritz": float(theta.min()),
                 "largest_ritz": float(theta.max()),
