@@ -4,15 +4,15 @@ A GGN-type rung is ``G = MᵀM`` with pseudo-gradient rows
 ``M[(n, k)] = N^{-1/2} (J_nᵀ Q_n[:, k])ᵀ`` — ``R = N·K`` rows, ``D`` columns, ``Q_n``
 (C, K) an output-space root of the ``fisher`` (directions that are zero for every
 example are dropped: ``K = C - 1`` for ``type2`` cross-entropy). The non-zero
-eigenvalues of ``G`` are those of the Gram matrix ``K = MMᵀ`` (R, R); with
-``K = U diag(s) Uᵀ`` the eigenvectors of ``G`` are ``Mᵀ U s^{-1/2}``. So the
+eigenvalues of ``G`` are those of the Gram matrix ``Γ = MMᵀ`` (R, R); with
+``Γ = U diag(s) Uᵀ`` the eigenvectors of ``G`` are ``Mᵀ U s^{-1/2}``. So the
 :class:`~curvinf.curvature.regularization.Regularization` rule ``φ`` (``φ(λ) =
 1/(λ + δ)`` or 0, and ``φ₀ = φ(0)`` on the null space of ``G``) gives
 
     C⁺ v = φ₀ v + Mᵀ U diag((φ(s) - φ₀) / s) Uᵀ M v                        (1)
 
 and with damping only (``eps = 0``, ``δ > 0``) Woodbury's identity
-``C⁺ v = (v - Mᵀ (K + δI)⁻¹ M v) / δ``: one Cholesky factor of ``K + δI``.
+``C⁺ v = (v - Mᵀ (Γ + δI)⁻¹ M v) / δ``: one Cholesky factor of ``Γ + δI``.
 
 Influence scores avoid the ``1/δ`` cancellation of (1). A training gradient is
 ``g_t = J_tᵀ r_t`` (``r_t = ∂ℓ/∂f``); when ``r_t = Q_t c_t`` (``type2``: ``r_t`` lies in the
@@ -20,14 +20,17 @@ range of the output Hessian; ``empirical``: ``Q_t = r_t``; not ``mc``) it is
 ``g_t = Mᵀ σ_t`` with ``σ_t = √N c_t`` on example t's rows and zero elsewhere, and
 ``C⁺ Mᵀ = Mᵀ U φ(s) Uᵀ``, so
 
-    score[q, t] = (M g_q)ᵀ U φ(s) Uᵀ σ_t      (damping only: (M g_q)ᵀ (K + δI)⁻¹ σ_t)   (2)
+    score[q, t] = (M g_q)ᵀ U φ(s) Uᵀ σ_t      (damping only: (M g_q)ᵀ (Γ + δI)⁻¹ σ_t)   (2)
+
+Letters: ``K`` is always the number of output roots per example, ``Γ`` the Gram
+matrix, ``Q`` the output roots (``self.roots`` in code).
 
 Block-diagonal rungs (``block_ggn``) do all of this per block, with each
-block's own Gram matrix ``K_b = M_b M_bᵀ``.
+block's own Gram matrix ``Γ_b = M_b M_bᵀ``.
 
 Cost. For networks of ``nn.Linear`` layers on (N, features) inputs, a row of
 ``M`` restricted to layer ``l`` is the outer product ``s ãᵀ``, so
-``K_b = Σ_{l ∈ b} (S_l S_lᵀ) ∘ (A_l A_lᵀ ⊗ 1_{K×K})`` with ``S_l`` (R, out_l)
+``Γ_b = Σ_{l ∈ b} (S_l S_lᵀ) ∘ (A_l A_lᵀ ⊗ 1_{K×K})`` with ``S_l`` (R, out_l)
 and ``A_l`` (N, in_l + 1): ``R² Σ_l out_l`` flops, and products with ``M`` or
 ``Mᵀ`` are two GEMMs per layer. Then Cholesky ``R³/3`` flops (damping) or
 ``eigh`` (truncation, about ``9 R³``). Other models form ``M`` explicitly
@@ -71,7 +74,7 @@ class Gram:
 
     ``matrix_free("ggn" | "block_ggn", ...).inverse(reg, solver=Gram())``. Damping
     only (``eps=0``, ``damping > 0``, or ``eps < damping``, which truncates nothing of a
-    PSD rung) uses a Cholesky factor of ``K + δI``; truncation an eigendecomposition of ``K``.
+    PSD rung) uses a Cholesky factor of ``Γ + δI``; truncation an eigendecomposition of ``Γ``.
     """
 
     progress: bool = True
@@ -353,13 +356,14 @@ class GramInverse(InverseOperator):
         if b in self._cache:
             return self._cache[b][0]
         t0 = time.perf_counter()
-        K = self.rows.gram(b)
-        K.diagonal().add_(self.reg.damping)
-        L, info = torch.linalg.cholesky_ex(K)
-        del K
+        gram = self.rows.gram(b)
+        gram.diagonal().add_(self.reg.damping)
+        L, info = torch.linalg.cholesky_ex(gram)
+        del gram
         if int(info) != 0:
             raise ValueError(
-                f"the Cholesky factorisation of K + {self.reg.damping:g} I failed for block "
+                f"the Cholesky factorisation of the Gram matrix + {self.reg.damping:g} I failed "
+                "for block "
                 f"{self.param_blocks[b].name!r} (damping too small for float64 at this scale); "
                 "increase damping or use eps > 0."
             )
@@ -370,7 +374,7 @@ class GramInverse(InverseOperator):
         return L
 
     def _solve(self, b: int, W: torch.Tensor, values: str, keep: bool = True) -> torch.Tensor:
-        """``F W`` for (R, k) ``W``: ``(K + δI)⁻¹ W`` (cholesky) or ``U diag(v) Uᵀ W`` with
+        """``F W`` for (R, k) ``W``: ``(Γ + δI)⁻¹ W`` (cholesky) or ``U diag(v) Uᵀ W`` with
         ``v = φ`` (``values="phi"``) or the correction of (1) (``values="correction"``)."""
         if self.mode == "cholesky":
             return torch.cholesky_solve(W, self._cholesky(b, keep))
