@@ -165,16 +165,6 @@ def is_slow(case: Case) -> bool:
 # not of 1.4959e-5, 2.4617e-4, 5.6694e-4. dense() is off the reference by 9.8e-3 (damping
 # 1e-2) and 4.6e-1 (paper); with the relative rule (τ = 1.0e-3) the missed ones are
 # truncated anyway, so that case passes.
-LANCZOS_REPEATED = {
-    str(Case("mse", method, fisher, "lanczos", reg)): (
-        "Lanczos(k=D) misses repeated eigenvalues (MSE last-layer block A ⊗ I_2) and gives "
-        "their directions the null-space value"
-    )
-    for method, fisher in (("block_hessian", None), ("block_ggn", "type2"))
-    for reg in ("damping", "paper")
-}
-
-
 def all_cases(fishers=FISHERS, regs=REGS) -> list:
     out = []
     for kind in ("ce", "mse"):
@@ -188,20 +178,6 @@ def all_cases(fishers=FISHERS, regs=REGS) -> list:
                         marks = [pytest.mark.slow] if is_slow(case) else []
                         out.append(pytest.param(case, id=str(case), marks=marks))
     return out
-
-
-def with_xfail(params: list, reasons: dict[str, str]) -> list:
-    """``params`` with the cases named in ``reasons`` marked ``xfail(strict=True)``."""
-    return [
-        pytest.param(
-            *p.values,
-            id=p.id,
-            marks=[*p.marks, pytest.mark.xfail(strict=True, reason=reasons[p.id])],
-        )
-        if p.id in reasons
-        else p
-        for p in params
-    ]
 
 
 CASES = all_cases()
@@ -307,7 +283,7 @@ def test_vector_and_batch(case: Case):
     assert rel(one[0], CV[1]) <= case.tol
 
 
-@pytest.mark.parametrize("case", with_xfail(CASES + MC_CASES, LANCZOS_REPEATED))
+@pytest.mark.parametrize("case", CASES + MC_CASES)
 def test_dense_equals_reference(case: Case):
     """(b) ``dense()`` and ``apply`` against the independently inverted reference rung."""
     ref = reference_inverse(case)

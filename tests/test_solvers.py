@@ -265,3 +265,17 @@ def test_stochastic_lissa_runs_and_reports_full_residual(model_problem):
         warnings.simplefilter("ignore", RuntimeWarning)
         X_ = inv.apply(V)
     assert torch.isfinite(X_).all() and torch.isfinite(inv.last_report.residual).all()
+
+
+def test_lanczos_finds_every_copy_of_a_repeated_eigenvalue():
+    """One start vector reaches one direction per distinct eigenvalue; the restart on an
+    invariant subspace must find the rest (found by the contract test: MSE blocks A ⊗ I)."""
+    from curvinf.curvature.krylov import lanczos
+
+    evals = torch.tensor([3.0, 3.0, 3.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)).double())
+    C = Q @ torch.diag(evals) @ Q.T
+    U, theta, res, steps = lanczos(lambda V: V @ C, 6, 6, progress=False)
+    assert torch.allclose(theta, evals, atol=1e-12)
+    assert torch.allclose(U.T @ U, torch.eye(6, dtype=torch.float64), atol=1e-12)
+    assert float(res.max()) < 1e-10

@@ -339,8 +339,9 @@ def lanczos(
     """Top-``k`` Ritz pairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     Returns ``(U (D, k), θ (k,) descending, residuals (k,), steps)`` with
-    residual ``|β_m s_{m,i}| = ‖C u_i - θ_i u_i‖``. Stops early (exactly) on an
-    invariant subspace.
+    residual ``|β_m s_{m,i}| = ‖C u_i - θ_i u_i‖``. On an invariant subspace it
+    restarts from a random vector orthogonal to the basis (so repeated eigenvalues
+    get all their directions) and stops early only when the space is exhausted.
     """
     m = min(dim, max_iter if max_iter is not None else 2 * k + 20)
     k = min(k, m)
@@ -364,9 +365,21 @@ def lanczos(
             steps = j + 1
             advance(1)
             scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
-            if beta <= 1e-12 * max(scale, 1e-300) or j == m - 1:
-                beta_last = beta if j == m - 1 else 0.0
+            if j == m - 1:
+                beta_last = beta
                 break
+            if beta <= 1e-12 * max(scale, 1e-300):
+                # An invariant subspace: exact so far. A repeated eigenvalue has more
+                # directions than one start vector reaches, so restart from a fresh random
+                # vector orthogonal to the basis (T decouples: β = 0); stop only when the
+                # space is exhausted.
+                w = _orthogonal_start(Qb[: j + 1], gen)
+                if w is None:
+                    beta_last = 0.0
+                    break
+                betas.append(0.0)
+                Qb[j + 1] = w
+                continue
             betas.append(beta)
             Qb[j + 1] = w / beta
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
@@ -378,6 +391,16 @@ def lanczos(
     U = Qb[:steps].T @ S[:, order]
     res = (beta_last * S[-1, order]).abs()
     return U, theta[order], res, steps
+
+
+def _orthogonal_start(Q: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+    """A random unit vector orthogonal to the rows of ``Q`` (k, D); ``None`` if they span."""
+    q = torch.randn(Q.shape[1], generator=gen, dtype=torch.float64)
+    q = q / torch.linalg.vector_norm(q)
+    for _ in range(2):
+        q = q - Q.T @ (Q @ q)
+    norm = float(torch.linalg.vector_norm(q))
+    return None if norm <= 1e-8 else q / norm
 
 
 __all__ = [
