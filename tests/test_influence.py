@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from references import flat_fn, problem, ref_loss
 
-from curvinf import Regularization, fit_curvature, influence_scores, make_mlp
+from curvinf import Regularization, fit_curvature, influence_scores, make_mlp, per_example_grads
 
 
 def per_example_reference(model, kind, X, y, measure="loss") -> torch.Tensor:
@@ -135,3 +135,20 @@ def test_float32_model_scores_agree_with_float64(kind):
     s32 = influence_scores(m32, loss, inv, train=(X.float(), y32), query=(X[:3].float(), y32[:3]))
     assert s32.dtype == torch.float64
     assert torch.allclose(s32, s64, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_scores_is_the_generic_route_of_influence_scores():
+    from curvinf.curvature import CG, matrix_free
+    from curvinf.influence import gradient_scores
+
+    model, loss, X, y = problem("ce")
+    reg = Regularization(damping=1e-2, eps=0.0)
+    Gq = per_example_grads(model, loss, X[:4], y[:4])
+    Gt = per_example_grads(model, loss, X, y)
+    for inv in (
+        fit_curvature("block_ggn", model, loss, X, y).inverse(reg),
+        matrix_free("ggn", model, loss, X, y).inverse(reg, solver=CG(tol=1e-12)),
+    ):
+        ref = influence_scores(model, loss, inv, train=(X, y), query=(X[:4], y[:4]))
+        got = gradient_scores(inv, Gq, Gt, chunk_size=3)
+        assert float((got - ref).norm() / ref.norm()) < 1e-9

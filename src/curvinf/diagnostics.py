@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from curvinf.curvature.operators import Curvature, EigenBlock, InverseOperator
+from curvinf.influence import gradient_scores
 from curvinf.names import LADDER_STEPS
 
 
@@ -63,8 +64,9 @@ def influence_space_error(
     """``‖G_q (C̃⁺ − H⁺) G_trᵀ‖_F / ‖G_q H⁺ G_trᵀ‖_F`` from gradients ``G_q`` (Q, D),
     ``G_tr`` (N, D), with only ``inv.apply`` (no dense inverse)."""
     _eigen_pair(approx, ref)
-    Gt = G_train.to(torch.float64)
-    return influence_error(approx.apply(G_query) @ Gt.T, ref.apply(G_query) @ Gt.T)
+    return influence_error(
+        gradient_scores(approx, G_query, G_train), gradient_scores(ref, G_query, G_train)
+    )
 
 
 def _eigen_pair(approx: InverseOperator, ref: InverseOperator) -> tuple:

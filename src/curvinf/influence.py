@@ -182,15 +182,33 @@ def influence_scores(
         fast = inv.pairwise_scores(task)
         if fast is not None:
             return fast
-        Gq = gradients(Xq, yq, measure)
-        P = torch.cat([inv.apply(Gq[a : a + chunk_size]) for a in range(0, len(Gq), chunk_size)])
-        del Gq
+        P = preconditioned_gradients(inv, gradients(Xq, yq, measure), chunk_size)
         scores = torch.empty(len(Xq), len(Xt), dtype=torch.float64)
         for a in range(0, len(Xt), chunk_size):
             Gt = gradients(Xt[a : a + chunk_size], yt[a : a + chunk_size], "loss")
             scores[:, a : a + len(Gt)] = P @ Gt.T
             advance(len(Gt))
     return scores
+
+
+def preconditioned_gradients(
+    inv: InverseOperator, G: torch.Tensor, chunk_size: int = 256
+) -> torch.Tensor:
+    """``C⁺ g`` for every row ``g`` of ``G`` (K, D): (K, D) float64, ``chunk_size`` rows per
+    ``inv.apply`` (memory of iterative solvers grows with the rows solved together)."""
+    check_int("chunk_size", chunk_size, low=1)
+    return torch.cat([inv.apply(G[a : a + chunk_size]) for a in range(0, len(G), chunk_size)])
+
+
+def gradient_scores(
+    inv: InverseOperator, G_query: torch.Tensor, G_train: torch.Tensor, chunk_size: int = 256
+) -> torch.Tensor:
+    """``G_q C⁺ G_trᵀ`` (Q, N) float64 from precomputed per-example gradients ``G_q`` (Q, D)
+    and ``G_tr`` (N, D): the generic route of :func:`influence_scores`, for callers that
+    reuse one set of gradients across many inverses (the regularisation sweep, the
+    influence-space error)."""
+    P = preconditioned_gradients(inv, G_query, chunk_size)
+    return P @ G_train.to(torch.float64).T
 
 
 def top_k(
@@ -215,4 +233,10 @@ def top_k(
     return scores.gather(1, order), order
 
 
-__all__ = ["influence_scores", "per_example_grads", "top_k"]
+__all__ = [
+    "gradient_scores",
+    "influence_scores",
+    "per_example_grads",
+    "preconditioned_gradients",
+    "top_k",
+]

@@ -64,7 +64,7 @@ from curvinf.curvature.solvers import CG
 from curvinf.data import DATASETS, load_dataset
 from curvinf.diagnostics import influence_error, inverse_error
 from curvinf.groundtruth import GroundTruthConfig, RetrainingWarning, ground_truth, take_queries
-from curvinf.influence import per_example_grads
+from curvinf.influence import gradient_scores, per_example_grads, preconditioned_gradients
 from curvinf.lds import LDSResult
 from curvinf.names import LADDER, MARKERS, METHODS, RUNG_COLORS
 from curvinf.progress import progress_bar
@@ -302,9 +302,8 @@ def _dense_row(
     except ValueError as err:  # eps = 0 and a non-positive eigenvalue after damping
         row["reason"] = f"no inverse: {err}"
         return row, None
-    P = inv.apply(Gq)
-    norms = P.norm(dim=1)
-    S = P @ Gt.T
+    norms = preconditioned_gradients(inv, Gq).norm(dim=1)
+    S = gradient_scores(inv, Gq, Gt)
     med = float(norms.median())
     row.update(
         rank=inv.rank,
@@ -362,7 +361,7 @@ def _fallback_ref(
         inv = curv.inverse(Regularization(damping=reg.damping, eps=REF_FLOOR))
     except ValueError:
         return None
-    return {"inverse": inv, "scores": inv.apply(Gq) @ Gt.T, "fallback": True}
+    return {"inverse": inv, "scores": gradient_scores(inv, Gq, Gt), "fallback": True}
 
 
 def _cg_row(
