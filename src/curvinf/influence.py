@@ -164,11 +164,9 @@ def influence_scores(
     check_model_finite(model)
     (Xt, yt), (Xq, yq) = train, query
     check_xy(Xt, yt, name="train", model=model)
-    check_xy(Xq, yq, name="query", model=model)
+    out_features = check_xy(Xq, yq, name="query", model=model)[1]
     check_fitted_on(inv, model)
     model = evaluation_copy(model, torch.float64)
-    with torch.no_grad():
-        out_features = model(Xq[:1].to(torch.float64)).shape[1]
     check_targets(kind, out_features, yt, "train y")
     check_targets(kind, out_features, yq, "query y")
     fast_route: list[bool | None] = [None]

@@ -102,10 +102,12 @@ def check_model_finite(model: nn.Module) -> None:
 
 def check_xy(
     X: torch.Tensor, y: torch.Tensor, *, name: str = "data", model: nn.Module | None = None
-) -> None:
+) -> torch.Size | None:
     """Validate a feature matrix and its targets: types, matching lengths, finiteness.
 
     ``X``: (N, F) features. ``y``: (N,) integer classes or (N, C) float targets.
+    With ``model``, also run it on one example (:func:`check_model_input`) and return
+    its output shape (1, ...); ``None`` without a model.
     """
     check_finite(f"{name} features X", X)
     check_finite(f"{name} targets y", y)
@@ -122,8 +124,7 @@ def check_xy(
         )
     if len(X) == 0:
         raise ValueError(f"{name} is empty; pass at least one example.")
-    if model is not None:
-        check_model_input(model, X, name=name)
+    return None if model is None else check_model_input(model, X, name=name)
 
 
 def check_int(name: str, value: object, *, low: int | None = None) -> int:

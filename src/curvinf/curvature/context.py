@@ -128,18 +128,16 @@ class FitContext:
                 "model has no trainable parameters (none, or all with requires_grad=False); "
                 "there is no curvature to fit."
             )
-        check_xy(X, y, name="training data", model=model)
-        model64 = evaluation_copy(model, dtype)
-        X = X.to(dtype)
-        with torch.no_grad():
-            out = model64(X[:1])
-        if out.ndim != 2:
+        out_shape = check_xy(X, y, name="training data", model=model)
+        if len(out_shape) != 2:
             raise ValueError(
                 f"the model must map (N, features) to (N, outputs); it returned shape "
-                f"{tuple(out.shape)} for one example."
+                f"{tuple(out_shape)} for one example."
             )
+        model64 = evaluation_copy(model, dtype)
+        X = X.to(dtype)
         y = y.to(dtype) if kind == "mse" else y
-        check_targets(kind, out.shape[1], y)
+        check_targets(kind, out_shape[1], y)
         return cls(model64, kind, X, y, settings)
 
     @property
