@@ -83,6 +83,7 @@ from curvinf import (
     influence_scores,
     load_dataset,
 )
+from curvinf.data import split_dataset
 from curvinf.groundtruth import RetrainingWarning
 from curvinf.lds import group_effects, spearman_columns
 
@@ -148,24 +149,8 @@ def load_breast_cancer(*, query_fraction: float = 0.2, seed: int = 0) -> DataSpl
     from sklearn import datasets
 
     X, y = datasets.load_breast_cancer(return_X_y=True)
-    n = len(X)
-    perm = np.random.default_rng(seed).permutation(n)
-    n_query = n - int(math.floor((1.0 - query_fraction) * n))
-    q_idx, tr_idx = np.sort(perm[:n_query]), np.sort(perm[n_query:])
-    X = X.astype(np.float64)
-    mean, std = X[tr_idx].mean(0), X[tr_idx].std(0)
-    std[std == 0] = 1.0
-    X = (X - mean) / std
-    X_t = torch.as_tensor(X, dtype=torch.float32)
-    y_t = torch.as_tensor(y, dtype=torch.long)
-    return DataSplit(
-        "breast_cancer",
-        "classification",
-        X_t[tr_idx],
-        y_t[tr_idx],
-        X_t[q_idx],
-        y_t[q_idx],
-        seed,
+    return split_dataset(
+        "breast_cancer", "classification", X, y, query_fraction=query_fraction, seed=seed
     )
 
 

@@ -86,6 +86,26 @@ def load_dataset(
     else:
         X, y = datasets.load_diabetes(return_X_y=True)
         task = "regression"
+    return split_dataset(name, task, X, y, query_fraction=query_fraction, seed=seed, dtype=dtype)
+
+
+def split_dataset(
+    name: str,
+    task: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    query_fraction: float = 0.2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> DataSplit:
+    """Split arrays ``X`` (n, F), ``y`` (n,) into train and query parts, as every dataset is.
+
+    A seeded permutation; ``floor((1 - query_fraction) * n)`` examples train, the rest are
+    queries. Features are standardised with the training part's statistics (constant
+    features keep scale 1); regression targets likewise, as an (n, 1) column;
+    classification labels stay integer classes.
+    """
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n)
     n_query = n - int(math.floor((1.0 - query_fraction) * n))
