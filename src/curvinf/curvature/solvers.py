@@ -313,7 +313,6 @@ class Lanczos(_Settings):
         return LanczosInverse(curvature, reg, self)
 
 
-SOLVERS = (CG, Lanczos, LiSSA, Preconditioned, Gram)
 
 
 def check_damping_only(solver: object, curvature: Curvature, reg: Regularization) -> None:
