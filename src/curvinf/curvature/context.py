@@ -27,6 +27,7 @@ from curvinf.params import (
 from curvinf.validation import check_choice, check_int, check_model_finite, check_number, check_xy
 
 KFAC_VARIANTS = ("expand", "reduce")
+BIAS_LAYOUTS = ("joint", "separate")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class FitSettings:
         partition: blocks of the block rungs: ``layer`` (weight and bias together) or
             ``tensor``.
         kfac_variant: ``expand`` or ``reduce`` for K-FAC layers with weight sharing.
+        bias: how K-FAC / EK-FAC treat a layer's bias: ``joint`` (one Kronecker block
+            ``S ⊗ A`` over ``[W | b]``, ``A`` from the inputs with a trailing 1) or
+            ``separate`` (two blocks: ``S ⊗ A`` for ``W`` with ``A = E[a aᵀ]``, and ``S``
+            alone for ``b``). Ignored by the other rungs.
         chunk_size: examples per chunk; memory grows linearly with it.
         vector_chunk: vectors per ``vmap`` call of matrix-free products.
         max_dense_bytes: refuse dense matrices above this size (bytes).
@@ -56,6 +61,7 @@ class FitSettings:
     seed: int = 0
     partition: str = "layer"
     kfac_variant: str = "expand"
+    bias: str = "joint"
     chunk_size: int = 256
     vector_chunk: int = 64
     max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES
@@ -65,6 +71,7 @@ class FitSettings:
         check_choice("fisher", self.fisher, FISHER_TYPES)
         check_choice("partition", self.partition, PARTITIONS)
         check_choice("kfac_variant", self.kfac_variant, KFAC_VARIANTS)
+        check_choice("bias", self.bias, BIAS_LAYOUTS)
         check_int("mc_samples", self.mc_samples, low=1)
         check_int("seed", self.seed)
         check_int("chunk_size", self.chunk_size, low=1)

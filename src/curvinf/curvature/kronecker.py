@@ -20,7 +20,16 @@ variant treats the T positions as extra examples in ``A`` (scaled ``1/(N T)``),
 ``reduce`` averages the inputs and sums the gradients over T first (Eschenhagen
 et al., 2023). Adapters live in :mod:`curvinf.curvature.layers`.
 
-Fitting runs in stages: :func:`kronecker_factors` (A, S per layer, filling a
+Bias layout (``FitSettings.bias``): ``joint`` is the above, one block per layer.
+``separate`` gives a layer with a bias two Kronecker blocks (:func:`kronecker_blocks`):
+the weight ``W`` (out, in) with ``S ⊗ A_W``, ``A_W = 1/N Σ_n a_n a_nᵀ`` (the inputs
+without the 1), and the bias ``b`` (out,) with ``S ⊗ [1] = S``; the cross terms between
+``W`` and ``b`` are dropped. Each is a block of columns of ``ã`` (``a`` and the column
+of ones) sharing the layer's ``S``; EK-FAC corrects each block in its own basis. The
+blocks sit at the tensors' positions in θ (weight, then bias), so every eigen-block
+consumer (products, ``dense()``, inverses, scoring, files) takes them unchanged.
+
+Fitting runs in stages: :func:`kronecker_factors` (A, S per block, filling a
 :class:`CaptureCache`), :func:`factor_eigendecompositions`, and for EK-FAC
 :func:`corrected_eigenvalues` (reading the cache, or recapturing if it overflowed).
 """
@@ -31,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from curvinf.curvature.context import KFAC_VARIANTS, FitContext
+from curvinf.curvature.context import BIAS_LAYOUTS, KFAC_VARIANTS, FitContext
 from curvinf.curvature.layers import (
     Captures,
     LayerAdapter,
@@ -53,11 +62,48 @@ from curvinf.validation import check_choice
 
 @dataclass
 class LayerFactors:
-    """K-FAC factors of one layer: ``A`` (in+1, in+1), ``S`` (out, out), both float64."""
+    """K-FAC factors of one Kronecker block: ``A`` (in', in') over the block's columns of
+    ``ã`` (``in + 1`` for a joint layer), ``S`` (out, out), both float64."""
 
     name: str
     A: torch.Tensor
     S: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KroneckerBlock:
+    """Columns ``start:stop`` of layer ``layer``'s ``ã`` with its output gradients ``s``: a
+    Kronecker block at positions ``index`` of θ. ``has_bias``: the last column is the bias
+    of a joint ``[W | b]`` block."""
+
+    name: str
+    layer: int
+    start: int
+    stop: int
+    index: torch.Tensor
+    has_bias: bool
+
+    def columns(self, a: torch.Tensor) -> torch.Tensor:
+        """The block's columns of ``ã`` (..., in')."""
+        return a if self.start == 0 and self.stop == a.shape[-1] else a[..., self.start : self.stop]
+
+
+def kronecker_blocks(adapters: list[LayerAdapter], bias: str = "joint") -> list[KroneckerBlock]:
+    """The Kronecker blocks of ``adapters`` in θ order: one per layer (``joint``), or for a
+    layer with a bias the weight and the bias apart (``separate``)."""
+    check_choice("bias", bias, BIAS_LAYOUTS)
+    out = []
+    for i, ad in enumerate(adapters):
+        n_in = ad.module.weight[0].numel()
+        n_w = ad.module.weight.numel()
+        if bias == "separate" and ad.has_bias:
+            w, b = ad.index[:n_w], ad.index[n_w:]
+            prefix = f"{ad.name}." if ad.name else ""
+            out.append(KroneckerBlock(prefix + "weight", i, 0, n_in, w, False))
+            out.append(KroneckerBlock(prefix + "bias", i, n_in, n_in + 1, b, False))
+        else:
+            out.append(KroneckerBlock(ad.name, i, 0, n_in + ad.has_bias, ad.index, ad.has_bias))
+    return out
 
 
 def reduced(captures: Captures, variant: str) -> Captures:
@@ -104,28 +150,33 @@ def kronecker_factors(
     adapters: list[LayerAdapter],
     variant: str = "expand",
     cache: CaptureCache | None = None,
+    blocks: list[KroneckerBlock] | None = None,
 ) -> list[LayerFactors]:
-    """``A = 1/(N T) Σ ã ãᵀ`` and ``S = 1/N Σ_n Σ_k Σ_t s sᵀ`` per layer; each chunk's
-    (reduced) captures go to ``cache`` if one is given."""
+    """``A = 1/(N T) Σ ã ãᵀ`` (over the block's columns) and ``S = 1/N Σ_n Σ_k Σ_t s sᵀ``
+    (its layer's) per block of ``blocks`` (default: one per layer); each chunk's (reduced)
+    captures go to ``cache`` if one is given."""
     check_choice("kfac variant", variant, KFAC_VARIANTS)
-    A = [None] * len(adapters)
-    S = [None] * len(adapters)
+    blocks = kronecker_blocks(adapters) if blocks is None else blocks
+    A: list[torch.Tensor | None] = [None] * len(blocks)
+    S: list[torch.Tensor | None] = [None] * len(adapters)
     gen = ctx.generator()
     with progress_bar(ctx.n, "K-FAC factors", ctx.progress) as advance:
         for c, (xb, yb) in enumerate(ctx.chunks()):
             caps = reduced(fit_captures(ctx, adapters, xb, yb, gen, verify=c == 0), variant)
-            for i, (a, s) in enumerate(zip(caps.inputs, caps.grads, strict=True)):
-                a2 = a.reshape(-1, a.shape[-1])
+            for i, s in enumerate(caps.grads):
                 s2 = s.reshape(-1, s.shape[-1])
+                S[i] = s2.T @ s2 if S[i] is None else S[i] + s2.T @ s2
+            for j, blk in enumerate(blocks):
+                a = blk.columns(caps.inputs[blk.layer])
+                a2 = a.reshape(-1, a.shape[-1])
                 cA = a2.T @ a2 / a.shape[1]
-                cS = s2.T @ s2
-                A[i] = cA if A[i] is None else A[i] + cA
-                S[i] = cS if S[i] is None else S[i] + cS
+                A[j] = cA if A[j] is None else A[j] + cA
             if cache is not None:
                 cache.add(caps)
             advance(len(xb))
     return [
-        LayerFactors(ad.name, a / ctx.n, s / ctx.n) for ad, a, s in zip(adapters, A, S, strict=True)
+        LayerFactors(blk.name, a / ctx.n, S[blk.layer] / ctx.n)
+        for blk, a in zip(blocks, A, strict=True)
     ]
 
 
@@ -135,9 +186,11 @@ def corrected_eigenvalues(
     bases: list[tuple[torch.Tensor, torch.Tensor]],
     variant: str = "expand",
     cache: CaptureCache | None = None,
+    blocks: list[KroneckerBlock] | None = None,
 ) -> list[torch.Tensor]:
-    """EK-FAC ``Λ*`` (out, in+1) per layer: mean over examples of the squared gradient
-    in the Kronecker basis, ``Σ_k (U_Sᵀ (Σ_t s_nkt ã_ntᵀ) U_A)²``.
+    """EK-FAC ``Λ*`` (out, in') per block of ``blocks`` (default: one per layer), ``bases``
+    its ``(U_S, U_A)``: mean over examples of the squared gradient in the Kronecker basis,
+    ``Σ_k (U_Sᵀ (Σ_t s_nkt ã_ntᵀ) U_A)²`` with ``ã`` the block's columns.
 
     ``cache``: the K-FAC pass's captures; when absent or overflowed they are
     recaptured (same samples: the generator restarts from the seed)."""
@@ -150,14 +203,15 @@ def corrected_eigenvalues(
         for xb, yb in ctx.chunks():
             yield reduced(fit_captures(ctx, adapters, xb, yb, gen, verify=False), variant)
 
-    out = [None] * len(adapters)
+    blocks = kronecker_blocks(adapters) if blocks is None else blocks
+    out: list[torch.Tensor | None] = [None] * len(blocks)
     with progress_bar(ctx.n, "EK-FAC correction", ctx.progress) as advance:
         for caps in chunks():
-            for i, (a, s) in enumerate(zip(caps.inputs, caps.grads, strict=True)):
-                U_S, U_A = bases[i]
+            for j, ((U_S, U_A), blk) in enumerate(zip(bases, blocks, strict=True)):
+                a, s = blk.columns(caps.inputs[blk.layer]), caps.grads[blk.layer]
                 g = torch.einsum("nkto,nti->nkoi", s @ U_S, a @ U_A)
                 c = g.pow(2).sum(dim=(0, 1))
-                out[i] = c if out[i] is None else out[i] + c
+                out[j] = c if out[j] is None else out[j] + c
             advance(len(caps.inputs[0]))
     return [c / ctx.n for c in out]
 
@@ -181,12 +235,13 @@ def kronecker_pairwise_scores(
 ) -> torch.Tensor | None:
     """All-pairs scores of a K-FAC / EK-FAC inverse without flat per-example gradients.
 
-    Per layer, with ``ŝ = U_Sᵀ s`` and ``â = U_Aᵀ ã`` (the rotated factors of the
-    per-example gradient ``s ãᵀ``) and inverse eigenvalues ``λ⁺`` (out, in'),
+    Per block (a layer, or its weight or bias: :func:`kronecker_blocks`), with
+    ``ŝ = U_Sᵀ s`` and ``â = U_Aᵀ ã`` (the rotated factors of the per-example gradient
+    ``s ãᵀ``, ``ã`` the block's columns) and inverse eigenvalues ``λ⁺`` (out, in'),
 
-        score[q, n] = Σ_layers Σ_{o,i} λ⁺[o,i] ŝ_q[o] â_q[i] ŝ_n[o] â_n[i],
+        score[q, n] = Σ_blocks Σ_{o,i} λ⁺[o,i] ŝ_q[o] â_q[i] ŝ_n[o] â_n[i],
 
-    one GEMM (Q, out·in') x (out·in', n) per layer: the flops of ``G_q C⁺ G_trᵀ``
+    one GEMM (Q, out·in') x (out·in', n) per block: the flops of ``G_q C⁺ G_trᵀ``
     without forming, rotating back or reordering gradients. ``None`` if the model
     is not one whose layers the blocks describe (then the generic route runs).
     """
@@ -197,21 +252,19 @@ def kronecker_pairwise_scores(
     fq = measure_factors(model, kind, task.measure, Xq, yq)
     if fq is None:
         return None
-    adapters = fq[0]
-    order = {int(ad.index[0]): i for i, ad in enumerate(adapters)}
-    layer_of = [order.get(int(b.index[0])) for b in blocks]
-    if sorted(i for i in layer_of if i is not None) != list(range(len(adapters))):
+    layout = _match_blocks(blocks, fq[0])
+    if layout is None:
         return None
-    for b, i in zip(blocks, layer_of, strict=True):
-        if not torch.equal(b.index, adapters[i].index) or b.has_bias != adapters[i].has_bias:
-            return None
 
-    def rotated(a: torch.Tensor, s: torch.Tensor, b: KroneckerEigenBlock) -> torch.Tensor:
+    def rotated(
+        f: tuple[list[torch.Tensor], list[torch.Tensor]], kb: KroneckerBlock, b: KroneckerEigenBlock
+    ) -> torch.Tensor:
+        a, s = kb.columns(f[0][kb.layer]), f[1][kb.layer]
         return ((s @ b.U_out)[:, :, None] * (a @ b.U_in)[:, None, :]).reshape(len(a), -1)
 
     pre = [
-        rotated(fq[1][i], fq[2][i], b) * lam.reshape(1, -1)
-        for b, i, lam in zip(blocks, layer_of, inv_evals, strict=True)
+        rotated(fq[1:], kb, b) * lam.reshape(1, -1)
+        for b, kb, lam in zip(blocks, layout, inv_evals, strict=True)
     ]
     scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64)
     step = task.chunk_size
@@ -220,10 +273,34 @@ def kronecker_pairwise_scores(
         if ft is None:
             return None
         out = scores[:, a : a + step]
-        for b, i, P in zip(blocks, layer_of, pre, strict=True):
-            out.addmm_(P, rotated(ft[1][i], ft[2][i], b).T)
+        for b, kb, P in zip(blocks, layout, pre, strict=True):
+            out.addmm_(P, rotated(ft[1:], kb, b).T)
         task.advance(len(ft[1][0]))
     return scores
+
+
+def _match_blocks(
+    blocks: list[KroneckerEigenBlock], adapters: list[LayerAdapter]
+) -> list[KroneckerBlock] | None:
+    """The :class:`KroneckerBlock` (joint or separate layout) of each eigen block, or
+    ``None`` unless the blocks are Kronecker blocks of ``adapters`` covering them once."""
+    known = {
+        (int(kb.index[0]), kb.index.numel(), kb.has_bias): kb
+        for layout in BIAS_LAYOUTS
+        for kb in kronecker_blocks(adapters, layout)
+    }
+    out = []
+    for b in blocks:
+        if not isinstance(b, KroneckerEigenBlock) or not b.index.numel():
+            return None
+        kb = known.get((int(b.index[0]), b.index.numel(), b.has_bias))
+        if kb is None or not torch.equal(b.index, kb.index) or len(b.U_in) != kb.stop - kb.start:
+            return None
+        out.append(kb)
+    covered = torch.cat([b.index for b in blocks]).sort().values
+    if not torch.equal(covered, torch.cat([ad.index for ad in adapters]).sort().values):
+        return None
+    return out
 
 
 class KroneckerInverse(InverseCurvature):
@@ -235,7 +312,11 @@ class KroneckerInverse(InverseCurvature):
 
 
 class KroneckerCurvature(Curvature):
-    """K-FAC (``corrected=False``) or EK-FAC (``corrected=True``) over a model's layers."""
+    """K-FAC (``corrected=False``) or EK-FAC (``corrected=True``) over a model's layers.
+
+    ``kblocks``: the Kronecker blocks (default one per layer, :func:`kronecker_blocks`);
+    ``factors``, ``bases`` and ``corrected_evals`` hold one entry per block.
+    """
 
     def __init__(
         self,
@@ -246,9 +327,11 @@ class KroneckerCurvature(Curvature):
         max_dense_bytes: float,
         corrected_evals: list[torch.Tensor] | None = None,
         bases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+        kblocks: list[KroneckerBlock] | None = None,
     ) -> None:
         super().__init__(method, num_params, max_dense_bytes)
         self.adapters = adapters
+        self.kblocks = kblocks if kblocks is not None else kronecker_blocks(adapters)
         self.factors = factors
         self.bases = bases if bases is not None else factor_eigendecompositions(factors)
         self.corrected_evals = corrected_evals
@@ -260,20 +343,20 @@ class KroneckerCurvature(Curvature):
 
     def _eigen(self) -> list[EigenBlock]:
         blocks: list[EigenBlock] = []
-        for i, (ad, (lS, U_S, lA, U_A)) in enumerate(zip(self.adapters, self.bases, strict=True)):
+        for i, (kb, (lS, U_S, lA, U_A)) in enumerate(zip(self.kblocks, self.bases, strict=True)):
             evals = (
                 self.corrected_evals[i]
                 if self.corrected_evals is not None
                 else lS[:, None] * lA[None, :]
             )
-            blocks.append(GemmKroneckerEigenBlock(ad.index, U_S, U_A, evals, ad.has_bias))
+            blocks.append(GemmKroneckerEigenBlock(kb.index, U_S, U_A, evals, kb.has_bias))
         return blocks
 
 
 def factor_eigendecompositions(
     factors: list[LayerFactors],
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(λ_S, U_S, λ_A, U_A)`` per layer; eigenvalues clamped at 0 (the factors are PSD)."""
+    """``(λ_S, U_S, λ_A, U_A)`` per block; eigenvalues clamped at 0 (the factors are PSD)."""
     out = []
     for fac in factors:
         lS, U_S = torch.linalg.eigh(fac.S)
@@ -285,16 +368,17 @@ def factor_eigendecompositions(
 def fit_kronecker(
     ctx: FitContext, method: str, max_dense_bytes: float, variant: str = "expand"
 ) -> KroneckerCurvature:
-    """Fit K-FAC (``method="kfac"``) or EK-FAC (``"ekfac"``): factors, bases, corrections."""
+    """Fit K-FAC (``method="kfac"``) or EK-FAC (``"ekfac"``): factors, bases, corrections,
+    with the bias layout ``ctx.settings.bias``."""
     adapters = layer_adapters(ctx.model, method)
+    kblocks = kronecker_blocks(adapters, ctx.settings.bias)
     cache = CaptureCache() if method == "ekfac" else None
-    factors = kronecker_factors(ctx, adapters, variant, cache)
+    factors = kronecker_factors(ctx, adapters, variant, cache, kblocks)
     bases = factor_eigendecompositions(factors)
     corrected = None
     if method == "ekfac":
-        corrected = corrected_eigenvalues(
-            ctx, adapters, [(U_S, U_A) for _, U_S, _, U_A in bases], variant, cache
-        )
+        UU = [(U_S, U_A) for _, U_S, _, U_A in bases]
+        corrected = corrected_eigenvalues(ctx, adapters, UU, variant, cache, kblocks)
     return KroneckerCurvature(
-        method, ctx.num_params, adapters, factors, max_dense_bytes, corrected, bases
+        method, ctx.num_params, adapters, factors, max_dense_bytes, corrected, bases, kblocks
     )
