@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
 
-from curvinf.lds import group_effects, lds, make_subsets
+from curvinf.lds import (
+    BOOTSTRAP_METHODS,
+    bootstrap_interval,
+    group_effects,
+    lds,
+    lds_compare,
+    lds_difference,
+    make_subsets,
+)
+from curvinf.noise import seed_noise
 
 
 def test_make_subsets_shape_size_and_seeding():
@@ -90,3 +100,176 @@ def test_lds_rejects_mismatched_shapes():
         lds(scores, masks.long(), truth)
     with pytest.raises(ValueError, match="NaN"):
         lds(scores, masks, truth * float("nan"))
+
+
+# --- Bootstrap intervals, paired differences (issue 11) -------------------------------
+
+
+def _linear_case(M=60, N=40, Q=30, noise=4.0, seed=0):
+    """Truth linear in the subset (exact group effects = the truth up to noise)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = make_subsets(N, num_subsets=M, seed=seed)
+    effects = torch.randn(Q, N, generator=g, dtype=torch.float64)
+    truth = -(masks.double() @ effects.T) + noise * torch.randn(M, Q, generator=g).double()
+    noisy = effects + 1.5 * torch.randn(Q, N, generator=g, dtype=torch.float64)
+    return effects, noisy, masks, truth
+
+
+def test_interval_methods_on_known_replicates():
+    boot = np.arange(1000) / 999.0  # uniform on [0, 1]
+    lo, hi, _ = bootstrap_interval(0.5, boot, 0.9, "percentile")
+    assert (lo, hi) == pytest.approx((0.05, 0.95))
+    lo, hi, _ = bootstrap_interval(0.6, boot, 0.9, "basic")
+    assert (lo, hi) == pytest.approx((1.2 - 0.95, 1.2 - 0.05))
+    # No bias (estimate at the replicates' median): BC is the percentile interval.
+    assert bootstrap_interval(0.5, boot, 0.9, "bc")[:2] == pytest.approx((0.05, 0.95), abs=1e-3)
+    # Replicates biased low (estimate at their 70th percentile): BC moves up, past the estimate.
+    lo, hi, _ = bootstrap_interval(0.7, boot, 0.9, "bc")
+    assert 0.05 < lo < 0.7 < hi and hi > 0.95 - 1e-9 and lo > 0.2
+    with pytest.raises(ValueError, match="method"):
+        bootstrap_interval(0.5, boot, 0.9, "bca")
+    assert all(math.isnan(v) for v in bootstrap_interval(0.5, np.array([np.nan]), 0.9))
+
+
+@pytest.mark.parametrize("method", BOOTSTRAP_METHODS)
+def test_p_value_inverts_the_interval(method):
+    rng = np.random.default_rng(0)
+    for centre in (0.02, 0.05, 0.08, 0.12, -0.1):
+        boot = centre - 0.01 + 0.05 * rng.standard_normal(500)
+        for confidence in (0.8, 0.9, 0.95, 0.99):
+            lo, hi, p = bootstrap_interval(centre, boot, confidence, method)
+            assert (p < 1 - confidence) == (not lo <= 0 <= hi) or abs(p - (1 - confidence)) < 5e-3
+
+
+def test_identical_rungs_differ_by_exactly_zero():
+    scores, _, masks, truth = _linear_case()
+    d = lds_difference(scores, scores.clone(), masks, truth, num_bootstrap=100)
+    assert d.mean == 0.0 and (d.ci_low, d.ci_high) == (0.0, 0.0) and d.p_value == 1.0
+    assert d.num_valid == 30 and torch.equal(d.per_query, torch.zeros(30, dtype=torch.float64))
+
+
+def test_exact_effects_beat_noisy_ones():
+    exact, noisy, masks, truth = _linear_case()
+    d = lds_difference(exact, noisy, masks, truth, num_bootstrap=300, names=("exact", "noisy"))
+    a, b = lds(exact, masks, truth, num_bootstrap=0), lds(noisy, masks, truth, num_bootstrap=0)
+    assert d.mean == pytest.approx(a.mean - b.mean) and d.mean > 0.05
+    assert 0 < d.ci_low <= d.mean <= d.ci_high and d.p_value < 0.01
+    assert "LDS(exact) - LDS(noisy)" in str(d) and d.method == "bc"
+
+
+def test_intervals_contain_the_estimate_and_bc_fixes_the_low_percentile():
+    exact, noisy, masks, truth = _linear_case()
+
+    def position(r):  # where the estimate sits in its interval, 0 = low end, 1 = high end
+        return (r.mean - r.ci_low) / (r.ci_high - r.ci_low)
+
+    for scores in (exact, noisy):
+        bc = lds(scores, masks, truth, num_bootstrap=400, seed=3)
+        pct = lds(scores, masks, truth, num_bootstrap=400, seed=3, method="percentile")
+        assert bc.ci_low < bc.mean < bc.ci_high and bc.method == "bc"
+        # The resampled Spearman is biased low: the percentile interval sits below the
+        # estimate (position > 0.5); BC moves it up.
+        assert position(pct) > 0.5 > position(bc) > 0.3
+
+
+def test_shared_resamples_make_the_paired_interval_narrow():
+    exact, _, masks, truth = _linear_case()
+    g = torch.Generator().manual_seed(9)
+    close = exact + 0.3 * torch.randn(exact.shape, generator=g, dtype=torch.float64)
+    cmp = lds_compare({"a": exact, "b": close}, masks, truth, num_bootstrap=300)
+    ra, rb, d = cmp.results["a"], cmp.results["b"], cmp.difference("a", "b")
+    unpaired = math.hypot(ra.ci_high - ra.ci_low, rb.ci_high - rb.ci_low)
+    assert d.ci_high - d.ci_low < 0.5 * unpaired
+
+
+def test_compare_matches_lds_and_is_reproducible():
+    exact, noisy, masks, truth = _linear_case()
+    kw = {"num_bootstrap": 150, "seed": 4}
+    cmp = lds_compare({"x": exact, "y": noisy, "z": -noisy}, masks, truth, **kw)
+    assert list(cmp.differences) == [("x", "y"), ("x", "z"), ("y", "z")]
+    single = lds(noisy, masks, truth, **kw)
+    assert (cmp.results["y"].ci_low, cmp.results["y"].ci_high) == (single.ci_low, single.ci_high)
+    again = lds_difference(exact, noisy, masks, truth, **kw)
+    xy, yx = cmp.difference("x", "y"), cmp.difference("y", "x")
+    assert (again.mean, again.ci_low, again.ci_high, again.p_value) == (
+        xy.mean,
+        xy.ci_low,
+        xy.ci_high,
+        xy.p_value,
+    )
+    assert (yx.mean, yx.ci_low, yx.ci_high) == (-xy.mean, -xy.ci_high, -xy.ci_low)
+    other = lds_difference(exact, noisy, masks, truth, num_bootstrap=150, seed=5)
+    assert (other.ci_low, other.ci_high) != (xy.ci_low, xy.ci_high)
+
+
+def test_difference_leaves_out_queries_either_rung_cannot_rank():
+    exact, noisy, masks, truth = _linear_case()
+    noisy = noisy.clone()
+    noisy[3] = 0.0
+    d = lds_difference(exact, noisy, masks, truth, num_bootstrap=50)
+    assert d.num_valid == 29 and torch.isnan(d.per_query[3])
+
+
+def test_difference_rejects_mismatched_shapes():
+    exact, noisy, masks, truth = _linear_case()
+    with pytest.raises(ValueError, match=r"shapes disagree: scores\['b'\]"):
+        lds_difference(exact, noisy[:5], masks, truth)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        lds_difference(exact, noisy, masks[:10], truth)
+    with pytest.raises(ValueError, match="names must differ"):
+        lds_difference(exact, noisy, masks, truth, names=("a", "a"))
+    with pytest.raises(ValueError, match="method"):
+        lds_compare({"a": exact}, masks, truth, method="student")
+
+
+# --- Seed noise -----------------------------------------------------------------------
+
+
+def test_seed_noise_hand_computed():
+    # M = 2 subsets, R = 2 seeds, Q = 4 queries; measurements[j, r, q].
+    m = torch.tensor(
+        [
+            [[1.0, 0.0, 3.0, 0.0], [3.0, 0.0, 3.0, 2.0]],
+            [[5.0, 2.0, 3.0, 0.0], [7.0, 2.0, 3.0, 4.0]],
+        ]
+    )
+    s = seed_noise(m)
+    # q0: subset means 2, 6 -> truth var 8; seed vars 2, 2 -> 2; noise 1; signal 7.
+    # q1: means 0, 2 -> 2; no seed noise. q2: constant. q3: means 1, 2 -> 0.5; seed vars
+    # 2, 8 -> 5; noise 2.5 > 0.5 -> signal 0, ceiling 0, noise-dominated.
+    nan = math.nan
+    assert s.truth_var.tolist() == pytest.approx([8.0, 2.0, 0.0, 0.5])
+    assert s.seed_var.tolist() == pytest.approx([2.0, 0.0, 0.0, 5.0])
+    assert s.signal_var.tolist() == pytest.approx([7.0, 2.0, 0.0, 0.0])
+    assert s.ratio.tolist() == pytest.approx([4.0, math.inf, nan, 0.1], nan_ok=True)
+    assert s.snr.tolist() == pytest.approx([7.0, math.inf, nan, 0.0], nan_ok=True)
+    ceiling = [math.sqrt(7 / 8), 1.0, nan, 0.0]
+    assert s.ceiling.tolist() == pytest.approx(ceiling, nan_ok=True)
+    assert s.ceiling_spearman[1] == pytest.approx(1.0)
+    assert s.ceiling_spearman[0] == pytest.approx(6 / math.pi * math.asin(math.sqrt(7 / 8) / 2))
+    assert s.mean_ceiling == pytest.approx((math.sqrt(7 / 8) + 1.0) / 3)
+    assert s.mean_seed_var == pytest.approx(7 / 4) and s.noise_dominated == pytest.approx(1 / 3)
+    assert s.reason is None and s.summary()["num_seeds"] == 2 and "LDS ceiling" in str(s)
+
+
+def test_seed_noise_ceiling_matches_simulated_attenuation():
+    g = torch.Generator().manual_seed(0)
+    M, R, Q = 400, 3, 20
+    signal = torch.randn(M, 1, Q, generator=g, dtype=torch.float64)
+    m = signal + 2.0 * torch.randn(M, R, Q, generator=g, dtype=torch.float64)
+    s = seed_noise(m)
+    expected = math.sqrt(1 / (1 + 4 / 3))  # sqrt(signal / (signal + seed / R))
+    assert s.mean_ceiling == pytest.approx(expected, abs=0.03)
+    observed = np.mean([np.corrcoef(signal[:, 0, q], m.mean(1)[:, q])[0, 1] for q in range(Q)])
+    assert s.mean_ceiling == pytest.approx(observed, abs=0.03)
+
+
+def test_seed_noise_one_seed_and_bad_shapes():
+    s = seed_noise(torch.randn(5, 1, 3))
+    assert "num_seeds >= 2" in s.reason and math.isnan(s.mean_ceiling)
+    assert torch.isnan(s.ceiling).all() and s.summary()["mean_ceiling"] is None
+    assert "not measured" in str(s)
+    with pytest.raises(ValueError, match="M subsets, R seeds, Q queries"):
+        seed_noise(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="at least 2 subsets"):
+        seed_noise(torch.randn(1, 3, 3))

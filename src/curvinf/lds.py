@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from scipy.special import ndtr, ndtri
 from scipy.stats import rankdata
 
 from curvinf.validation import check_finite
@@ -81,13 +83,19 @@ def make_subsets(
     return masks
 
 
+BOOTSTRAP_METHODS = ("bc", "percentile", "basic")
+"""Interval methods of the bootstrap (:func:`bootstrap_interval`); ``"bc"`` is the default."""
+
+
 @dataclass
 class LDSResult:
     """The LDS of one score matrix against one ground truth.
 
     ``per_query``: (Q,) Spearman per query; NaN where it is undefined.
     ``mean``: the mean over the queries where it is defined.
-    ``ci_low``, ``ci_high``: percentile bootstrap interval of ``mean``, resampling subsets.
+    ``ci_low``, ``ci_high``: bootstrap interval of ``mean`` at ``confidence``, from
+    ``num_bootstrap`` resamples of subsets *and* queries (:func:`bootstrap_spearman`) by
+    ``method`` (:func:`bootstrap_interval`; ``"bc"``, bias-corrected percentile, by default).
     ``constant_queries``: queries whose ground truth is the same on every subset
     (no ranking to predict); they are NaN in ``per_query`` and left out of ``mean``.
     ``constant_predictions``: queries whose predicted group effect is the same on
@@ -102,6 +110,7 @@ class LDSResult:
     constant_predictions: list[int] = field(default_factory=list)
     confidence: float = 0.95
     num_bootstrap: int = 1000
+    method: str = "bc"
 
     @property
     def num_valid(self) -> int:
@@ -120,6 +129,70 @@ class LDSResult:
         if self.constant_predictions:
             text += f"; {len(self.constant_predictions)} with constant predictions left out"
         return text
+
+
+@dataclass
+class LDSDifference:
+    """Paired comparison ``LDS(a) - LDS(b)`` of two score matrices on one ground truth.
+
+    ``per_query``: (Q,) ``ρ_a - ρ_b`` per query; NaN where either Spearman is undefined.
+    ``mean``: the mean of ``per_query`` over the ``num_valid`` queries where both are
+    defined (so both LDS are over the same queries; it can differ from
+    ``lds(a).mean - lds(b).mean`` when their constant queries differ).
+    ``ci_low``, ``ci_high``: bootstrap interval of ``mean`` by ``method`` from
+    ``num_bootstrap`` *shared* resamples: each resample draws subsets and queries with
+    replacement once and recomputes both rungs' mean Spearman on it, so what the rungs
+    have in common (hard queries, unlucky subsets) cancels in the difference.
+    ``p_value``: two-sided bootstrap p-value of ``mean = 0``, the inverse of the same
+    interval: ``p_value < 1 - c`` exactly when the level-``c`` interval excludes 0.
+    """
+
+    a: str
+    b: str
+    per_query: torch.Tensor
+    mean: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    num_valid: int
+    confidence: float = 0.95
+    num_bootstrap: int = 1000
+    method: str = "bc"
+
+    def __str__(self) -> str:
+        return (
+            f"LDS({self.a}) - LDS({self.b}) = {self.mean:+.4f} [{100 * self.confidence:.0f}% "
+            f"CI {self.ci_low:+.4f}, {self.ci_high:+.4f}; p = {self.p_value:.3g}] over "
+            f"{self.num_valid} queries"
+        )
+
+
+@dataclass
+class LDSComparison:
+    """:func:`lds_compare`: every rung's :class:`LDSResult` and every pair's difference.
+
+    ``results[name]``: the rung's LDS, its interval from the shared resamples (the same
+    numbers :func:`lds` gives with the same ``seed``). ``differences[(a, b)]``: the
+    :class:`LDSDifference` ``a - b`` for every pair with ``a`` before ``b`` in the input.
+    """
+
+    results: dict[str, LDSResult]
+    differences: dict[tuple[str, str], LDSDifference]
+
+    def difference(self, a: str, b: str) -> LDSDifference:
+        """``LDS(a) - LDS(b)``, in either order of the pair."""
+        if (a, b) in self.differences:
+            return self.differences[(a, b)]
+        d = self.differences[(b, a)]
+        return replace(
+            d,
+            a=a,
+            b=b,
+            per_query=-d.per_query,
+            mean=-d.mean,
+            ci_low=-d.ci_high,
+            ci_high=-d.ci_low,
+        )
 
 
 def group_effects(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -143,6 +216,254 @@ def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _check_inputs(
+    named_scores: dict[str, torch.Tensor], masks: torch.Tensor, truth: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Shapes, dtypes and finiteness of score matrices (Q, N), masks (M, N), truth (M, Q)."""
+    masks, truth = torch.as_tensor(masks), torch.as_tensor(truth)
+    named_scores = {name: torch.as_tensor(s) for name, s in named_scores.items()}
+    if not named_scores:
+        raise ValueError("need at least one score matrix.")
+    if masks.ndim != 2 or truth.ndim != 2:
+        raise ValueError(
+            f"need masks (M, N) and truth (M, Q); got shapes {tuple(masks.shape)}, "
+            f"{tuple(truth.shape)}."
+        )
+    (M, N), (Mt, Q) = masks.shape, truth.shape
+    for name, scores in named_scores.items():
+        what = "scores" if len(named_scores) == 1 else f"scores[{name!r}]"
+        if scores.ndim != 2:
+            raise ValueError(f"need {what} (Q, N); got shape {tuple(scores.shape)}.")
+        if scores.shape != (Q, N) or M != Mt:
+            raise ValueError(
+                f"shapes disagree: {what} {tuple(scores.shape)} is (Q, N), masks "
+                f"{tuple(masks.shape)} is (M, N), truth {tuple(truth.shape)} is (M, Q); pass the "
+                "masks the ground truth was built with and scores for the same queries."
+            )
+        check_finite(what, scores)
+    if masks.dtype != torch.bool:
+        raise ValueError(f"masks must be a boolean tensor, got {masks.dtype}.")
+    if M < 2:
+        raise ValueError(f"need at least 2 subsets, got {M}.")
+    check_finite("truth", truth)
+    return named_scores, masks, truth
+
+
+def bootstrap_resamples(
+    num_subsets: int, num_queries: int, num_bootstrap: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shared resamples of every LDS interval: subsets and queries with replacement.
+
+    Returns ``rows`` (B, M), the subsets (rows of masks and truth) of each resample, and
+    ``weights`` (B, Q), how often each query is drawn in it. Both depend only on the
+    arguments, so every rung scored against one ground truth with one ``seed`` sees the
+    same resamples (:func:`lds` and :func:`lds_compare` agree number for number).
+    """
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, num_subsets, size=(num_bootstrap, num_subsets))
+    cols = rng.integers(0, num_queries, size=(num_bootstrap, num_queries))
+    weights = np.zeros((num_bootstrap, num_queries))
+    np.add.at(weights, (np.arange(num_bootstrap)[:, None], cols), 1.0)
+    return rows, weights
+
+
+def bootstrap_spearman(pred: np.ndarray, target: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Spearman of every query (column) on each subset resample: (M, Q) x (B, M) -> (B, Q).
+
+    NaN where a resampled column is constant (:func:`spearman_columns`).
+    """
+    M, Q = target.shape
+    step = max(1, int(2e7 // max(1, M * Q)))
+    out = [
+        spearman_columns(pred[rows[a : a + step]], target[rows[a : a + step]])
+        for a in range(0, len(rows), step)
+    ]
+    return np.concatenate(out) if out else np.empty((0, Q))
+
+
+def resampled_means(rho: np.ndarray, weights: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Mean over the drawn queries of each resample: (B, Q), (B, Q), (Q,) -> (B,).
+
+    Only queries in ``keep`` (defined on the full data) and finite in the resample count,
+    each as often as it was drawn; NaN for a resample without any.
+    """
+    ok = np.isfinite(rho) & keep
+    w = weights * ok
+    total = w.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(ok, rho, 0.0) * w).sum(1) / total
+
+
+def _bc_levels(estimate: float, boot: np.ndarray) -> float:
+    """``z0 = Φ⁻¹(P*(θ* < θ̂))`` (ties count half), clipped to the resolution of ``B``."""
+    B = len(boot)
+    share = (np.sum(boot < estimate) + 0.5 * np.sum(boot == estimate)) / B
+    share = min(max(share, 0.5 / B), 1 - 0.5 / B)
+    return float(ndtri(share))
+
+
+def bootstrap_interval(
+    estimate: float, boot: np.ndarray, confidence: float, method: str = "bc"
+) -> tuple[float, float, float]:
+    """Interval for ``estimate`` from its bootstrap replicates, and the p-value of 0.
+
+    Methods (``z`` the normal quantile, ``G`` the replicates' distribution, ``c`` the
+    ``confidence``, ``z0 = Φ⁻¹(G(θ̂))``):
+
+    - ``"bc"`` (default), bias-corrected percentile (Efron 1981): the ``Φ(2 z0 ± z_c)``
+      quantiles of ``G``. The mean Spearman of a resample is biased low against the
+      full-data one (duplicated subsets and the O(1/M) small-sample bias of Spearman), so
+      the plain percentile interval sits below the estimate; BC shifts the quantiles by the
+      measured median bias and is the percentile interval when there is none.
+    - ``"percentile"``: the ``(1 ∓ c) / 2`` quantiles of ``G`` (the pre-issue-11 interval).
+    - ``"basic"`` (reverse percentile): ``2 θ̂ - `` those quantiles.
+
+    The p-value is the smallest ``1 - c`` at which the interval excludes 0 (two-sided),
+    so ``p < 1 - c`` exactly when the level-``c`` interval excludes 0. NaN replicates are
+    dropped; none left gives NaN.
+    """
+    if method not in BOOTSTRAP_METHODS:
+        raise ValueError(f"method must be one of {BOOTSTRAP_METHODS}, got {method!r}.")
+    boot = np.asarray(boot, dtype=np.float64)
+    boot = boot[np.isfinite(boot)]
+    if not len(boot) or not math.isfinite(estimate):
+        return math.nan, math.nan, math.nan
+    tail = (1 - confidence) / 2
+    z = ndtri(1 - tail)
+    B = len(boot)
+    below0 = (np.sum(boot < 0) + 0.5 * np.sum(boot == 0)) / B  # G(0)
+    if method == "percentile":
+        lo, hi = np.quantile(boot, [tail, 1 - tail])
+        side = below0
+    elif method == "basic":
+        q_lo, q_hi = np.quantile(boot, [tail, 1 - tail])
+        lo, hi = 2 * estimate - q_hi, 2 * estimate - q_lo
+        # 0 in the level-c basic interval <=> 2θ̂ lies between the quantiles of G.
+        side = (np.sum(boot < 2 * estimate) + 0.5 * np.sum(boot == 2 * estimate)) / B
+    else:
+        z0 = _bc_levels(estimate, boot)
+        lo, hi = np.quantile(boot, ndtr([2 * z0 - z, 2 * z0 + z]))
+        # 0 at the edge of the level-c interval <=> Φ⁻¹(G(0)) - 2 z0 = ±z_c.
+        side = ndtr(ndtri(min(max(below0, 0.5 / B), 1 - 0.5 / B)) - 2 * z0)
+    p_value = float(min(1.0, 2 * min(side, 1 - side)))
+    if np.all(boot == boot[0]) and boot[0] == estimate:
+        p_value = 1.0 if estimate == 0 else 0.0
+    return float(lo), float(hi), p_value
+
+
+def _spearman_and_validity(
+    pred: np.ndarray, target: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query Spearman, constant-truth and constant-prediction flags: (Q,) each."""
+    per_query = spearman_columns(pred, target)
+    constant_truth = np.ptp(target, axis=0) == 0
+    constant_pred = (np.ptp(pred, axis=0) == 0) & ~constant_truth
+    return per_query, constant_truth, constant_pred
+
+
+def lds_compare(
+    scores: Mapping[str, torch.Tensor],
+    masks: torch.Tensor,
+    truth: torch.Tensor,
+    *,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    method: str = "bc",
+) -> LDSComparison:
+    """LDS of several score matrices on one ground truth, and all their paired differences.
+
+    Every rung is scored on the same bootstrap resamples (:func:`bootstrap_resamples`):
+    each of the ``num_bootstrap`` resamples draws ``M`` subsets (rows of ``masks`` and
+    ``truth``) and ``Q`` queries with replacement, and each rung's mean Spearman is
+    recomputed on it. A rung's interval comes from its own replicates, a difference's from
+    the replicate-wise differences (paired), both by ``method``
+    (:func:`bootstrap_interval`). Resampling queries as well as subsets makes the interval
+    cover the choice of queries too (LDS averages over a sample of them), and is on the
+    conservative side for this crossed design.
+
+    Args:
+        scores: name -> (Q, N) influence scores, positive = helps the query; e.g. one
+            entry per rung and regulariser of a configuration.
+        masks, truth: as in :func:`lds`.
+        num_bootstrap: resamples; 0 skips the intervals (NaN bounds and p-values).
+        seed: seed of the resamples; :func:`lds` with the same seed gives each rung's
+            :class:`LDSResult` exactly.
+        confidence: coverage of the intervals.
+        method: ``"bc"`` (bias-corrected percentile), ``"percentile"`` or ``"basic"``.
+
+    Returns:
+        :class:`LDSComparison`: ``results[name]`` and ``differences[(a, b)]`` for every
+        pair in input order.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
+    if num_bootstrap < 0:
+        raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}.")
+    if method not in BOOTSTRAP_METHODS:
+        raise ValueError(f"method must be one of {BOOTSTRAP_METHODS}, got {method!r}.")
+    named, masks, truth = _check_inputs(dict(scores), masks, truth)
+    M, Q = truth.shape
+    target = -truth.to(torch.float64).numpy()
+    rows, weights = bootstrap_resamples(M, Q, num_bootstrap, seed)
+    settings = {"confidence": confidence, "num_bootstrap": num_bootstrap, "method": method}
+
+    per_query, valid, boots, results = {}, {}, {}, {}
+    for name, s in named.items():
+        pred = group_effects(s, masks).numpy()
+        rho, constant_truth, constant_pred = _spearman_and_validity(pred, target)
+        ok = ~(constant_truth | constant_pred)
+        per_query[name], valid[name] = rho, ok
+        boots[name] = bootstrap_spearman(pred, target, rows) if ok.any() else None
+        mean = float(rho[ok].mean()) if ok.any() else math.nan
+        lo = hi = math.nan
+        if boots[name] is not None and num_bootstrap:
+            lo, hi, _ = bootstrap_interval(
+                mean, resampled_means(boots[name], weights, ok), confidence, method
+            )
+        results[name] = LDSResult(
+            per_query=torch.as_tensor(rho),
+            mean=mean,
+            ci_low=lo,
+            ci_high=hi,
+            constant_queries=np.flatnonzero(constant_truth).tolist(),
+            constant_predictions=np.flatnonzero(constant_pred).tolist(),
+            **settings,
+        )
+
+    differences = {}
+    names = list(named)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            both = valid[a] & valid[b]
+            diff = np.where(both, per_query[a] - per_query[b], np.nan)
+            mean = float(diff[both].mean()) if both.any() else math.nan
+            lo = hi = p = math.nan
+            if both.any() and num_bootstrap:
+                reps = resampled_means(boots[a] - boots[b], weights, both)
+                lo, hi, p = bootstrap_interval(mean, reps, confidence, method)
+            differences[(a, b)] = LDSDifference(
+                a=a,
+                b=b,
+                per_query=torch.as_tensor(diff),
+                mean=mean,
+                ci_low=lo,
+                ci_high=hi,
+                p_value=p,
+                num_valid=int(both.sum()),
+                **settings,
+            )
+    constant_truth = np.ptp(target, axis=0) == 0
+    if constant_truth.sum() > CONSTANT_TRUTH_FRACTION * len(constant_truth):
+        warnings.warn(
+            f"{int(constant_truth.sum())} of {len(constant_truth)} queries have the same ground "
+            f"truth on every subset and are left out of the LDS: {SATURATED_HINT}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return LDSComparison(results=results, differences=differences)
+
+
 def lds(
     scores: torch.Tensor,
     masks: torch.Tensor,
@@ -151,6 +472,7 @@ def lds(
     num_bootstrap: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    method: str = "bc",
 ) -> LDSResult:
     """Linear Datamodeling Score of ``scores`` against retrained ground truth.
 
@@ -159,82 +481,77 @@ def lds(
         masks: (M, N) boolean subset masks (:func:`make_subsets`).
         truth: (M, Q) measurement of the model retrained on each subset,
             lower is better (:attr:`curvinf.groundtruth.GroundTruth.truth`).
-        num_bootstrap: resamples of the ``M`` subsets (with replacement) for the
-            confidence interval of the mean; 0 skips it (``ci_low = ci_high = nan``).
+        num_bootstrap: resamples for the confidence interval of the mean, each drawing
+            the ``M`` subsets and the ``Q`` queries with replacement
+            (:func:`bootstrap_resamples`); 0 skips it (``ci_low = ci_high = nan``).
         seed: seed of the bootstrap resampling.
-        confidence: coverage of the percentile interval.
+        confidence: coverage of the interval.
+        method: interval method (:func:`bootstrap_interval`): ``"bc"``, bias-corrected
+            percentile (default; the plain percentile interval sits below the estimate
+            because a resample's Spearman is biased low), ``"percentile"`` or ``"basic"``.
 
     Returns:
         :class:`LDSResult`; ``per_query[q] = ρ_s(Σ_{m∈S_j} score[q, m], -truth[j, q])``
         over ``j``, and ``mean`` its average over the queries where it is defined.
+        The same as ``lds_compare({name: scores}, ...).results[name]``.
     """
-    scores, masks, truth = torch.as_tensor(scores), torch.as_tensor(masks), torch.as_tensor(truth)
-    if scores.ndim != 2 or masks.ndim != 2 or truth.ndim != 2:
-        raise ValueError(
-            f"need scores (Q, N), masks (M, N) and truth (M, Q); got shapes "
-            f"{tuple(scores.shape)}, {tuple(masks.shape)}, {tuple(truth.shape)}."
-        )
-    (Q, N), (M, Nm), (Mt, Qt) = scores.shape, masks.shape, truth.shape
-    if N != Nm or M != Mt or Q != Qt:
-        raise ValueError(
-            f"shapes disagree: scores {tuple(scores.shape)} is (Q, N), masks "
-            f"{tuple(masks.shape)} is (M, N), truth {tuple(truth.shape)} is (M, Q); pass the "
-            "masks the ground truth was built with and scores for the same queries."
-        )
-    if masks.dtype != torch.bool:
-        raise ValueError(f"masks must be a boolean tensor, got {masks.dtype}.")
-    if M < 2:
-        raise ValueError(f"need at least 2 subsets, got {M}.")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
-    if num_bootstrap < 0:
-        raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}.")
-    check_finite("scores", scores)
-    check_finite("truth", truth)
-
-    pred = group_effects(scores, masks).numpy()
-    target = -truth.to(torch.float64).numpy()
-    per_query = spearman_columns(pred, target)
-    constant_truth = np.ptp(target, axis=0) == 0
-    constant_pred = (np.ptp(pred, axis=0) == 0) & ~constant_truth
-    valid = ~(constant_truth | constant_pred)
-    mean = float(per_query[valid].mean()) if valid.any() else math.nan
-
-    ci_low = ci_high = math.nan
-    if num_bootstrap and valid.any():
-        rng = np.random.default_rng(seed)
-        means = []
-        pv, tv = pred[:, valid], target[:, valid]
-        chunk = max(1, int(2e7 // max(1, M * pv.shape[1])))
-        for start in range(0, num_bootstrap, chunk):
-            rows = rng.integers(0, M, size=(min(chunk, num_bootstrap - start), M))
-            rho = spearman_columns(pv[rows], tv[rows])  # (b, Q')
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resample
-                means.append(np.nanmean(rho, axis=1))
-        means = np.concatenate(means)
-        means = means[np.isfinite(means)]
-        if len(means):
-            tail = 100 * (1 - confidence) / 2
-            ci_low, ci_high = (float(v) for v in np.percentile(means, [tail, 100 - tail]))
-
-    if constant_truth.sum() > CONSTANT_TRUTH_FRACTION * len(constant_truth):
-        warnings.warn(
-            f"{int(constant_truth.sum())} of {len(constant_truth)} queries have the same ground "
-            f"truth on every subset and are left out of the LDS: {SATURATED_HINT}.",
-            UserWarning,
-            stacklevel=2,
-        )
-    return LDSResult(
-        per_query=torch.as_tensor(per_query),
-        mean=mean,
-        ci_low=ci_low,
-        ci_high=ci_high,
-        constant_queries=np.flatnonzero(constant_truth).tolist(),
-        constant_predictions=np.flatnonzero(constant_pred).tolist(),
-        confidence=confidence,
+    return lds_compare(
+        {"scores": scores},
+        masks,
+        truth,
         num_bootstrap=num_bootstrap,
-    )
+        seed=seed,
+        confidence=confidence,
+        method=method,
+    ).results["scores"]
 
 
-__all__ = ["LDSResult", "group_effects", "lds", "make_subsets", "spearman_columns", "subset_size"]
+def lds_difference(
+    scores_a: torch.Tensor,
+    scores_b: torch.Tensor,
+    masks: torch.Tensor,
+    truth: torch.Tensor,
+    *,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    method: str = "bc",
+    names: tuple[str, str] = ("a", "b"),
+) -> LDSDifference:
+    """Paired ``LDS(a) - LDS(b)`` of two score matrices with its bootstrap interval.
+
+    :func:`lds_compare` of the two (shared resamples of subsets and queries); ``names``
+    label them in the result. For many rungs call :func:`lds_compare` once: it computes
+    each rung's resampled Spearman once for all pairs.
+    """
+    a, b = names
+    if a == b:
+        raise ValueError(f"names must differ, got {names!r}.")
+    return lds_compare(
+        {a: scores_a, b: scores_b},
+        masks,
+        truth,
+        num_bootstrap=num_bootstrap,
+        seed=seed,
+        confidence=confidence,
+        method=method,
+    ).differences[(a, b)]
+
+
+__all__ = [
+    "BOOTSTRAP_METHODS",
+    "LDSComparison",
+    "LDSDifference",
+    "LDSResult",
+    "bootstrap_interval",
+    "bootstrap_resamples",
+    "bootstrap_spearman",
+    "group_effects",
+    "lds",
+    "lds_compare",
+    "lds_difference",
+    "make_subsets",
+    "resampled_means",
+    "spearman_columns",
+    "subset_size",
+]
