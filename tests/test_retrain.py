@@ -15,6 +15,7 @@ from curvinf.models import make_mlp
 from curvinf.retrain import (
     accuracy_many,
     measure_many,
+    mlp_layers,
     stack_params,
     subset_indices,
     subset_recipe,
@@ -55,6 +56,7 @@ def test_batched_equals_sequential(digits, matched_steps):
     )
     assert recipe.epochs == (8 if matched_steps else 3)  # ceil(3 * 300 / 120)
     seeds = [11, 12, 13]
+    assert mlp_layers(model) is not None  # the fused MLP path
     batched = train_many(model, loss, X, y, recipe, subsets=masks, seeds=seeds)
     idx = subset_indices(masks)
     for k in range(3):
@@ -110,3 +112,111 @@ def test_train_many_rejects_bad_subsets(digits):
     with pytest.raises(ValueError, match="empty"):
         empty = torch.zeros(2, len(X), dtype=torch.bool)
         train_many(model, loss, X, y, recipe, subsets=empty, seeds=[0, 1])
+
+
+class _Wrapped(nn.Module):
+    """Not an nn.Sequential: train_many takes its generic vmap(functional_call) path."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def _check_equals_train(model, loss, X, y, recipe, num_models=3, subset_seed=1):
+    """train_many model by model against train(), weights and per-epoch losses."""
+    masks = make_subsets(len(X), num_subsets=num_models, alpha=0.4, seed=subset_seed)
+    seeds = [21 + k for k in range(num_models)]
+    on_epoch = []
+    batched = train_many(
+        model, loss, X, y, recipe, subsets=masks, seeds=seeds, on_epoch=on_epoch.append
+    )
+    assert on_epoch == [num_models] * recipe.epochs
+    assert batched.epoch_losses.shape == (num_models, recipe.epochs)
+    for k in range(num_models):
+        alone = train(model, loss, X, y, replace(recipe, seed=seeds[k]), subset=masks[k])
+        assert _max_diff(alone.model, unstack_model(model, batched.params, k)) < 1e-5
+        assert batched.epoch_losses[k].tolist() == pytest.approx(alone.epoch_losses, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "activation, weight_decay, momentum",
+    [("relu", 1e-2, 0.9), ("gelu", 1e-2, 0.9), ("tanh", 0.0, 0.0), ("relu", 5e-3, 0.0)],
+)
+def test_fused_mlp_path_equals_train(digits, activation, weight_decay, momentum):
+    X, y, _, _ = digits
+    model = make_mlp(64, 10, depth=2, width=16, activation=activation, seed=4)
+    assert mlp_layers(model) is not None
+    recipe = TrainingRecipe(epochs=3, batch_size=32, weight_decay=weight_decay, momentum=momentum)
+    _check_equals_train(model, nn.CrossEntropyLoss(), X, y, recipe)
+
+
+def test_fused_mlp_path_other_layouts(digits):
+    """No bias, tanh-approximated GELU, an activation on the output, MSE loss."""
+    X, _, _, _ = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 12, bias=False),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(12, 3),
+        nn.Tanh(),
+    )
+    assert mlp_layers(model) is not None
+    y = torch.randn(len(X), 3) * 0.5
+    recipe = TrainingRecipe(epochs=2, batch_size=40, lr=0.02, weight_decay=1e-3)
+    _check_equals_train(model, nn.MSELoss(), X, y, recipe)
+
+
+def test_generic_path_equals_train(digits):
+    X, y, _, _ = digits
+    model = _Wrapped(make_mlp(64, 10, depth=2, width=16, seed=5))
+    assert mlp_layers(model) is None
+    recipe = TrainingRecipe(epochs=3, batch_size=32, weight_decay=1e-2)
+    _check_equals_train(model, nn.CrossEntropyLoss(), X, y, recipe)
+
+
+def test_fused_path_only_for_plain_mlps():
+    torch.manual_seed(0)
+    assert mlp_layers(make_mlp(4, 2, depth=3, width=5)) is not None
+    assert mlp_layers(make_mlp(4, 2, depth=0)) is not None  # a linear model
+
+    class Custom(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert mlp_layers(Custom(nn.Linear(4, 2))) is None
+    assert mlp_layers(nn.Sequential(MyLinear(4, 2))) is None
+    assert mlp_layers(nn.Sequential(nn.Linear(4, 3), nn.Dropout(), nn.Linear(3, 2))) is None
+    assert mlp_layers(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.ReLU())) is None
+    assert mlp_layers(nn.Sequential(nn.ReLU(), nn.Linear(4, 2))) is None
+    assert mlp_layers(nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2))) is None
+    frozen = make_mlp(4, 2, depth=1, width=3)
+    frozen[0].bias.requires_grad_(False)
+    assert mlp_layers(frozen) is None
+    hooked = make_mlp(4, 2, depth=1, width=3)
+    handle = hooked[1].register_forward_hook(lambda m, i, o: o * 2)
+    assert mlp_layers(hooked) is None
+    handle.remove()
+    assert mlp_layers(hooked) is not None
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+    try:
+        assert mlp_layers(hooked) is None
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_train_many_reports_divergence(wrap):
+    d = load_dataset("diabetes", seed=0)
+    X, y = d.train
+    model = make_mlp(10, 1, depth=2, width=8, seed=0)
+    model = _Wrapped(model) if wrap else model
+    masks = make_subsets(len(X), num_subsets=2, alpha=0.5, seed=0)
+    recipe = TrainingRecipe(epochs=20, lr=1e3, momentum=0.9)
+    with pytest.raises(FloatingPointError, match=r"model\(s\) \[0, 1\].*lower the learning"):
+        train_many(model, nn.MSELoss(), X, y, recipe, subsets=masks, seeds=[0, 1])

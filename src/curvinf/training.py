@@ -157,6 +157,28 @@ def sgd_step(
     return new_params, new_bufs
 
 
+def sgd_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    recipe: TrainingRecipe,
+) -> list[torch.Tensor]:
+    """:func:`sgd_step` in place, on lists of tensors (stacked over models or flat).
+
+    ``params`` are updated in place; ``grads`` are overwritten and become the new
+    momentum buffers, which are returned (``bufs`` is then free scratch memory):
+    ``g += wd·θ; g += μ·b; θ -= lr·g``, two or three passes over memory and no
+    allocation. Same numbers as :func:`sgd_step` up to rounding (``μ·b + g`` may be
+    fused into one multiply-add).
+    """
+    if recipe.weight_decay:
+        torch._foreach_add_(grads, params, alpha=recipe.weight_decay)
+    if recipe.momentum:
+        torch._foreach_add_(grads, bufs, alpha=recipe.momentum)
+    torch._foreach_add_(params, grads, alpha=-recipe.lr)
+    return grads
+
+
 def train(
     model: nn.Module,
     loss: nn.Module,
