@@ -121,6 +121,8 @@ def test_interval_methods_on_known_replicates():
     assert (lo, hi) == pytest.approx((0.05, 0.95))
     lo, hi, _ = bootstrap_interval(0.6, boot, 0.9, "basic")
     assert (lo, hi) == pytest.approx((1.2 - 0.95, 1.2 - 0.05))
+    lo, hi, _ = bootstrap_interval(0.6, boot, 0.9, "centred")
+    assert (lo, hi) == pytest.approx((0.15, 1.05))
     # No bias (estimate at the replicates' median): BC is the percentile interval.
     assert bootstrap_interval(0.5, boot, 0.9, "bc")[:2] == pytest.approx((0.05, 0.95), abs=1e-3)
     # Replicates biased low (estimate at their 70th percentile): BC moves up, past the estimate.
@@ -154,22 +156,25 @@ def test_exact_effects_beat_noisy_ones():
     a, b = lds(exact, masks, truth, num_bootstrap=0), lds(noisy, masks, truth, num_bootstrap=0)
     assert d.mean == pytest.approx(a.mean - b.mean) and d.mean > 0.05
     assert 0 < d.ci_low <= d.mean <= d.ci_high and d.p_value < 0.01
-    assert "LDS(exact) - LDS(noisy)" in str(d) and d.method == "bc"
+    assert "LDS(exact) - LDS(noisy)" in str(d) and d.method == "centred"
 
 
-def test_intervals_contain_the_estimate_and_bc_fixes_the_low_percentile():
+def test_intervals_contain_the_estimate_and_the_low_percentile_is_fixed():
     exact, noisy, masks, truth = _linear_case()
 
     def position(r):  # where the estimate sits in its interval, 0 = low end, 1 = high end
         return (r.mean - r.ci_low) / (r.ci_high - r.ci_low)
 
     for scores in (exact, noisy):
-        bc = lds(scores, masks, truth, num_bootstrap=400, seed=3)
-        pct = lds(scores, masks, truth, num_bootstrap=400, seed=3, method="percentile")
-        assert bc.ci_low < bc.mean < bc.ci_high and bc.method == "bc"
+        kw = {"num_bootstrap": 400, "seed": 3}
+        res = {m: lds(scores, masks, truth, method=m, **kw) for m in BOOTSTRAP_METHODS}
+        default = lds(scores, masks, truth, **kw)
+        assert default.method == "centred"
+        assert (default.ci_low, default.ci_high) == (res["centred"].ci_low, res["centred"].ci_high)
         # The resampled Spearman is biased low: the percentile interval sits below the
-        # estimate (position > 0.5); BC moves it up.
-        assert position(pct) > 0.5 > position(bc) > 0.3
+        # estimate (position > 0.5), the bias-correcting BC above it; centred is in between.
+        assert position(res["percentile"]) > position(res["centred"]) > position(res["bc"])
+        assert 0.4 < position(res["centred"]) < 0.6
 
 
 def test_shared_resamples_make_the_paired_interval_narrow():
