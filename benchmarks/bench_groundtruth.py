@@ -209,7 +209,7 @@ def write_doc(r: dict) -> None:
 
 LDS ground truth for a depth-{r["depth"]}, width-{r["width"]} MLP on digits: {r["models"]} models
 (subsets x seeds), {r["epochs"]} epochs on subsets of {r["subset_size"]} examples, batched
-(`curvinf.groundtruth.ground_truth`: vmap over stacked parameters, {r["models_per_chunk"]}
+(`curvinf.groundtruth.ground_truth`: stacked parameters, {r["models_per_chunk"]}
 models per chunk, store writes included) against the sequential path
 (`curvinf.training.train`, one model at a time; {r["sequential_models"]} of the same models
 timed, half before and half after the batched build, and scaled). Machine: {r["machine"]}.
@@ -233,9 +233,10 @@ timed, half before and half after the batched build, and scaled). Machine: {r["m
   {r["bmm_peak_gflops_per_cpu_s"]} GFLOP per CPU second ({r["bmm_peak_gflops"]} GFLOP/s wall):
   a floor of {r["floor_cpu_s"]} CPU s ({r["floor_s"]} s wall). The batched path sustains
   {r["batched_gflops_per_cpu_s"]} GFLOP per CPU second, {100 * r["fraction_of_floor_cpu"]:.0f}%
-  of the bmm rate ({100 * r["fraction_of_floor"]:.0f}% in wall time). The rest is element-wise
-  work that a batch of 64 cannot amortise: the SGD update touches every parameter four times
-  per step, ReLU and its backward every activation.
+  of the bmm rate ({100 * r["fraction_of_floor"]:.0f}% in wall time). The rest is element-wise,
+  memory-bound work that a batch of 64 cannot amortise: the minibatch gather, bias, ReLU
+  and its backward on every activation, two passes of the SGD update over the parameters
+  (`benchmarks/bench_retraining.py` times the training loop alone).
 - Peak memory (ru_maxrss of the whole benchmark process): {r["peak_rss_gib"]} GiB.
 - The sequentially trained models agree with their batched twins to
   {r["max_abs_diff_batched_vs_sequential"]:.1e} (max abs difference of query losses).
