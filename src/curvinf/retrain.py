@@ -172,7 +172,8 @@ def train_many(
         if any(v.shape[0] != K for v in params.values()):
             raise ValueError(f"init must stack {K} models along dim 0.")
     layers = mlp_layers(model)
-    if layers is None:
+    names = {n for la in layers or [] for n in (la.weight, la.bias) if n is not None}
+    if layers is None or set(params) != names:  # (an ``init`` naming other parameters)
         trainer: _StackedMLP | _VmapTrainer = _VmapTrainer(model, kind, params, recipe)
     else:
         trainer = _StackedMLP(layers, kind, params, recipe)
