@@ -8,9 +8,11 @@ import math
 
 import pytest
 
-import curvinf.experiments as ex
+import curvinf.study as ex
+import curvinf.study.rungs as rungs_mod
 from curvinf import LADDER, Regularization, TrainingRecipe
-from curvinf.experiments import (
+from curvinf.storage import read_blob
+from curvinf.study import (
     COLUMNS,
     PRESETS,
     LDSSettings,
@@ -47,7 +49,7 @@ def test_table_columns_and_every_rung_has_an_lds(grid_dir):
     assert header.split(",") == list(COLUMNS)
     assert len(rows) == len(LADDER) * 2  # configs x rungs x regularisations
     for r in rows:
-        assert r["status"] == "ok", r["reason"]
+        assert r["status"] == "exact", r["reason"]
         assert math.isfinite(r["lds"]) and -1 <= r["lds"] <= 1
         assert r["lds_ci_low"] <= r["lds_ci_high"]
         assert math.isfinite(r["inverse_error"]) and math.isfinite(r["influence_error"])
@@ -74,7 +76,7 @@ def test_rerun_skips_finished_work(grid_dir, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a finished configuration was recomputed")
 
-    monkeypatch.setattr(ex, "fit_curvature", boom)
+    monkeypatch.setattr(rungs_mod, "fit_curvature", boom)
     monkeypatch.setattr("curvinf.groundtruth.train", boom)
     again = run_grid(TINY, out, progress=False)
     assert [e["state"] for e in again.log] == ["done"]
@@ -88,39 +90,64 @@ def test_interrupted_configuration_resumes_the_missing_rung(grid_dir, monkeypatc
     (run_dir / "rows.json").unlink()  # as if killed before the end
     (run_dir / "rungs" / "kfac.pt").unlink()
     fitted = []
-    real = ex.fit_curvature
+    real = rungs_mod.fit_curvature
 
     def counting(method, *args, **kwargs):
         fitted.append(method)
         return real(method, *args, **kwargs)
 
-    monkeypatch.setattr(ex, "fit_curvature", counting)
+    monkeypatch.setattr(rungs_mod, "fit_curvature", counting)
     again = run_grid(TINY, out, progress=False)
     # kfac, the reference for its errors, and what its diagnostics compare it with.
     assert sorted(fitted) == ["block_ggn", "ekfac", "hessian", "kfac"]
     assert [r["lds"] for r in again.rows] == pytest.approx([r["lds"] for r in first.rows])
 
 
-def test_too_large_dense_rung_is_skipped_with_reason(tmp_path):
-    preset = Preset(
-        name="small-budget",
+def _routes_preset(cap: float) -> Preset:
+    """Diabetes (353 training rows, one output: a Gram matrix of 353 rows), D = 49."""
+    return Preset(
+        name="routes",
+        dataset="diabetes",
         depths=(1,),
         widths=(4,),
-        epochs=(1,),
-        recipe=TrainingRecipe(batch_size=128),
-        lds=LDSSettings(num_subsets=4, num_queries=8, num_bootstrap=0),
-        max_dense_bytes=8 * 280**2,  # D = 310 over budget; blocks (<= 260) fit
+        epochs=(3,),
+        recipe=TrainingRecipe(lr=0.01, batch_size=64),
+        regularizations=(Regularization.paper(), Regularization(damping=1e-3, eps=1e-4)),
+        lds=LDSSettings(num_subsets=8, num_queries=16, num_bootstrap=50),
+        max_dense_bytes=cap,
+        solver_tol=1e-13,
+        solver_max_iter=400,
+        lanczos_k=60,
     )
-    rows = run_grid(preset, tmp_path, progress=False).rows
-    by = {r["rung"]: r for r in rows}
-    for rung in ("hessian", "ggn"):
-        assert by[rung]["status"] == "skipped"
-        assert "memory budget" in by[rung]["reason"]
-        assert math.isnan(by[rung]["lds"])
-    for rung in ("block_ggn", "ekfac", "kfac"):
-        assert by[rung]["status"] == "ok" and math.isfinite(by[rung]["lds"])
-        assert math.isnan(by[rung]["inverse_error"])  # no reference
-        assert math.isnan(by[rung]["share_inverse"])
+
+
+def test_matrix_free_routes_match_the_dense_run(tmp_path):
+    """A tiny memory cap sends the Hessian, GGN and block-GGN through the matrix-free
+    routes (Lanczos or GGN-preconditioned CG, Gram); every number matches the dense run."""
+    dense = run_grid(_routes_preset(2**30), tmp_path / "dense", progress=False).rows
+    free = run_grid(_routes_preset(8.0 * 20**2), tmp_path / "free", progress=False).rows
+    assert len(dense) == len(free) == 10
+    by = {(r["rung"], r["reg"]): r for r in free}
+    for d in dense:
+        f = by[(d["rung"], d["reg"])]
+        assert d["status"] == f["status"] == "exact", (f["rung"], f["reason"])
+        if d["rung"] in ("kfac", "ekfac"):
+            assert d["route"] == f["route"] == "kronecker"
+        else:
+            assert d["route"] == "eigen"
+            assert f["route"] == {"hessian": f["route"]}.get(d["rung"], "gram")
+            assert f["route"] in ("gram", "lanczos", "ggn-cg")
+        assert f["lds"] == pytest.approx(d["lds"], abs=1e-8)
+        assert f["influence_error"] == pytest.approx(d["influence_error"], abs=1e-8)
+        # inverse-space errors of matrix-free routes are Hutch++ estimates with an SE
+        se = f["inverse_error_se"]
+        assert abs(f["inverse_error"] - d["inverse_error"]) <= 4 * se + 1e-8
+    for rung in ("hessian", "ggn", "block_ggn", "kfac"):
+        a = read_blob(next((tmp_path / "dense" / "runs").iterdir()) / "rungs" / f"{rung}.pt")
+        b = read_blob(next((tmp_path / "free" / "runs").iterdir()) / "rungs" / f"{rung}.pt")
+        for label, entry in a["per_reg"].items():
+            sa, sb = entry["scores"].double(), b["per_reg"][label]["scores"].double()
+            assert float((sa - sb).norm() / sa.norm()) < 1e-6  # float32 storage
 
 
 def test_presets_are_valid_and_paper_is_the_full_grid():
@@ -162,7 +189,7 @@ def test_config_id_changes_with_settings():
 
 
 def test_report_tables_and_figures(grid_dir):
-    from curvinf.report import RUNG_COLORS, write_report
+    from curvinf.study.report import RUNG_COLORS, write_report
 
     out, _ = grid_dir
     path = write_report(out)

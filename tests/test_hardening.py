@@ -628,14 +628,14 @@ def test_inf_anywhere_in_scoring_inputs(where):
     ],
 )
 def test_sweep_settings_numbers(kwargs, error, phrase):
-    from curvinf.sweep import SweepSettings
+    from curvinf.study.sweep import SweepSettings
 
     with pytest.raises(error, match=phrase):
         SweepSettings(**kwargs)
 
 
 def test_sweep_refuses_more_queries_than_the_data_has(tmp_path):
-    from curvinf.sweep import SweepSettings, run_sweep
+    from curvinf.study.sweep import SweepSettings, run_sweep
 
     with pytest.raises(ValueError, match="has 360 query points"):
         run_sweep(SweepSettings(num_queries=361, subsets=2), tmp_path / "sweep", progress=False)

@@ -29,14 +29,17 @@ import torch
 from test_groundtruth import one_thread, tiny_setup  # noqa: F401 (one_thread: autouse)
 from typer.testing import CliRunner
 
-import curvinf.experiments as ex
 import curvinf.groundtruth as g
+import curvinf.study as ex
+import curvinf.study.rungs as rungs_mod
+import curvinf.study.runner as runner_mod
+import curvinf.study.specs as specs_mod
 from curvinf import Regularization, TrainingRecipe
 from curvinf.cli import app
 from curvinf.data import load_dataset
-from curvinf.experiments import BUSY, LDSSettings, Preset, RunConfig, run_config, run_grid
 from curvinf.groundtruth import GroundTruthConfig, ground_truth, take_queries
 from curvinf.storage import StoreBusyError, read_blob
+from curvinf.study import BUSY, LDSSettings, Preset, RunConfig, run_config, run_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")
 
@@ -447,9 +450,9 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_reproduce_skips_a_configuration_another_process_runs(tmp_path, monkeypatch):
     (config,) = TINY.configs()
-    monkeypatch.setitem(ex.PRESETS, TINY.name, TINY)
+    monkeypatch.setitem(specs_mod.PRESETS, TINY.name, TINY)
     monkeypatch.setattr(g, "train", boom)  # neither the base model nor any rung is computed
-    monkeypatch.setattr(ex, "fit_curvature", boom)
+    monkeypatch.setattr(rungs_mod, "fit_curvature", boom)
     with lock_held_by_another_process(tmp_path / "runs" / config.id) as pid:
         result = run_grid(TINY, tmp_path, progress=False)
         cli = invoke("reproduce", "--preset", TINY.name, "--out", tmp_path, "--no-progress")
@@ -465,15 +468,15 @@ def test_reproduce_exits_non_zero_when_a_configuration_fails(tmp_path, tiny_run,
     two = replace(TINY, name="tiny-two", epochs=(1, 2))
     shutil.copytree(tiny_run / "runs", tmp_path / "runs")  # epochs=1 is finished
     shutil.copytree(tiny_run / "groundtruth", tmp_path / "groundtruth")
-    real = ex.run_config
+    real = runner_mod.run_config
 
     def fail_epochs_2(config, out, **kwargs):
         if config.epochs == 2:
             raise RuntimeError("simulated failure")
         return real(config, out, **kwargs)
 
-    monkeypatch.setattr(ex, "run_config", fail_epochs_2)
-    monkeypatch.setitem(ex.PRESETS, two.name, two)
+    monkeypatch.setattr(runner_mod, "run_config", fail_epochs_2)
+    monkeypatch.setitem(specs_mod.PRESETS, two.name, two)
     result = invoke("reproduce", "--preset", two.name, "--out", tmp_path, "--no-progress")
     failed = next(c.id for c in two.configs() if c.epochs == 2)
     assert result.exit_code == 1, result.output
@@ -490,14 +493,14 @@ def test_reproduce_exits_non_zero_when_a_configuration_fails(tmp_path, tiny_run,
 def test_runner_scores_the_store_base_model(tmp_path, monkeypatch):
     (config,) = TINY.configs()
     data = take_queries(load_dataset(config.dataset, seed=config.seed), config.lds.num_queries)
-    gt = ground_truth(data, config.groundtruth_config(), tmp_path / "groundtruth", progress=False)
+    gt = ground_truth(data, ex.groundtruth_config(config), tmp_path / "groundtruth", progress=False)
     # A resume under another thread count would train a (slightly) different model: the
     # runner must not train at all once the store exists.
     monkeypatch.setattr("curvinf.training.train", boom)
     monkeypatch.setattr(g, "train", boom)
-    monkeypatch.setattr(ex, "train", boom, raising=False)
+    monkeypatch.setattr(runner_mod, "train", boom, raising=False)
     rows = run_config(config, tmp_path)
-    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["status"] for r in rows} == {"exact"}
     scored = read_blob(tmp_path / "runs" / config.id / "model.pt")
     assert scored.keys() == gt.base_params.keys()
     assert all(torch.equal(scored[k], v) for k, v in gt.base_params.items())
@@ -512,13 +515,13 @@ def test_stale_model_file_is_replaced_and_its_rungs_recomputed(tmp_path, tiny_ru
     g.write_blob(run_dir / "model.pt", {k: v + 1e-3 for k, v in state.items()})
     (run_dir / "rows.json").unlink()
     fitted: list[str] = []
-    real = ex.fit_curvature
+    real = rungs_mod.fit_curvature
 
     def counting(method, *args, **kwargs):
         fitted.append(method)
         return real(method, *args, **kwargs)
 
-    monkeypatch.setattr(ex, "fit_curvature", counting)
+    monkeypatch.setattr(rungs_mod, "fit_curvature", counting)
     messages: list[str] = []
     rows = run_config(config, tmp_path, log=messages.append)
     assert sorted(fitted) == ["ggn", "hessian"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from curvinf.sweep import COLUMNS, SweepSettings, plot_sweep, read_rows, row_key, run_sweep
+from curvinf.study.sweep import COLUMNS, SweepSettings, plot_sweep, read_rows, row_key, run_sweep
 
 TINY = dict(
     depth=1,

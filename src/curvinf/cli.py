@@ -33,7 +33,7 @@ from curvinf.storage import StoreBusyError
 if TYPE_CHECKING:
     from curvinf.data import DataSplit
     from curvinf.groundtruth import GroundTruth, GroundTruthConfig
-    from curvinf.sweep import SweepSettings
+    from curvinf.study.sweep import SweepSettings
 
 BAD_ARGUMENT = 2
 FAILED = 1
@@ -278,7 +278,9 @@ def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
 
 @app.command()
 def reproduce(
-    preset: str = typer.Option("quick", help="quick (minutes) or paper (the full grid)"),
+    preset: str = typer.Option(
+        "quick", help="quick (minutes), paper or paper-code (the full grid, two protocols)"
+    ),
     out: str = typer.Option("", help="result directory (default: results/<preset>)"),
     workers: int = typer.Option(1, help="configurations run in parallel processes"),
     max_minutes: float = typer.Option(0, help="start no configuration after this (0: no limit)"),
@@ -288,12 +290,17 @@ def reproduce(
     matched_steps: bool = typer.Option(
         False, help="retrain LDS subsets for the base model's number of steps"
     ),
+    reg: list[str] = typer.Option(
+        [],
+        help="a regulariser replacing the preset's, e.g. eps=1e-4 or damping=1e-3,eps=1e-4 "
+        "(repeat for several)",
+    ),
     progress: bool = typer.Option(True, help="show progress"),
 ) -> None:
     """Run the study's grid (resuming finished work) and write report.md with figures."""
     from rich.console import Console
 
-    from curvinf.experiments import reproduce_plan, run_plan
+    from curvinf.study.runner import reproduce_plan, run_plan
     from curvinf.validation import check_int, check_number
 
     with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
@@ -309,6 +316,7 @@ def reproduce(
             seeds=parse_ints("--seeds", seeds) if seeds else None,
             max_dense_gib=max_dense_gib or None,
             matched_steps=matched_steps,
+            regs=reg or None,
         )
     with exit_on(FAILED, WORK_ERRORS):
         result, path = run_plan(plan, progress=progress, log=Console(stderr=True).print)
@@ -334,7 +342,7 @@ def report(out: str = typer.Argument(..., help="result directory of `curvinf rep
     """Redraw report.md and its figures from the stored results in OUT."""
     from pathlib import Path
 
-    from curvinf.report import write_report
+    from curvinf.study.report import write_report
 
     with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
         if not (Path(out) / "results.jsonl").is_file():
@@ -423,7 +431,7 @@ def sweep_job(
     from curvinf.data import load_dataset
     from curvinf.groundtruth import take_queries
     from curvinf.storage import check_directory
-    from curvinf.sweep import SweepSettings
+    from curvinf.study.sweep import SweepSettings
     from curvinf.validation import check_int
 
     def floats(name: str, text: str) -> tuple[float, ...]:
@@ -467,7 +475,7 @@ def run_sweep_cli(job: SweepJob) -> None:
     """The ``curvinf sweep-regularization`` command's work: run, plot, print a summary."""
     import torch
 
-    from curvinf.sweep import plot_sweep, run_sweep, summary_table
+    from curvinf.study.sweep import plot_sweep, run_sweep, summary_table
 
     if job.threads:
         torch.set_num_threads(job.threads)

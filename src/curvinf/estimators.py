@@ -249,6 +249,44 @@ def frobenius_estimate(
     return Estimate(float(parts.values[0]), se, parts.evaluations, parts.method)
 
 
+def distance_estimate(
+    apply_a: Operator,
+    apply_b: Operator,
+    apply_ref: Operator,
+    dim: int,
+    num_matvecs: int = 60,
+    *,
+    seed: int = 0,
+    chunk_size: int = 64,
+) -> Estimate:
+    """Estimate of ``‖A − B‖_F / ‖R‖_F`` for symmetric maps given by row products only.
+
+    One Hutch++ run on the two maps ``Δ = A − B`` and ``R`` with shared vectors: every
+    vector goes through the three products once, giving ``V Δ`` and ``V R`` together; the
+    basis ``Q`` spans both maps' sketches, and the residual probes are shared, so the two
+    estimates ``N ≈ ‖Δ‖_F²`` and ``T ≈ ‖R‖_F²`` are correlated. The value is ``√(N / T)``
+    (consistent, not unbiased: a ratio); its standard error is the delta method's with the
+    probes' sample covariance of ``N`` and ``T`` (:func:`_sqrt_ratio`). ``apply_b`` may be
+    ``apply_ref`` (then each vector is applied to it once).
+
+    ``num_matvecs``: products with *each* map (at least 5; ``s = num_matvecs // 4``
+    sketch, ``2s`` exact, the rest probes). Raises ``ValueError`` for a zero ``R``.
+    """
+    D = check_int("dim", dim, low=1)
+    sketch, probes = _budget(num_matvecs, 2, "distance_estimate")
+    chunk = check_int("chunk_size", chunk_size, low=1)
+
+    def maps(V: torch.Tensor) -> torch.Tensor:
+        R = _checked(apply_ref(V), tuple(V.shape), "the reference product")
+        B = R if apply_b is apply_ref else _checked(apply_b(V), tuple(V.shape), "apply_b")
+        A = _checked(apply_a(V), tuple(V.shape), "apply_a")
+        return torch.stack([A - B, R])
+
+    parts = _hutchpp(maps, 2, D, sketch, probes, _generator(seed), chunk)
+    value, se = _sqrt_ratio(parts, 0, 1, "the reference")
+    return Estimate(value, se, parts.evaluations, parts.method)
+
+
 def inverse_error_estimate(
     approx: InverseOperator,
     ref: InverseOperator,
@@ -257,37 +295,25 @@ def inverse_error_estimate(
     seed: int = 0,
     chunk_size: int = 64,
 ) -> Estimate:
-    """Estimate of ``‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F`` from ``approx.apply`` and ``ref.apply`` only.
+    """Estimate of ``‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F`` from ``approx.apply`` and ``ref.apply`` only:
+    :func:`distance_estimate` with ``A = C̃⁺``, ``B = R = H⁺``.
 
-    One Hutch++ run on the two maps ``Δ = C̃⁺ − H⁺`` and ``H⁺`` with shared vectors:
-    every vector goes through both ``apply``\\ s once, giving ``V Δ = V C̃⁺ − V H⁺`` and
-    ``V H⁺`` together; the basis ``Q`` spans both maps' sketches, and the residual
-    probes are shared, so the two estimates ``N ≈ ‖Δ‖_F²`` and ``T ≈ ‖H⁺‖_F²`` are
-    correlated. The value is ``√(N / T)`` (consistent, not unbiased: a ratio); its
-    standard error is the delta method's with the probes' sample covariance of ``N``
-    and ``T`` (:func:`_sqrt_ratio`).
-
-    ``num_matvecs``: products with *each* inverse (at least 5; ``s = num_matvecs // 4``
-    sketch, ``2s`` exact, the rest probes). Raises ``ValueError`` for inverses of different
-    sizes or a zero reference.
+    Raises ``ValueError`` for inverses of different sizes or a zero reference.
     """
     if approx.num_params != ref.num_params:
         raise ValueError(
             f"approx has {approx.num_params} parameters, ref {ref.num_params}; fit both rungs on "
             "the same model."
         )
-    D = ref.num_params
-    sketch, probes = _budget(num_matvecs, 2, "inverse_error_estimate")
-    chunk = check_int("chunk_size", chunk_size, low=1)
-
-    def maps(V: torch.Tensor) -> torch.Tensor:
-        R = _checked(ref.apply(V), tuple(V.shape), "ref.apply")
-        A = _checked(approx.apply(V), tuple(V.shape), "approx.apply")
-        return torch.stack([A - R, R])
-
-    parts = _hutchpp(maps, 2, D, sketch, probes, _generator(seed), chunk)
-    value, se = _sqrt_ratio(parts, 0, 1, "the reference inverse")
-    return Estimate(value, se, parts.evaluations, parts.method)
+    return distance_estimate(
+        approx.apply,
+        ref.apply,
+        ref.apply,
+        ref.num_params,
+        num_matvecs,
+        seed=seed,
+        chunk_size=chunk_size,
+    )
 
 
 def inverse_error_any(
@@ -454,6 +480,7 @@ __all__ = [
     "RitzPairs",
     "frobenius_estimate",
     "inverse_error_any",
+    "distance_estimate",
     "inverse_error_estimate",
     "off_block_mass_estimate",
     "top_block_eigenvectors",

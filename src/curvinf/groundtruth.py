@@ -72,7 +72,7 @@ from curvinf.gtstore import (
 )
 from curvinf.lds import LDSResult, lds, make_subsets, subset_size
 from curvinf.losses import MEASURES, check_targets
-from curvinf.models import ACTIVATIONS, make_mlp
+from curvinf.models import ACTIVATIONS, INITS, make_mlp
 from curvinf.progress import progress_bar
 from curvinf.retrain import (
     accuracy_many,
@@ -112,6 +112,7 @@ class GroundTruthConfig:
     depth: int = 4
     width: int = 64
     activation: str = "relu"
+    init: str = "torch"
     model_seed: int = 0
     recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
     loss: str = "ce"
@@ -126,6 +127,7 @@ class GroundTruthConfig:
 
     def __post_init__(self) -> None:
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("init", self.init, INITS)
         check_choice("loss", self.loss, LOSSES)
         check_choice("measure", self.measure, MEASURES)
         check_choice("dtype", self.dtype, DTYPES)
@@ -162,6 +164,7 @@ class GroundTruthConfig:
             activation=self.activation,
             seed=self.model_seed,
             dtype=DTYPES[self.dtype],
+            init=self.init,
         )
 
     def make_loss(self) -> nn.Module:
@@ -301,6 +304,7 @@ def store_request(config: GroundTruthConfig, data: DataSplit) -> dict[str, Any]:
             "activation": config.activation,
             "seed": config.model_seed,
             "dtype": config.dtype,
+            **({} if config.init == "torch" else {"init": config.init}),
         },
         "recipe": config.recipe.to_dict(),
         "loss": config.loss,

@@ -180,12 +180,16 @@ def train_many(
     params = trainer.params
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     losses = torch.empty(K, recipe.epochs, dtype=torch.float64)
+    total_steps = recipe.epochs * math.ceil(n / recipe.batch_size)
+    t = 0
     for epoch in range(recipe.epochs):
         per_model = [epoch_batches(idx[k], recipe.batch_size, generators[k]) for k in range(K)]
         total = torch.zeros(K, dtype=torch.float64)
         for batch in zip(*per_model, strict=True):
             b = torch.stack(batch)  # (K, B)
-            total += trainer.step(_rows(X, b), _rows(y, b)).double() * b.shape[1]
+            lr = recipe.lr_at(t, total_steps)
+            total += trainer.step(_rows(X, b), _rows(y, b), lr).double() * b.shape[1]
+            t += 1
         losses[:, epoch] = total / n
         bad = _diverged(params, K)
         if bool(bad.any()):
@@ -320,8 +324,9 @@ class _StackedMLP:
             for w, (o, n) in zip(self.workspace, self.shapes, strict=True)
         ]
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """One SGD step of every model on its minibatch ``xb`` (K, B, F); (K,) batch losses."""
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> torch.Tensor:
+        """One SGD step (learning rate ``lr``) of every model on its minibatch ``xb``
+        (K, B, F); (K,) batch losses."""
         P, M, mu = self.params, self.bufs, self.recipe.momentum
         work = self._buffers(xb.shape[1])
         h, inputs, saved = xb, [], []
@@ -349,7 +354,7 @@ class _StackedMLP:
                 delta = torch.bmm(delta, P[layer.weight], out=work[i - 1][1])
         if self.recipe.weight_decay:
             self.flat_buf.add_(self.flat, alpha=self.recipe.weight_decay)
-        self.flat.add_(self.flat_buf, alpha=-self.recipe.lr)
+        self.flat.add_(self.flat_buf, alpha=-lr)
         return values
 
 
@@ -387,7 +392,7 @@ class _VmapTrainer:
 
         self.per_model_loss = vmap(objective)
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> torch.Tensor:
         # The models are independent, so ∇_{θ_k} Σ_j L_j(θ_j) = ∇L_k(θ_k): one backward
         # pass through the vmapped forward gives every model's gradient. Same numbers as
         # vmap(grad_and_value(objective)), and faster (no batching of the backward pass).
@@ -396,7 +401,7 @@ class _VmapTrainer:
             values = self.per_model_loss(leaves, xb, yb)
             grads = torch.autograd.grad(values.sum(), list(leaves.values()))
         params = list(self.params.values())
-        self.bufs = sgd_step_(params, list(grads), self.bufs, self.recipe)
+        self.bufs = sgd_step_(params, list(grads), self.bufs, self.recipe, lr)
         return values.detach()
 
 

@@ -313,8 +313,6 @@ class Lanczos(_Settings):
         return LanczosInverse(curvature, reg, self)
 
 
-
-
 def check_damping_only(solver: object, curvature: Curvature, reg: Regularization) -> None:
     """Refuse a truncation that an iteration on ``C + λI`` cannot compute (ValueError)."""
     if reg.eps > 0 and (reg.truncates_nonnegative() or curvature.method not in PSD_METHODS):

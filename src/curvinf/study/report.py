@@ -1,7 +1,7 @@
 """The study's report from a result store: markdown tables and PNG figures.
 
 :func:`write_report` reads ``results.jsonl`` and each configuration's
-``diagnostics.json`` (and rung spectra) written by :mod:`curvinf.experiments`, and
+``diagnostics.json`` (and rung spectra) written by :mod:`curvinf.study.runner`, and
 writes ``report.md`` with figures under ``figures/``:
 
 - ``lds_by_setting.png``: LDS per rung against depth, width and epochs, with CIs;
@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from curvinf.curvature import METHODS
-from curvinf.experiments import read_table
-from curvinf.names import LADDER_STEPS, RUNG_COLORS
+from curvinf.names import LADDER_STEPS, METHODS, RUNG_COLORS
 from curvinf.storage import atomic_write, read_blob, read_json
+from curvinf.study.tables import read_table
 
 STEP_COLORS: dict[str, str] = {name: RUNG_COLORS[to] for name, _, to in LADDER_STEPS}
 STEP_LABELS: dict[str, str] = {
@@ -531,9 +530,7 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
     preset_name = grid.get("name", "?")
     total = None
     if grid:
-        from curvinf.experiments import Preset
-
-        total = len(Preset.from_dict(grid).configs())
+        total = math.prod(len(grid[k]) for k in ("depths", "widths", "epochs", "seeds"))
     lines = [f"# {title or f'curvinf study: preset `{preset_name}`'}", ""]
     if grid.get("description"):
         lines += [grid["description"], ""]

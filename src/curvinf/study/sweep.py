@@ -58,17 +58,19 @@ from typing import Any
 
 import torch
 
-from curvinf.curvature import Curvature, Regularization, fit_curvature
+from curvinf.curvature import Regularization
 from curvinf.curvature.matfree import matrix_free
 from curvinf.curvature.solvers import CG
-from curvinf.data import DATASETS, load_dataset
+from curvinf.data import DATASETS
 from curvinf.diagnostics import influence_error, inverse_error
-from curvinf.groundtruth import GroundTruthConfig, RetrainingWarning, ground_truth, take_queries
 from curvinf.influence import gradient_scores, per_example_grads, preconditioned_gradients
 from curvinf.lds import LDSResult
 from curvinf.names import LADDER, MARKERS, METHODS, RUNG_COLORS
 from curvinf.progress import progress_bar
 from curvinf.storage import read_json, read_jsonl, write_json, write_table
+from curvinf.study.rungs import RungCache
+from curvinf.study.specs import LDSSettings, RunConfig
+from curvinf.study.truth import config_data, config_ground_truth
 from curvinf.training import TrainingRecipe
 from curvinf.validation import check_choice, check_int, check_number
 
@@ -195,17 +197,26 @@ class SweepSettings:
     def recipe(self) -> TrainingRecipe:
         return TrainingRecipe(epochs=self.epochs, lr=self.lr, seed=self.seed)
 
-    def groundtruth_config(self) -> GroundTruthConfig:
-        """The :class:`~curvinf.groundtruth.GroundTruthConfig` of this configuration."""
-        return GroundTruthConfig(
+    def run_config(self) -> RunConfig:
+        """The configuration as the grid runner knows it: the same data split, model,
+        recipe, loss and ground truth (so both find the same ground-truth store)."""
+        return RunConfig(
             depth=self.depth,
             width=self.width,
-            model_seed=self.seed,
-            recipe=self.recipe(),
-            measure=self.measure,
-            num_subsets=self.subsets,
-            num_seeds=self.seeds,
+            epochs=self.epochs,
             seed=self.seed,
+            dataset=self.dataset,
+            recipe=TrainingRecipe(lr=self.lr),
+            rungs=tuple(dict.fromkeys(("hessian", *self.rungs))),
+            lds=LDSSettings(
+                num_subsets=self.subsets,
+                num_seeds=self.seeds,
+                seed=self.seed,
+                num_queries=self.num_queries,
+                measure=self.measure,
+                num_bootstrap=self.num_bootstrap,
+            ),
+            max_dense_bytes=self.max_dense_gib * 2**30,
         )
 
     def configuration(self) -> dict[str, Any]:
@@ -244,32 +255,6 @@ def _nan_to_none(v: float) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-class _Rungs:
-    """Curvatures fitted and eigendecomposed once, lazily; failures kept as reasons."""
-
-    def __init__(self, model, loss, data, settings: SweepSettings) -> None:
-        self.model, self.loss, self.data, self.settings = model, loss, data, settings
-        self.fitted: dict[str, Curvature] = {}
-        self.failed: dict[str, str] = {}
-
-    def get(self, rung: str) -> Curvature | None:
-        if rung not in self.fitted and rung not in self.failed:
-            try:
-                curv = fit_curvature(
-                    rung,
-                    self.model,
-                    self.loss,
-                    *self.data.train,
-                    seed=self.settings.seed,
-                    max_dense_bytes=self.settings.max_dense_gib * 2**30,
-                )
-                curv.eigen()
-                self.fitted[rung] = curv
-            except (ValueError, MemoryError) as err:
-                self.failed[rung] = f"fit failed: {type(err).__name__}: {err}"
-        return self.fitted.get(rung)
-
-
 def _lds_reason(res: LDSResult) -> str:
     if math.isfinite(res.mean):
         return ""
@@ -284,7 +269,7 @@ def _lds_reason(res: LDSResult) -> str:
 def _dense_row(
     rung: str,
     reg: Regularization,
-    rungs: _Rungs,
+    rungs: RungCache,
     gt,
     Gq: torch.Tensor,
     Gt: torch.Tensor,
@@ -293,15 +278,11 @@ def _dense_row(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """One (rung, regulariser) row; also ``(inverse, scores)`` for use as the reference."""
     row: dict[str, Any] = {"status": "failed", "num_params": Gq.shape[1]}
-    curv = rungs.get(rung)
-    if curv is None:
-        row["reason"] = rungs.failed[rung]
+    ri = rungs.inverse(rung, reg)
+    if ri.inverse is None:  # not fitted, or eps = 0 and a non-positive eigenvalue
+        row["reason"] = f"no inverse: {ri.reason}"
         return row, None
-    try:
-        inv = curv.inverse(reg)
-    except ValueError as err:  # eps = 0 and a non-positive eigenvalue after damping
-        row["reason"] = f"no inverse: {err}"
-        return row, None
+    inv = ri.inverse
     norms = preconditioned_gradients(inv, Gq).norm(dim=1)
     S = gradient_scores(inv, Gq, Gt)
     med = float(norms.median())
@@ -349,7 +330,7 @@ REF_FLOOR = 1e-12
 
 
 def _fallback_ref(
-    rungs: _Rungs, reg: Regularization, Gq: torch.Tensor, Gt: torch.Tensor
+    rungs: RungCache, reg: Regularization, Gq: torch.Tensor, Gt: torch.Tensor
 ) -> dict[str, Any] | None:
     """The error reference where ``(H + δI)⁻¹`` does not exist (``ε = 0``, small ``δ``):
     ``H`` under ``(δ, ε = REF_FLOOR)``, the pseudo-inverse of the positive part of
@@ -366,7 +347,7 @@ def _fallback_ref(
 
 def _cg_row(
     damping: float,
-    rungs: _Rungs,
+    rungs: RungCache,
     model,
     loss,
     data,
@@ -465,18 +446,16 @@ def run_sweep(
         return rows
 
     torch.manual_seed(settings.seed)
-    data = load_dataset(settings.dataset, seed=settings.seed)
-    data = take_queries(data, settings.num_queries)
-    gt_config = settings.groundtruth_config()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RetrainingWarning)
-        gt = ground_truth(data, gt_config, out / "groundtruth", progress=progress, log=say)
+    config = settings.run_config()
+    data = config_data(config)
+    gt = config_ground_truth(config, out / "groundtruth", data=data, progress=progress, log=say)
     for w in gt.warnings:
         say(f"ground truth: {w}")
-    model, loss = gt.base_model(data), gt_config.make_loss()
+    model = gt.base_model(data)
+    loss = gt.config.make_loss()
     Gq = per_example_grads(model, loss, *data.query, measure=settings.measure)
     Gt = per_example_grads(model, loss, *data.train)
-    rungs = _Rungs(model, loss, data, settings)
+    rungs = RungCache(config, model, loss, data)
 
     def add(row: dict[str, Any]) -> None:
         rows.append({**base, **row})

@@ -1,0 +1,59 @@
+"""The study: what to run (:mod:`.specs`), its tables (:mod:`.tables`), the one
+ground-truth path (:mod:`.truth`), the one rung cache with its routes (:mod:`.rungs`),
+what is measured per configuration (:mod:`.measure`, :mod:`.compare`), the grid runner
+(:mod:`.runner`), the regulariser sweep (:mod:`.sweep`) and the report (:mod:`.report`,
+which reads stored results only).
+"""
+
+from curvinf.study.runner import (
+    BUSY,
+    GridRun,
+    ReproducePlan,
+    collect_rows,
+    reproduce,
+    reproduce_plan,
+    run_config,
+    run_grid,
+    run_plan,
+    select_configs,
+)
+from curvinf.study.specs import (
+    DAMPED,
+    PRESETS,
+    LDSSettings,
+    Preset,
+    RunConfig,
+    get_preset,
+    parse_regularization,
+    reg_label,
+)
+from curvinf.study.tables import COLUMNS, COMPARISON_COLUMNS, read_table, write_table
+from curvinf.study.truth import config_data, config_ground_truth, groundtruth_config
+
+__all__ = [
+    "BUSY",
+    "COLUMNS",
+    "COMPARISON_COLUMNS",
+    "DAMPED",
+    "PRESETS",
+    "GridRun",
+    "LDSSettings",
+    "Preset",
+    "ReproducePlan",
+    "RunConfig",
+    "collect_rows",
+    "config_data",
+    "config_ground_truth",
+    "get_preset",
+    "groundtruth_config",
+    "parse_regularization",
+    "read_table",
+    "reg_label",
+    "reproduce",
+    "reproduce_plan",
+    "run_config",
+    "run_grid",
+    "run_plan",
+    "select_configs",
+    "write_table",
+]

@@ -1,0 +1,426 @@
+"""What a study runs: LDS settings, one configuration, a grid of them, the named presets.
+
+A :class:`Preset` is a grid over depth x width x training epochs x seeds; each point is a
+:class:`RunConfig` (one base model and everything done to it: its ground truth, the rungs
+fitted on it, the regularisers they are inverted under). Both are validated frozen
+dataclasses; a configuration's :attr:`RunConfig.id` hashes every setting, so a result
+directory never mixes numbers of two settings.
+
+This module imports no curvature code beyond :class:`Regularization` (a pure rule on
+eigenvalues), so the report can read stored specs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from curvinf.curvature.regularization import Regularization
+from curvinf.data import DATASETS
+from curvinf.losses import MEASURES
+from curvinf.models import ACTIVATIONS, INITS
+from curvinf.names import LADDER, METHODS
+from curvinf.storage import request_hash
+from curvinf.training import TrainingRecipe
+from curvinf.validation import check_choice, check_int, check_number
+
+FISHERS = ("type2", "mc")
+BIAS_LAYOUTS = ("joint", "separate")
+PARTITIONS = ("layer", "tensor")
+
+
+def reg_label(reg: Regularization) -> str:
+    """A short, file-safe name: ``eps1e-04`` or ``damp1e-03+eps1e-04`` (``+rel``)."""
+    parts = []
+    if reg.damping:
+        parts.append(f"damp{reg.damping:.0e}")
+    parts.append(f"eps{reg.eps:.0e}" if reg.eps else "eps0")
+    if reg.relative:
+        parts.append("rel")
+    return "+".join(parts)
+
+
+def parse_regularization(text: str) -> Regularization:
+    """``"eps=1e-4"``, ``"damping=1e-3,eps=1e-4"``, ``"damping=1e-3,eps=0,relative"`` ->
+    :class:`Regularization`. Keys not given are 0 (``damping``, ``eps``) and False
+    (``relative``): the text says the whole rule, so ``"damping=1e-3"`` is pure damping."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("a regulariser must be text like 'eps=1e-4' or 'damping=1e-3,eps=1e-4'.")
+    values: dict[str, Any] = {"damping": 0.0, "eps": 0.0, "relative": False}
+    for part in text.replace("+", ",").split(","):
+        key, _, value = part.strip().partition("=")
+        key = {"damp": "damping", "δ": "damping", "ε": "eps", "rel": "relative"}.get(key, key)
+        if key not in values:
+            raise ValueError(
+                f"unknown regulariser key {key!r} in {text!r}; use damping=, eps= and relative."
+            )
+        if key == "relative":
+            if value.lower() not in ("", "1", "true", "yes"):
+                raise ValueError(f"relative takes no value (or true), got {value!r} in {text!r}.")
+            values[key] = True
+            continue
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {value!r} in {text!r}.") from None
+    return Regularization(**values)
+
+
+@dataclass(frozen=True)
+class LDSSettings:
+    """How the LDS ground truth is built and scored.
+
+    ``num_subsets`` (M) subsets of fraction ``alpha``, each retrained ``num_seeds`` (R)
+    times (batch order varies, initialisation shared) with the subsets seeded by
+    ``seed``; ``num_queries`` the first queries of the split (0: all); ``measure``
+    ``loss`` or ``margin``; ``num_bootstrap`` resamples of the CIs; ``matched_steps``
+    retrains subsets for ``ceil(epochs · N / |S|)`` epochs (the base model's number of
+    optimiser steps) instead of the base epochs (Park et al.'s protocol).
+    """
+
+    num_subsets: int = 100
+    alpha: float = 0.5
+    num_seeds: int = 1
+    seed: int = 0
+    num_queries: int = 0
+    measure: str = "loss"
+    num_bootstrap: int = 1000
+    matched_steps: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("measure", self.measure, MEASURES)
+        check_int("num_subsets", self.num_subsets, low=2)
+        if check_number("alpha", self.alpha, low=0.0, strict_low=True) >= 1:
+            raise ValueError(f"alpha must lie in (0, 1), got {self.alpha!r}.")
+        check_int("num_seeds", self.num_seeds, low=1)
+        check_int("seed", self.seed, low=0)
+        check_int("num_queries", self.num_queries, low=0)
+        check_int("num_bootstrap", self.num_bootstrap, low=0)
+        if not isinstance(self.matched_steps, bool):
+            raise TypeError(f"matched_steps must be True or False, got {self.matched_steps!r}.")
+
+
+def _check_ints(name: str, values: tuple[int, ...], low: int) -> None:
+    if not values:
+        raise ValueError(f"{name} must not be empty.")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+        raise ValueError(f"{name} must be integers >= {low}, got {values}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {values}.")
+
+
+_NEW_DEFAULTS = {
+    "activation": "relu",
+    "init": "torch",
+    "query_fraction": 0.2,
+    "kronecker_fisher": "type2",
+    "kronecker_bias": "joint",
+    "partition": "layer",
+    "lanczos_k": 300,
+    "solver_tol": 1e-6,
+    "solver_max_iter": 300,
+    "estimate_matvecs": 60,
+    "gram_bytes": 14 * 2**30,
+}
+"""Settings added after the first grids ran: left out of :meth:`RunConfig.to_dict` at these
+values, so the ids of those configurations stay valid."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One configuration of the grid: one base model, every rung and regularisation on it.
+
+    Model and data: an MLP of ``depth`` hidden layers of ``width`` units, ``activation``
+    and initialisation ``init`` (:func:`curvinf.models.make_mlp`) on ``dataset``
+    (``query_fraction`` of it held out as queries), trained by ``recipe`` for ``epochs``
+    with ``seed`` (split, initialisation, batches).
+
+    Rungs: ``rungs`` under every regulariser of ``regularizations``; errors against
+    ``reference``. ``fisher``: output-space curvature of the GGN-type rungs;
+    ``kronecker_fisher``, ``kronecker_bias`` (``joint``: one Kronecker block per layer
+    with the bias as an extra input column; ``separate``: weight and bias blocks) and
+    ``partition`` (``layer`` or ``tensor`` blocks for block-GGN and off-block mass) are
+    the knobs of the paper's released code.
+
+    Routes: dense where the matrix fits ``max_dense_bytes``, else matrix-free
+    (:mod:`curvinf.study.rungs`): ``lanczos_k`` Ritz pairs for the truncated Hessian,
+    ``solver_tol`` / ``solver_max_iter`` for its CG, ``estimate_matvecs`` products per
+    randomised error estimate, ``gram_bytes`` the memory the Gram route may hold (its
+    sample-space factorisations).
+    """
+
+    depth: int
+    width: int
+    epochs: int
+    seed: int = 0
+    dataset: str = "digits"
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
+    rungs: tuple[str, ...] = LADDER
+    regularizations: tuple[Regularization, ...] = (Regularization.paper(),)
+    lds: LDSSettings = field(default_factory=LDSSettings)
+    reference: str = "hessian"
+    fisher: str = "type2"
+    max_dense_bytes: float = 2**30
+    activation: str = "relu"
+    init: str = "torch"
+    query_fraction: float = 0.2
+    kronecker_fisher: str = "type2"
+    kronecker_bias: str = "joint"
+    partition: str = "layer"
+    lanczos_k: int = 300
+    solver_tol: float = 1e-6
+    solver_max_iter: int = 300
+    estimate_matvecs: int = 60
+    gram_bytes: float = 14 * 2**30
+
+    def __post_init__(self) -> None:
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("reference", self.reference, METHODS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("init", self.init, INITS)
+        check_choice("fisher", self.fisher, FISHERS)
+        check_choice("kronecker_fisher", self.kronecker_fisher, FISHERS)
+        check_choice("kronecker_bias", self.kronecker_bias, BIAS_LAYOUTS)
+        check_choice("partition", self.partition, PARTITIONS)
+        _check_ints("depth", (self.depth,), 0)
+        _check_ints("width/epochs", (self.width, self.epochs), 1)
+        check_int("seed", self.seed, low=0)
+        check_int("lanczos_k", self.lanczos_k, low=1)
+        check_int("solver_max_iter", self.solver_max_iter, low=1)
+        check_int("estimate_matvecs", self.estimate_matvecs, low=6)
+        check_number("solver_tol", self.solver_tol, low=0.0, high=1.0, strict_low=True)
+        v = check_number("query_fraction", self.query_fraction, low=0.0, strict_low=True)
+        if v >= 1:
+            raise ValueError(f"query_fraction must lie in (0, 1), got {self.query_fraction!r}.")
+        if not self.rungs or len(set(self.rungs)) != len(self.rungs):
+            raise ValueError(f"rungs must be non-empty and distinct, got {self.rungs}.")
+        for r in self.rungs:
+            check_choice("rung", r, METHODS)
+        if not self.regularizations or not all(
+            isinstance(r, Regularization) for r in self.regularizations
+        ):
+            raise ValueError("regularizations must be a non-empty tuple of Regularization.")
+        labels = [reg_label(r) for r in self.regularizations]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"regularizations repeat a rule: {labels}.")
+        check_number("max_dense_bytes", self.max_dense_bytes, low=0.0, strict_low=True)
+        check_number("gram_bytes", self.gram_bytes, low=0.0, strict_low=True)
+
+    @property
+    def recipe_used(self) -> TrainingRecipe:
+        """The base recipe with this configuration's epochs and seed."""
+        return replace(self.recipe, epochs=self.epochs, seed=self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recipe"] = self.recipe_used.to_dict()
+        d["regularizations"] = [asdict(r) for r in self.regularizations]
+        d["rungs"] = list(self.rungs)
+        if not self.lds.matched_steps:  # the default is left out: ids of older runs stay valid
+            del d["lds"]["matched_steps"]
+        for name, default in _NEW_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        d["regularizations"] = tuple(Regularization(**r) for r in d["regularizations"])
+        d["lds"] = LDSSettings(**d["lds"])
+        d["recipe"] = TrainingRecipe(**d["recipe"])
+        d["rungs"] = tuple(d["rungs"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def id(self) -> str:
+        """``d<depth>-w<width>-e<epochs>-s<seed>-<hash8>``; the hash covers every setting."""
+        return (
+            f"d{self.depth}-w{self.width}-e{self.epochs}-s{self.seed}-"
+            f"{request_hash(self.to_dict())[:8]}"
+        )
+
+    @property
+    def num_params(self) -> int:
+        """D of the MLP (digits: 64 inputs, 10 outputs; diabetes: 10 inputs, 1 output)."""
+        return sum(self.layer_sizes)
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """Parameters per layer (weight and bias), the block-GGN's block sizes."""
+        n_in, n_out = (64, 10) if self.dataset == "digits" else (10, 1)
+        fans = [n_in] + [self.width] * self.depth
+        outs = [self.width] * self.depth + [n_out]
+        return [(a + 1) * b for a, b in zip(fans, outs, strict=True)]
+
+    @property
+    def loss_name(self) -> str:
+        """``ce`` for classification (digits), ``mse`` for regression (diabetes)."""
+        return "ce" if self.dataset == "digits" else "mse"
+
+    def cost(self) -> float:
+        """Rough seconds on 2 busy cores, for running cheap configurations first: retraining
+        (models x steps x D; a subset model takes ``alpha`` of the base model's steps, or
+        all of them with matched steps) plus, when the dense rungs fit, their ``O(D³)``
+        eigh."""
+        D = self.num_params
+        models = self.lds.num_subsets * self.lds.num_seeds
+        steps = 1.0 if self.lds.matched_steps else self.lds.alpha
+        retrain = 1e-5 * D * self.epochs * (steps * models + 2)
+        dense = 4e-9 * D**3 if 8.0 * D * D <= self.max_dense_bytes else 2e-4 * D
+        return retrain + dense
+
+
+_SHARED = tuple(
+    f.name for f in fields(RunConfig) if f.name not in ("depth", "width", "epochs", "seed")
+)
+"""The settings a preset passes unchanged to every configuration of its grid."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A grid: ``depths x widths x epochs x seeds`` configurations sharing everything else
+    (every other field of :class:`RunConfig`, same names and defaults)."""
+
+    name: str
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    epochs: tuple[int, ...]
+    seeds: tuple[int, ...] = (0,)
+    rungs: tuple[str, ...] = LADDER
+    regularizations: tuple[Regularization, ...] = (Regularization.paper(),)
+    lds: LDSSettings = field(default_factory=LDSSettings)
+    dataset: str = "digits"
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
+    reference: str = "hessian"
+    fisher: str = "type2"
+    max_dense_bytes: float = 2**30
+    activation: str = "relu"
+    init: str = "torch"
+    query_fraction: float = 0.2
+    kronecker_fisher: str = "type2"
+    kronecker_bias: str = "joint"
+    partition: str = "layer"
+    lanczos_k: int = 300
+    solver_tol: float = 1e-6
+    solver_max_iter: int = 300
+    estimate_matvecs: int = 60
+    gram_bytes: float = 14 * 2**30
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_ints("depths", self.depths, 0)
+        _check_ints("widths", self.widths, 1)
+        _check_ints("epochs", self.epochs, 1)
+        _check_ints("seeds", self.seeds, 0)
+        self.configs()  # validates the rest through RunConfig
+
+    def configs(self) -> list[RunConfig]:
+        """Every configuration, cheapest first (so a time-limited run covers the most)."""
+        shared = {name: getattr(self, name) for name in _SHARED}
+        out = [
+            RunConfig(depth=d, width=w, epochs=e, seed=s, **shared)
+            for d in self.depths
+            for w in self.widths
+            for e in self.epochs
+            for s in self.seeds
+        ]
+        return sorted(out, key=lambda c: (c.cost(), c.depth, c.width, c.epochs, c.seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["regularizations"] = [asdict(r) for r in self.regularizations]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preset:
+        d = dict(d)
+        d["regularizations"] = tuple(Regularization(**r) for r in d["regularizations"])
+        d["lds"] = LDSSettings(**d["lds"])
+        d["recipe"] = TrainingRecipe(**d["recipe"])
+        for k in ("depths", "widths", "epochs", "seeds", "rungs"):
+            d[k] = tuple(d[k])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+DAMPED = Regularization(damping=1e-3, eps=1e-4)
+"""The damped rule of the paper presets: the library default (docs/conventions.md)."""
+
+PAPER_GRID = {"depths": (1, 4, 8), "widths": (32, 64, 128), "epochs": (10, 100, 1000)}
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(
+        name="paper",
+        **PAPER_GRID,
+        regularizations=(Regularization.paper(), DAMPED),
+        lds=LDSSettings(num_subsets=100, alpha=0.5, num_seeds=3, matched_steps=True),
+        init="he",
+        recipe=TrainingRecipe(lr=0.02, schedule="cosine"),
+        description=(
+            "The paper's grid under curvinf's protocol: UCI digits (80/20 split), ReLU MLPs of "
+            "depth {1, 4, 8} x width {32, 64, 128} (He initialisation), trained {10, 100, "
+            "1000} epochs (SGD, momentum 0.9, lr 0.02 with cosine annealing, batch 64); all "
+            "five rungs (type-2 Fisher, per-layer "
+            "blocks, joint weight-bias Kronecker blocks) under the summary's rule "
+            "(truncation eps = 1e-4, no damping) and the damped rule (damping 1e-3, eps "
+            "1e-4); LDS with 100 subsets of alpha = 0.5, 3 retrainings each, matched steps. "
+            "Dense matrices up to 1 GiB, matrix-free routes above."
+        ),
+    ),
+    "paper-code": Preset(
+        name="paper-code",
+        **PAPER_GRID,
+        regularizations=(Regularization(damping=1e-4, eps=1e-6), Regularization.paper()),
+        lds=LDSSettings(num_subsets=100, alpha=0.5, num_seeds=1, matched_steps=True),
+        activation="gelu",
+        recipe=TrainingRecipe(lr=0.01, batch_size=32, schedule="cosine"),
+        query_fraction=0.1,
+        kronecker_fisher="mc",
+        kronecker_bias="separate",
+        partition="tensor",
+        description=(
+            "The paper's grid under the authors' released code (SteveHong1901/Hessian): "
+            "GELU MLPs (PyTorch's initialisation), SGD lr 0.01, momentum 0.9, batch 32, "
+            "cosine annealing, 90/10 split, K-FAC/EK-FAC with a one-sample Monte-Carlo Fisher and "
+            "separate weight and bias blocks, per-tensor blocks for block-GGN and off-block "
+            "mass, damping 1e-4 with truncation 1e-6 (and the summary's eps = 1e-4); LDS "
+            "with 100 subsets of alpha = 0.5, one retraining each (time), matched steps."
+        ),
+    ),
+    "quick": Preset(
+        name="quick",
+        depths=(1,),
+        widths=(32,),
+        epochs=(10, 100),
+        seeds=(0,),
+        lds=LDSSettings(num_subsets=50, alpha=0.5, num_seeds=1, num_bootstrap=500),
+        max_dense_bytes=2**30,
+        description=(
+            "A corner of the paper grid that runs in minutes on 2 cores: depth 1, width 32 "
+            "(D = 2,410), 10 and 100 epochs, all five rungs, eps = 1e-4; LDS with 50 subsets "
+            "of alpha = 0.5, one retraining each."
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    check_choice("preset", name, PRESETS)
+    return PRESETS[name]
+
+
+__all__ = [
+    "BIAS_LAYOUTS",
+    "DAMPED",
+    "FISHERS",
+    "PARTITIONS",
+    "PRESETS",
+    "LDSSettings",
+    "Preset",
+    "RunConfig",
+    "get_preset",
+    "parse_regularization",
+    "reg_label",
+]

@@ -1,0 +1,81 @@
+"""The one ground-truth path of the study: a configuration's data split and its LDS store.
+
+The grid runner and the regularisation sweep both call :func:`config_ground_truth`, so
+both build (or find) the very same store for the same configuration: the store's key
+hashes the data split, model, recipe, loss, measurement, subsets and seeds
+(:func:`curvinf.groundtruth.store_request`), never the rungs or regularisers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from curvinf.data import DataSplit, load_dataset
+from curvinf.groundtruth import (
+    GroundTruth,
+    GroundTruthConfig,
+    RetrainingWarning,
+    ground_truth,
+    take_queries,
+)
+from curvinf.storage import StoreBusyError
+from curvinf.study.specs import RunConfig
+
+
+def config_data(config: RunConfig) -> DataSplit:
+    """The train/query split of ``config`` (its first ``lds.num_queries`` queries)."""
+    data = load_dataset(config.dataset, query_fraction=config.query_fraction, seed=config.seed)
+    return take_queries(data, config.lds.num_queries)
+
+
+def groundtruth_config(config: RunConfig) -> GroundTruthConfig:
+    """The :class:`GroundTruthConfig` of ``config``: its model, recipe, loss and LDS settings."""
+    return GroundTruthConfig(
+        depth=config.depth,
+        width=config.width,
+        activation=config.activation,
+        init=config.init,
+        model_seed=config.seed,
+        recipe=config.recipe_used,
+        loss=config.loss_name,
+        measure=config.lds.measure,
+        num_subsets=config.lds.num_subsets,
+        alpha=config.lds.alpha,
+        num_seeds=config.lds.num_seeds,
+        seed=config.lds.seed,
+        matched_steps=config.lds.matched_steps,
+    )
+
+
+def config_ground_truth(
+    config: RunConfig,
+    store_dir: str | Path,
+    *,
+    data: DataSplit | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> GroundTruth:
+    """Build, resume or load the ground truth of ``config`` under ``store_dir``.
+
+    Retraining warnings are not raised here: they stay in ``GroundTruth.warnings`` (and in
+    the results table). Raises ``StoreBusyError`` naming the configuration if another
+    process is building the store.
+    """
+    data = config_data(config) if data is None else data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RetrainingWarning)
+        try:
+            return ground_truth(
+                data, groundtruth_config(config), store_dir, progress=progress, log=log
+            )
+        except StoreBusyError as err:
+            raise StoreBusyError(
+                f"the ground truth of configuration {config.id} is being built by another "
+                f"process (pid {err.pid or 'unknown'})",
+                pid=err.pid,
+            ) from err
+
+
+__all__ = ["config_data", "config_ground_truth", "groundtruth_config"]
