@@ -73,6 +73,7 @@ from curvinf.gtstore import (
 from curvinf.lds import LDSResult, lds, make_subsets, subset_size
 from curvinf.losses import MEASURES, check_targets
 from curvinf.models import ACTIVATIONS, INITS, make_mlp
+from curvinf.noise import seed_noise
 from curvinf.progress import progress_bar
 from curvinf.retrain import (
     accuracy_many,
@@ -771,8 +772,9 @@ def health_warnings(
       ``factor * base + margin``: the retrained models have not trained like
       the base model, and LDS against them measures little.
     - Median query accuracy more than 10 points below the base model's.
-    - Seed noise: for most queries, the variance of the seed mean
-      (``Var_r / R``) exceeds the variance of the truth across subsets.
+    - Seed noise (:func:`curvinf.noise.seed_noise`): for most queries, the variance of the
+      seed mean (``Var_r / R``) exceeds the signal variance across subsets (the truth's
+      variance less that noise), so a perfect predictor's correlation is below ~0.71.
     """
     found = []
     hint = "train longer or with a larger learning rate" + (
@@ -808,17 +810,15 @@ def health_warnings(
                 f"retrained models are far less accurate than the base model: median query "
                 f"accuracy {med_acc:.3f} against {base['query_accuracy']:.3f}. Fix: {hint}."
             )
-    R = measurements.shape[1]
-    if R >= 2:
-        noise = measurements.var(1).mean(0) / R  # (Q,) variance of the seed mean
-        signal = measurements.mean(1).var(0)  # (Q,) variance across subsets
-        share = float((noise > signal).double().mean())
-        if share > 0.5:
-            found.append(
-                f"ground truth is dominated by retraining noise: for {100 * share:.0f}% of queries "
-                f"the seed-to-seed variance of the mean over {R} seeds exceeds its variance across "
-                "subsets; raise the number of seeds."
-            )
+    noise = seed_noise(measurements)
+    if noise.num_seeds >= 2 and noise.noise_dominated > 0.5:
+        found.append(
+            f"ground truth is dominated by retraining noise: for "
+            f"{100 * noise.noise_dominated:.0f}% of queries the variance of the mean over "
+            f"{noise.num_seeds} seeds exceeds the subsets' signal variance (a perfect predictor "
+            f"would reach a Pearson correlation of about {noise.mean_ceiling:.2f}); raise the "
+            "number of seeds."
+        )
     return found
 
 

@@ -83,7 +83,7 @@ def plot_lds_by_setting(rows: list[dict], path: Path) -> Path:
     """LDS per rung against each of depth, width, epochs that varies (mean over the others;
     error bars: the CI when one configuration, else the mean of the CI ends)."""
     plt = _pyplot()
-    ok = [r for r in rows if r["status"] == "ok" and _finite(r["lds"])]
+    ok = [r for r in rows if _certified(r) and _finite(r["lds"])]
     rungs = _rungs_in(rows)
     complete = {
         c for c in _configs_in(rows) if {r["rung"] for r in ok if r["config"] == c} >= set(rungs)
@@ -352,7 +352,7 @@ def plot_spectra(out: Path, rows: list[dict], path: Path) -> Path:
             if not file.exists():
                 continue
             blob = read_blob(file)
-            if blob.get("status") != "ok":
+            if blob.get("status") not in CERTIFIED or "spectrum" not in blob:
                 continue
             ev = blob["spectrum"].double()
             ev = ev[ev.abs().argsort(descending=True)]
@@ -393,8 +393,19 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+CERTIFIED = ("exact", "ok")
+"""Row statuses whose numbers are certified (``ok``: results written before routes had a
+status)."""
+
+
+def _certified(r: dict | None) -> bool:
+    return r is not None and r["status"] in CERTIFIED
+
+
 def lds_table(rows: list[dict], reg: str | None = None) -> str:
-    """Markdown: one row per configuration, one column per rung, ``LDS [CI]``."""
+    """Markdown: one row per configuration, one column per rung, ``LDS [CI]`` (or the
+    status of an uncertified route), and the LDS ceiling the ground truth's seed noise
+    allows."""
     rows = [r for r in rows if reg is None or r["reg"] == reg]
     rungs = _rungs_in(rows)
     body = []
@@ -404,14 +415,65 @@ def lds_table(rows: list[dict], reg: str | None = None) -> str:
         cells = [str(first["depth"]), str(first["width"]), str(first["epochs"])]
         for rung in rungs:
             r = sel.get(rung)
-            if r is None or r["status"] != "ok":
-                cells.append("skipped")
+            if r is None:
+                cells.append("–")
+            elif r["status"] not in CERTIFIED and not _finite(r["lds"]):
+                cells.append(r["status"])
             else:
+                mark = "" if _certified(r) else f" ({r['status']})"
                 cells.append(
                     f"{_fmt(r['lds'])} [{_fmt(r['lds_ci_low'], 2)}, {_fmt(r['lds_ci_high'], 2)}]"
+                    + mark
                 )
+        cells.append(_fmt(first.get("lds_ceiling"), 2))
         body.append(cells)
-    return _table(["depth", "width", "epochs", *rungs], body)
+    return _table(["depth", "width", "epochs", *rungs, "ceiling (seed noise)"], body)
+
+
+def comparison_table(comparisons: list[dict], reg: str) -> str:
+    """Markdown: per configuration, the paired LDS difference of each pair of adjacent
+    rungs (finer minus coarser) with its 95% interval; ``*`` where it excludes 0."""
+    comps = [c for c in comparisons if c["reg"] == reg]
+    body = []
+    for cid in dict.fromkeys(c["config"] for c in comps):
+        sel = [c for c in comps if c["config"] == cid]
+        cells = [f"d{sel[0]['depth']} w{sel[0]['width']} e{sel[0]['epochs']}"]
+        for _, frm, to in LADDER_STEPS:
+            c = next((x for x in sel if {x["rung_a"], x["rung_b"]} == {frm, to}), None)
+            if c is None or c["difference"] is None:
+                cells.append("–")
+                continue
+            sign = 1.0 if c["rung_a"] == frm else -1.0
+            lo, hi = sorted((sign * c["ci_low"], sign * c["ci_high"]))
+            star = "*" if lo > 0 or hi < 0 else ""
+            cells.append(f"{sign * c['difference']:+.3f} [{lo:+.2f}, {hi:+.2f}]{star}")
+        body.append(cells)
+    return _table(["configuration", *[f"{f} − {t}" for _, f, t in LADDER_STEPS]], body)
+
+
+def adjacent_table(rows: list[dict], reg: str) -> str:
+    """Markdown: per configuration, the distance each ladder step moves the curvature
+    (``‖C_k − C_{k−1}‖ / ‖H‖``), its inverse (``/ ‖H⁺‖``) and its scores (``/ ‖S_H‖``)."""
+    rows = [r for r in rows if r["reg"] == reg]
+    body = []
+    for c in _configs_in(rows):
+        sel = {r["rung"]: r for r in rows if r["config"] == c}
+        first = next(iter(sel.values()))
+        cells = [_short(first)]
+        for _, _, to in LADDER_STEPS:
+            r = sel.get(to)
+            if r is None:
+                cells.append("–")
+                continue
+            cells.append(
+                f"{_fmt(r.get('adjacent_curvature'), 2)} / {_fmt(r.get('adjacent_inverse'), 2)}"
+                f" / {_fmt(r.get('adjacent_influence'), 2)}"
+            )
+        flags = first.get("decomposition_flags") or ""
+        cells.append(flags or "–")
+        body.append(cells)
+    header = ["configuration", *[f"{f} → {t}" for _, f, t in LADDER_STEPS], "ill-conditioned"]
+    return _table(header, body)
 
 
 def error_table(rows: list[dict], reg: str | None = None) -> str:
@@ -425,10 +487,12 @@ def error_table(rows: list[dict], reg: str | None = None) -> str:
         cells = [_short(first)]
         for rung in rungs:
             r = sel.get(rung)
-            ok = r is not None and r["status"] == "ok"
-            cells.append(
-                f"{_fmt(r['inverse_error'])} / {_fmt(r['influence_error'])}" if ok else "–"
-            )
+            if not _certified(r):
+                cells.append("–" if r is None else r["status"])
+                continue
+            se = r.get("inverse_error_se")
+            est = f" ± {se:.1g}" if _finite(se) and se > 0 else ""
+            cells.append(f"{_fmt(r['inverse_error'])}{est} / {_fmt(r['influence_error'])}")
         body.append(cells)
     return _table(["configuration", *[f"{r}: inverse / influence" for r in rungs]], body)
 
@@ -460,7 +524,7 @@ def diagnostics_table(rows: list[dict], diagnostics: dict[str, dict]) -> str:
         first = next(iter(sel.values()))
         d = diagnostics.get(c, {})
         hess = sel.get("hessian", {})
-        neg = hess.get("negative_eigenvalues", -1) if hess.get("status") == "ok" else -1
+        neg = hess.get("negative_eigenvalues", -1) if _certified(hess or None) else -1
         n_h = d.get("num_eigenvalues", {}).get("hessian")
         body.append(
             [
@@ -507,6 +571,7 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
     """Draw every figure into ``out/figures`` and write ``out/report.md``; return its path."""
     out = Path(out)
     rows = read_table(out)
+    comparisons = read_table(out, "comparisons") if (out / "comparisons.jsonl").exists() else []
     if not rows:
         raise ValueError(f"{out}/results.jsonl has no rows; no configuration has finished yet.")
     grid = read_json(out / "grid.json") if (out / "grid.json").exists() else {}
@@ -552,9 +617,21 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
         lines += [
             f"## Regularisation `{reg}`",
             "",
-            "### LDS per rung (mean over queries, [95% bootstrap CI over subsets])",
+            "### LDS per rung",
+            "",
+            "Mean Spearman over queries, [95% interval: centred percentile bootstrap over "
+            "subsets and queries]; the last column is the correlation a perfect predictor "
+            "would reach against this ground truth's retraining noise (NaN with one "
+            "retraining).",
             "",
             lds_table(sub),
+            "",
+            "### Paired LDS differences of adjacent rungs",
+            "",
+            "LDS(finer) − LDS(coarser) on shared bootstrap resamples of subsets and queries, "
+            "[95% interval]; `*`: the interval excludes 0.",
+            "",
+            comparison_table(comparisons, reg),
             "",
             "### Approximation error against the Hessian (inverse / influence space)",
             "",
@@ -564,6 +641,10 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
             "",
             shares_table(sub),
             "",
+            "### Distance moved by each ladder step (curvature / inverse / influence space)",
+            "",
+            adjacent_table(sub, reg),
+            "",
         ]
     lines += [
         "## Diagnostics",
@@ -571,10 +652,16 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
         diagnostics_table([r for r in rows if r["reg"] == regs[0]], diags),
         "",
     ]
-    skipped = sorted({(r["config"], r["rung"], r["reason"]) for r in rows if r["status"] != "ok"})
+    skipped = sorted(
+        {
+            (r["config"], r["rung"], r["reg"], r["status"], r["reason"])
+            for r in rows
+            if not _certified(r)
+        }
+    )
     if skipped:
-        lines += ["## Skipped rungs", ""]
-        lines += [f"- `{c}` {rung}: {why}" for c, rung, why in skipped]
+        lines += ["## Uncertified or unavailable rungs", ""]
+        lines += [f"- `{c}` {rung} `{reg}`: {st}: {why}" for c, rung, reg, st, why in skipped]
         lines.append("")
     warned = sorted({r["config"] for r in rows if r.get("gt_warnings")})
     if warned:

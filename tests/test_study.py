@@ -1,0 +1,182 @@
+"""The study package's new pieces: regulariser parsing, uncertified routes, decomposition
+flags, paired comparisons and seed noise in the stored results, the ground truth's
+seed-noise warning, and the presets of the paper grid."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from curvinf import Regularization, TrainingRecipe
+from curvinf.groundtruth import health_warnings
+from curvinf.lds import lds_compare
+from curvinf.study import (
+    COMPARISON_COLUMNS,
+    PRESETS,
+    LDSSettings,
+    Preset,
+    parse_regularization,
+    read_table,
+    reg_label,
+    reproduce_plan,
+    run_grid,
+)
+from curvinf.study.measure import decomposition_flags
+from curvinf.study.specs import DAMPED
+
+pytestmark = pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("eps=1e-4", Regularization(damping=0.0, eps=1e-4)),
+        ("damping=1e-3,eps=1e-4", Regularization(damping=1e-3, eps=1e-4)),
+        ("damping=1e-3", Regularization(damping=1e-3, eps=0.0)),
+        ("damp=1e-4+eps=1e-6", Regularization(damping=1e-4, eps=1e-6)),
+        ("eps=0.01,relative", Regularization(damping=0.0, eps=0.01, relative=True)),
+    ],
+)
+def test_parse_regularization(text, want):
+    assert parse_regularization(text) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        ("", "must be text"),
+        ("lambda=1", "unknown regulariser key"),
+        ("eps=abc", "eps must be a number"),
+        ("eps=-1", "eps"),
+        ("relative=2", "relative takes no value"),
+    ],
+)
+def test_parse_regularization_refuses_bad_text(text, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        parse_regularization(text)
+
+
+def test_reproduce_plan_takes_repeated_regularisers(tmp_path):
+    plan = reproduce_plan("quick", tmp_path, regs=["eps=1e-4", "damping=1e-3,eps=1e-4"])
+    assert plan.grid.regularizations == (Regularization.paper(), DAMPED)
+    assert {c.regularizations for c in plan.configs} == {(Regularization.paper(), DAMPED)}
+    with pytest.raises(ValueError, match="repeat a rule"):
+        reproduce_plan("quick", tmp_path, regs=["eps=1e-4", "eps=0.0001"])
+    with pytest.raises(ValueError, match="unknown regulariser key"):
+        reproduce_plan("quick", tmp_path, regs=["delta=1"])
+    assert not any(tmp_path.iterdir())  # checked before any work
+
+
+def test_paper_presets_cover_the_grid_under_two_rules():
+    for name in ("paper", "paper-code"):
+        preset = PRESETS[name]
+        configs = preset.configs()
+        assert len(configs) == 27
+        assert {(c.depth, c.width, c.epochs) for c in configs} == {
+            (d, w, e) for d in (1, 4, 8) for w in (32, 64, 128) for e in (10, 100, 1000)
+        }
+        assert len(preset.regularizations) == 2
+        assert Regularization.paper() in preset.regularizations
+    assert PRESETS["paper"].lds.num_seeds >= 3 and PRESETS["paper"].lds.matched_steps
+    code = PRESETS["paper-code"]
+    assert (code.activation, code.query_fraction) == ("gelu", 0.1)
+    assert (code.kronecker_fisher, code.kronecker_bias, code.partition) == (
+        "mc",
+        "separate",
+        "tensor",
+    )
+    assert Regularization(damping=1e-4, eps=1e-6) in code.regularizations
+    # the two protocols never share a ground-truth store or a configuration id
+    assert not {c.id for c in code.configs()} & {c.id for c in PRESETS["paper"].configs()}
+
+
+def test_decomposition_flags():
+    assert (
+        decomposition_flags({"hessian": 0.0, "ggn": 0.3, "kfac": 0.9}, {"a": 0.5}, "hessian") == []
+    )
+    flags = decomposition_flags({"ggn": 1.2, "kfac": 1.5}, {"a": 0.2, "b": 1.4}, "hessian")
+    assert flags[0] == "every rung's inverse error >= 1"
+    assert "shares outside" in flags[1] and "b" in flags[1]
+    assert decomposition_flags({"ggn": math.nan}, {"a": math.nan}, "hessian") == []
+
+
+def _tiny(**changes) -> Preset:
+    base = {
+        "name": "study-tiny",
+        "dataset": "diabetes",
+        "depths": (1,),
+        "widths": (4,),
+        "epochs": (3,),
+        "recipe": TrainingRecipe(lr=0.01, batch_size=64),
+        "regularizations": (Regularization.paper(), DAMPED),
+        "lds": LDSSettings(num_subsets=8, num_seeds=2, num_queries=16, num_bootstrap=50),
+    }
+    return Preset(**{**base, **changes})
+
+
+def test_uncertified_lanczos_is_unconverged_with_figures_never_exact(tmp_path):
+    """Too few Ritz pairs for the truncated Hessian: the row says so, with the figures,
+    and no error is computed against it."""
+    preset = _tiny(
+        max_dense_bytes=8.0 * 20**2, lanczos_k=3, regularizations=(Regularization.paper(),)
+    )
+    rows = run_grid(preset, tmp_path, progress=False).rows
+    by = {r["rung"]: r for r in rows}
+    h = by["hessian"]
+    assert h["route"] == "lanczos" and h["status"] == "unconverged"
+    assert "Ritz value" in h["reason"] and "lanczos_k=" in h["reason"]
+    for rung in ("ggn", "block_ggn", "ekfac", "kfac"):
+        assert by[rung]["status"] == "exact"
+        assert math.isnan(by[rung]["inverse_error"])
+        assert "hessian is unconverged" in by[rung]["reason"]
+
+
+def test_results_hold_paired_comparisons_and_seed_noise(tmp_path):
+    preset = _tiny()
+    result = run_grid(preset, tmp_path, progress=False)
+    rows = result.rows
+    comps = read_table(tmp_path, "comparisons")
+    assert comps and set(comps[0]) == set(COMPARISON_COLUMNS)
+    # 5 rungs: 10 pairs per rule, each with its interval around the difference
+    assert len(comps) == 2 * 10
+    for c in comps:
+        assert c["ci_low"] <= c["difference"] <= c["ci_high"]
+        assert 0.0 <= c["p_value"] <= 1.0
+    # the stored difference is the paired bootstrap of the stored scores
+    from curvinf.storage import read_blob
+    from curvinf.study import config_ground_truth
+
+    (config,) = preset.configs()
+    gt = config_ground_truth(config, tmp_path / "groundtruth", progress=False)
+    run = tmp_path / "runs" / config.id / "rungs"
+    label = reg_label(DAMPED)
+    scores = {
+        r: read_blob(run / f"{r}.pt")["per_reg"][label]["scores"].double() for r in ("ggn", "kfac")
+    }
+    want = lds_compare(scores, gt.masks, gt.truth, num_bootstrap=50, seed=0).differences[
+        ("ggn", "kfac")
+    ]
+    got = next(
+        c for c in comps if c["reg"] == label and {c["rung_a"], c["rung_b"]} == {"ggn", "kfac"}
+    )
+    sign = 1.0 if got["rung_a"] == "ggn" else -1.0
+    assert sign * got["difference"] == pytest.approx(want.mean, abs=1e-6)
+    for r in rows:  # two retrainings: the noise figures exist
+        assert math.isfinite(r["lds_ceiling"]) and 0.0 <= r["lds_ceiling"] <= 1.0
+        assert math.isfinite(r["seed_noise_ratio"]) and r["seed_noise_ratio"] >= 0.0
+
+
+def test_seed_noise_warning_only_when_noise_dominates():
+    torch.manual_seed(0)
+    base = {"train_loss": 0.1, "query_loss": 0.1, "query_accuracy": None}
+    loss = torch.full((20, 4), 0.1)
+    signal = torch.randn(20, 1, 30)
+    quiet = signal + 0.01 * torch.randn(20, 4, 30)
+    noisy = 0.01 * signal + torch.randn(20, 4, 30)
+    kw = {"epochs": 5, "matched_steps": True}
+    assert health_warnings(base, loss, loss, None, quiet, **kw) == []
+    (msg,) = health_warnings(base, loss, loss, None, noisy, **kw)
+    assert "dominated by retraining noise" in msg and "Pearson correlation" in msg
+    assert health_warnings(base, loss, loss, None, noisy[:, :1], **kw) == []  # R = 1
