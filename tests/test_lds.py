@@ -278,3 +278,23 @@ def test_seed_noise_one_seed_and_bad_shapes():
         seed_noise(torch.randn(5, 3))
     with pytest.raises(ValueError, match="at least 2 subsets"):
         seed_noise(torch.randn(1, 3, 3))
+
+
+def test_bootstrap_spearman_from_counts_equals_ranking_each_resample():
+    """The counts route (no sort per resample) gives spearman_columns on the expanded
+    resample exactly, ties in the data and constant columns included."""
+    from curvinf.lds import bootstrap_spearman, spearman_columns
+
+    rng = np.random.default_rng(0)
+    M, Q, B = 30, 7, 40
+    pred, target = rng.normal(size=(M, Q)), rng.normal(size=(M, Q))
+    pred[:5, 0] = 1.0
+    target[:, 3] = target[0, 3]
+    target[3:9, 1] = 2.0
+    rows = rng.integers(0, M, size=(B, M))
+    new = bootstrap_spearman(pred, target, rows)
+    old = np.stack([spearman_columns(pred[r], target[r]) for r in rows])
+    assert np.array_equal(np.isnan(new), np.isnan(old))
+    assert np.nanmax(np.abs(new - old)) < 1e-12
+    both = bootstrap_spearman([pred, 2 * pred], target, rows)
+    assert np.array_equal(both[0], new, equal_nan=True)

@@ -46,12 +46,15 @@ def noise_summary(gt: GroundTruth) -> dict[str, Any]:
 def config_comparisons(
     config: RunConfig, gt: GroundTruth, blobs: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """``{"comparisons": rows of COMPARISON_COLUMNS, "seed_noise": noise_summary}``.
+    """``{"comparisons": rows of COMPARISON_COLUMNS, "lds_intervals": {rule: {rung: (lo,
+    hi)}}, "seed_noise": noise_summary}``.
 
     Per regulariser, every pair of rungs whose scores are certified (status ``exact``) is
-    compared on shared resamples; a rung with ``unconverged`` scores is left out.
+    compared on shared resamples, and each rung's LDS interval comes from the same
+    resamples; a rung with ``unconverged`` scores is left out of both.
     """
     rows: list[dict[str, Any]] = []
+    intervals: dict[str, dict[str, tuple[float | None, float | None]]] = {}
     for reg in config.regularizations:
         label = reg_label(reg)
         scores = {
@@ -60,7 +63,7 @@ def config_comparisons(
             if blob.get("per_reg", {}).get(label, {}).get("status") == EXACT
             and "scores" in blob["per_reg"][label]
         }
-        if len(scores) < 2:
+        if not scores:
             continue
         comparison = lds_compare(
             scores,
@@ -69,6 +72,9 @@ def config_comparisons(
             num_bootstrap=config.lds.num_bootstrap,
             seed=config.lds.seed,
         )
+        intervals[label] = {
+            rung: (_finite(r.ci_low), _finite(r.ci_high)) for rung, r in comparison.results.items()
+        }
         for (a, b), d in comparison.differences.items():
             rows.append(
                 {
@@ -88,7 +94,7 @@ def config_comparisons(
                     "method": d.method,
                 }
             )
-    return {"comparisons": rows, "seed_noise": noise_summary(gt)}
+    return {"comparisons": rows, "lds_intervals": intervals, "seed_noise": noise_summary(gt)}
 
 
 __all__ = ["config_comparisons", "noise_summary"]

@@ -208,13 +208,11 @@ def rung_result(
         )
         ri.settle()
         entry.update(status=ri.status, reason=ri.reason, figures=dict(ri.figures))
-        res = gt.lds(scores, num_bootstrap=config.lds.num_bootstrap, seed=config.lds.seed)
+        res = gt.lds(scores, num_bootstrap=0)  # intervals: one paired bootstrap, compare.py
         entry.update(
             scores=scores.to(torch.float32),
             rank=ri.inverse.report.rank,
             lds=res.mean,
-            lds_ci_low=res.ci_low,
-            lds_ci_high=res.ci_high,
             lds_queries=res.num_valid,
             lds_per_query=res.per_query,
         )
@@ -341,12 +339,16 @@ def config_rows(
 ) -> list[dict[str, Any]]:
     """The configuration's rows of the results table (:data:`curvinf.study.tables.COLUMNS`)."""
     noise = diagnostics.get("seed_noise", {})
+    intervals = diagnostics.get("lds_intervals", {})
     rows = []
     for rung in config.rungs:
         blob = blobs[rung]
         for reg in config.regularizations:
             label = reg_label(reg)
             entry = blob.get("per_reg", {}).get(label, {})
+            lo, hi = intervals.get(label, {}).get(
+                rung, (entry.get("lds_ci_low"), entry.get("lds_ci_high"))
+            )
             share = diagnostics["shares"][label]
             step = STEP_ENDING.get(rung, "")
             overlap = blob.get("basis_overlap")
@@ -375,8 +377,8 @@ def config_rows(
                     "status": entry.get("status", blob["status"]),
                     "reason": reason,
                     "lds": _num(entry.get("lds")),
-                    "lds_ci_low": _num(entry.get("lds_ci_low")),
-                    "lds_ci_high": _num(entry.get("lds_ci_high")),
+                    "lds_ci_low": _num(lo),
+                    "lds_ci_high": _num(hi),
                     "lds_queries": entry.get("lds_queries", 0),
                     "inverse_error": _num(entry.get("inverse_error")),
                     "inverse_error_se": _num(entry.get("inverse_error_se")),
