@@ -180,3 +180,28 @@ def test_seed_noise_warning_only_when_noise_dominates():
     (msg,) = health_warnings(base, loss, loss, None, noisy, **kw)
     assert "dominated by retraining noise" in msg and "Pearson correlation" in msg
     assert health_warnings(base, loss, loss, None, noisy[:, :1], **kw) == []  # R = 1
+
+
+def test_paper_code_knobs_run_through_the_runner(tmp_path):
+    """GELU, MC-Fisher Kronecker rungs with separate bias blocks and per-tensor blocks: every
+    rung certified, the Kronecker bases compared block by block with the per-tensor
+    block-GGN (weight and bias of each layer apart)."""
+    preset = _tiny(
+        name="study-code",
+        activation="gelu",
+        query_fraction=0.1,
+        kronecker_fisher="mc",
+        kronecker_bias="separate",
+        partition="tensor",
+        regularizations=(Regularization(damping=1e-4, eps=1e-6),),
+    )
+    rows = run_grid(preset, tmp_path, progress=False).rows
+    assert {r["status"] for r in rows} == {"exact"}
+    (config,) = preset.configs()
+    from curvinf.storage import read_json
+
+    diag = read_json(tmp_path / "runs" / config.id / "diagnostics.json")
+    blocks = set(diag["basis_overlap"]["kfac"])
+    assert blocks == {"0.weight", "0.bias", "2.weight", "2.bias"}, blocks
+    # a different protocol is a different configuration and a different ground truth
+    assert config.id != _tiny().configs()[0].id

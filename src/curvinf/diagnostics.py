@@ -233,15 +233,16 @@ def layer_basis_overlap(
     Blocks are matched by their positions in θ; returns ``{layer: {k: overlap}}``, with
     ``ks`` default :func:`overlap_ks` of the layer size.
     """
-    names = getattr(kronecker, "adapters", None)
+    names = getattr(kronecker, "kblocks", None)
     out: dict[str, dict[int, float]] = {}
     ref_blocks = {tuple(b.index.tolist()): b for b in reference.eigen()}
     for i, kb in enumerate(kronecker.eigen()):
         key = tuple(kb.index.tolist())
         if key not in ref_blocks:
             raise ValueError(
-                "the reference has no block at the positions of a Kronecker layer; use a "
-                "block rung with partition='layer'."
+                "the reference has no block at the positions of a Kronecker block; use a "
+                "block rung with the same partition (partition='layer' for bias='joint', "
+                "'tensor' for bias='separate')."
             )
         d = len(key)
         layer_ks = list(ks) if ks is not None else overlap_ks(d)

@@ -144,7 +144,7 @@ def _basis_overlap(cache: RungCache, kron: Curvature) -> dict[str, dict[int, flo
     if cache.route_of("block_ggn") == "dense":
         return layer_basis_overlap(block, kron)
     ggn = matrix_free("ggn", cache.model, cache.loss, *cache.data.train, **cache.options("ggn"))
-    names = getattr(kron, "adapters", None)
+    names = getattr(kron, "kblocks", None)
     out = {}
     for i, kb in enumerate(kron.eigen()):
         k = min(OVERLAP_K, len(kb.index))
