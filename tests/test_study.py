@@ -205,3 +205,21 @@ def test_paper_code_knobs_run_through_the_runner(tmp_path):
     assert blocks == {"0.weight", "0.bias", "2.weight", "2.bias"}, blocks
     # a different protocol is a different configuration and a different ground truth
     assert config.id != _tiny().configs()[0].id
+
+
+def test_groundtruth_only_builds_the_stores_the_grid_then_uses(tmp_path, monkeypatch):
+    from curvinf.study import GROUND_TRUTH_DONE
+
+    preset = _tiny(epochs=(2, 3))
+    first = run_grid(preset, tmp_path, progress=False, groundtruth_only=True)
+    assert [e["state"] for e in first.log] == [GROUND_TRUTH_DONE] * 2
+    assert first.rows == [] and not (tmp_path / "runs").exists()
+    assert len(list((tmp_path / "groundtruth").iterdir())) == 2
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the ground truth was built already")
+
+    monkeypatch.setattr("curvinf.groundtruth.train_many", no_training)
+    monkeypatch.setattr("curvinf.groundtruth.train", no_training)
+    rows = run_grid(preset, tmp_path, progress=False).rows
+    assert len(rows) == 2 * 5 * 2 and {r["status"] for r in rows} == {"exact"}

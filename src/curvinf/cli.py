@@ -295,6 +295,9 @@ def reproduce(
         help="a regulariser replacing the preset's, e.g. eps=1e-4 or damping=1e-3,eps=1e-4 "
         "(repeat for several)",
     ),
+    groundtruth_only: bool = typer.Option(
+        False, help="only build every configuration's LDS ground truth (no rungs, no report)"
+    ),
     progress: bool = typer.Option(True, help="show progress"),
 ) -> None:
     """Run the study's grid (resuming finished work) and write report.md with figures."""
@@ -317,9 +320,17 @@ def reproduce(
             max_dense_gib=max_dense_gib or None,
             matched_steps=matched_steps,
             regs=reg or None,
+            groundtruth_only=groundtruth_only,
         )
     with exit_on(FAILED, WORK_ERRORS):
         result, path = run_plan(plan, progress=progress, log=Console(stderr=True).print)
+    if plan.groundtruth_only:
+        if result.failed:
+            ids = ", ".join(e["config"] for e in result.failed)
+            fail(
+                f"the ground truth of {len(result.failed)} configuration(s) failed: {ids}.", FAILED
+            )
+        return
     if path is None:
         fail(
             f"no configuration finished, so there is nothing to report; see "

@@ -7,6 +7,7 @@ which reads stored results only).
 
 from curvinf.study.runner import (
     BUSY,
+    GROUND_TRUTH_DONE,
     GridRun,
     ReproducePlan,
     collect_rows,
@@ -32,6 +33,7 @@ from curvinf.study.truth import config_data, config_ground_truth, groundtruth_co
 
 __all__ = [
     "BUSY",
+    "GROUND_TRUTH_DONE",
     "COLUMNS",
     "COMPARISON_COLUMNS",
     "DAMPED",

@@ -173,6 +173,9 @@ def _scored_model(
 # The grid.
 
 
+GROUND_TRUTH_DONE = "ground truth done"
+"""The state of a configuration whose ground truth a ``groundtruth_only`` run finished."""
+
 BUSY = "skipped (busy)"
 """The state of a configuration another process is running (:func:`run_config` raised
 :class:`~curvinf.storage.StoreBusyError`): this run skips it, the other finishes it."""
@@ -185,8 +188,10 @@ def _worker(
     threads: int,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    groundtruth_only: bool = False,
 ) -> dict:
-    """Run one configuration (in this or a worker process); never raises."""
+    """Run one configuration (in this or a worker process), or only build its ground
+    truth; never raises."""
     if threads:
         torch.set_num_threads(threads)
     finished = Path(out) / "runs" / config.id / "rows.json"
@@ -194,6 +199,14 @@ def _worker(
         return {"config": config.id, "state": "not started (time budget)"}
     t0 = time.perf_counter()
     try:
+        if groundtruth_only:
+            store = Path(out) / "groundtruth"
+            config_ground_truth(config, store, progress=progress, log=log)
+            return {
+                "config": config.id,
+                "state": GROUND_TRUTH_DONE,
+                "seconds": time.perf_counter() - t0,
+            }
         rows = run_config(config, out, progress=progress, log=log)
     except StoreBusyError as err:  # another run owns it: not a failure of this one
         return {
@@ -262,6 +275,7 @@ def run_grid(
     only: Iterable[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    groundtruth_only: bool = False,
 ) -> GridRun:
     """Run every configuration of ``preset`` into ``out`` (skipping finished ones), then write
     the results table.
@@ -272,6 +286,8 @@ def run_grid(
         only: configuration ids or ``d<depth>-w<width>-e<epochs>`` prefixes to run (default
             all); matching none is an error (nothing is written).
         progress: progress bars of the work inside a configuration (``workers=1``).
+        groundtruth_only: only build (or resume) every configuration's ground truth, e.g.
+            ahead of the rungs in a second process, or on another machine.
 
     A configuration another process is running (its lock is held, e.g. a second
     ``reproduce`` into the same ``out``) is skipped with state :data:`BUSY`.
@@ -305,12 +321,15 @@ def run_grid(
     if workers == 1:  # in this process: the ground truth's progress bar, rung-by-rung log
         for i, config in enumerate(configs, 1):
             say(f"[{i}/{n}] {config.id}: running")
-            report(i, _worker(config, str(out), deadline, threads, progress, say))
+            report(i, _worker(config, str(out), deadline, threads, progress, say, groundtruth_only))
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_worker, c, str(out), deadline, threads) for c in configs]
+            futures = [
+                pool.submit(_worker, c, str(out), deadline, threads, False, None, groundtruth_only)
+                for c in configs
+            ]
             for i, fut in enumerate(as_completed(futures), 1):
                 report(i, fut.result())
     rows, csv_path = write_tables(out, preset)
@@ -357,6 +376,7 @@ class ReproducePlan:
     only: tuple[str, ...] | None
     workers: int
     max_minutes: float | None
+    groundtruth_only: bool = False
 
 
 def reproduce_plan(
@@ -370,6 +390,7 @@ def reproduce_plan(
     max_dense_gib: float | None = None,
     matched_steps: bool = False,
     regs: Iterable[str] | None = None,
+    groundtruth_only: bool = False,
 ) -> ReproducePlan:
     """Check every argument of :func:`reproduce` and return the plan; writes nothing.
 
@@ -408,6 +429,7 @@ def reproduce_plan(
         only=wanted,
         workers=workers,
         max_minutes=max_minutes,
+        groundtruth_only=bool(groundtruth_only),
     )
 
 
@@ -429,8 +451,13 @@ def run_plan(
         only=plan.only,
         progress=progress,
         log=log,
+        groundtruth_only=plan.groundtruth_only,
     )
     say = log or (lambda msg: None)
+    if plan.groundtruth_only:
+        done = sum(e["state"] == GROUND_TRUTH_DONE for e in result.log)
+        say(f"ground truth of {done} of {len(result.log)} configurations done")
+        return result, None
     for e in result.failed:
         say(f"{e['config']} failed: {e['error']}")
     say(f"{len(result.rows)} rows in {result.table} after {result.seconds / 60:.1f} min")
@@ -479,6 +506,7 @@ def reproduce(
 
 __all__ = [
     "BUSY",
+    "GROUND_TRUTH_DONE",
     "GridRun",
     "ReproducePlan",
     "collect_rows",
