@@ -451,6 +451,39 @@ def comparison_table(comparisons: list[dict], reg: str) -> str:
     return _table(["configuration", *[f"{f} − {t}" for _, f, t in LADDER_STEPS]], body)
 
 
+def eigenvalue_share_table(rows: list[dict], reg: str) -> str:
+    """Markdown: readings of "the Kronecker eigenvalues carry most of the error", per
+    configuration: the EK-FAC → K-FAC step's share of the telescoped error gap (inverse,
+    influence space), and its share of the path the four steps move (sum of adjacent
+    distances) in curvature, inverse and influence space."""
+    rows = [r for r in rows if r["reg"] == reg]
+    body = []
+    for c in _configs_in(rows):
+        sel = {r["rung"]: r for r in rows if r["config"] == c}
+        first = next(iter(sel.values()))
+        kfac = sel.get("kfac", {})
+        cells = [_short(first)]
+        for key in ("share_inverse", "share_influence"):
+            v = kfac.get(key)
+            cells.append(f"{100 * v:.0f}%" if _finite(v) else "–")
+        for key in ("adjacent_curvature", "adjacent_inverse", "adjacent_influence"):
+            steps = [sel.get(to, {}).get(key) for _, _, to in LADDER_STEPS]
+            if all(_finite(v) for v in steps) and sum(steps) > 0:
+                cells.append(f"{100 * steps[-1] / sum(steps):.0f}%")
+            else:
+                cells.append("–")
+        body.append(cells)
+    header = [
+        "configuration",
+        "share of gap (inverse)",
+        "share of gap (influence)",
+        "share of path (curvature)",
+        "share of path (inverse)",
+        "share of path (influence)",
+    ]
+    return _table(header, body)
+
+
 def adjacent_table(rows: list[dict], reg: str) -> str:
     """Markdown: per configuration, the distance each ladder step moves the curvature
     (``‖C_k − C_{k−1}‖ / ‖H‖``), its inverse (``/ ‖H⁺‖``) and its scores (``/ ‖S_H‖``)."""
@@ -645,6 +678,10 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
             "",
             adjacent_table(sub, reg),
             "",
+            "### The Kronecker-eigenvalue step (EK-FAC → K-FAC), read five ways",
+            "",
+            eigenvalue_share_table(sub, reg),
+            "",
         ]
     lines += [
         "## Diagnostics",
@@ -695,7 +732,10 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
 __all__ = [
     "RUNG_COLORS",
     "STEP_COLORS",
+    "adjacent_table",
+    "comparison_table",
     "diagnostics_table",
+    "eigenvalue_share_table",
     "error_table",
     "lds_table",
     "load_diagnostics",
