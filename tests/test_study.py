@@ -223,3 +223,32 @@ def test_groundtruth_only_builds_the_stores_the_grid_then_uses(tmp_path, monkeyp
     monkeypatch.setattr("curvinf.groundtruth.train", no_training)
     rows = run_grid(preset, tmp_path, progress=False).rows
     assert len(rows) == 2 * 5 * 2 and {r["status"] for r in rows} == {"exact"}
+
+
+def test_sweep_on_regression_keeps_its_loss_and_shares_the_runner_store(tmp_path):
+    """The sweep builds its ground truth through the study's one path: on diabetes it is
+    an MSE ground truth, in the store the grid runner would use for that configuration."""
+    from curvinf.groundtruth import store_name
+    from curvinf.study import config_data, groundtruth_config
+    from curvinf.study.sweep import SweepSettings, run_sweep
+
+    settings = SweepSettings(
+        dataset="diabetes",
+        depth=1,
+        width=4,
+        epochs=2,
+        subsets=4,
+        num_queries=8,
+        num_bootstrap=0,
+        rungs=("ggn", "kfac"),
+        eps_grid=(1e-4,),
+        damping_grid=(1e-3,),
+        cg_damping=(),
+    )
+    rows = run_sweep(settings, tmp_path, progress=False, log=lambda m: None)
+    assert rows and all(math.isfinite(r["lds"]) for r in rows if r["status"] == "ok")
+    config = settings.run_config()
+    gtc = groundtruth_config(config)
+    assert gtc.loss == "mse"
+    (store,) = (tmp_path / "groundtruth").iterdir()
+    assert store.name == store_name(gtc, config_data(config))
