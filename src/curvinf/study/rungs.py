@@ -10,6 +10,9 @@ Routes (recorded in the results' ``route`` column):
 ``gram``      GGN / block-GGN too large to form: the exact inverse in sample space
               (:class:`~curvinf.curvature.gram.Gram`; Cholesky under damping, ``eigh(K)``
               under truncation).
+``eigen+gram`` a block rung whose small blocks fit densely and whose large ones do not:
+              the small blocks dense, the large ones by the Gram route, composed
+              block-diagonally (:mod:`curvinf.curvature.composite`; exact).
 ``ggn-cg``    the Hessian too large to form, under damping: CG on ``H + δI`` preconditioned
               by the exact damped GGN. Exact when every solve converges and ``H + δI`` is
               positive definite (``λ_min(H) + δ > τ``, from Lanczos on ``−H``: then the
@@ -33,9 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from curvinf.curvature import Curvature, Regularization, fit_curvature
+from curvinf.curvature.composite import CompositeCurvature, Part, frozen_except
 from curvinf.curvature.gram import Gram
 from curvinf.curvature.krylov import lanczos
 from curvinf.curvature.matfree import matrix_free
@@ -43,7 +48,7 @@ from curvinf.curvature.operators import InverseOperator
 from curvinf.curvature.solvers import Lanczos, Preconditioned
 from curvinf.data import DataSplit
 from curvinf.names import KRONECKER_RUNGS
-from curvinf.params import param_blocks
+from curvinf.params import model_fingerprint, param_blocks
 from curvinf.study.specs import RunConfig, reg_label
 
 EXACT, UNCONVERGED, UNAVAILABLE = "exact", "unconverged", "unavailable"
@@ -121,7 +126,54 @@ class RungCache:
         """The fitting route ``rung`` takes in this configuration (module doc)."""
         if rung in KRONECKER_RUNGS:
             return "kronecker"
-        return "dense" if self.fits_dense(rung) else "matrix-free"
+        if self.fits_dense(rung):
+            return "dense"
+        if rung.startswith("block_") and self.dense_blocks():
+            return "composite"
+        return "matrix-free"
+
+    def dense_blocks(self) -> list[int]:
+        """Blocks of a block rung taken densely in a composite: those smaller than the Gram
+        matrix (``N · K`` rows), smallest first while their dense blocks fit the cap; empty
+        when that leaves nothing for the Gram route."""
+        blocks = param_blocks(self.model, self.config.partition)
+        n = len(self.data.train[0])
+        with torch.no_grad():
+            outputs = self.model(self.data.train[0][:1]).shape[-1]
+        rows = n * (outputs - 1 if self.config.loss_name == "ce" else outputs)
+        order = sorted(range(len(blocks)), key=lambda b: len(blocks[b].index))
+        chosen, used = [], 0.0
+        for b in order:
+            d = len(blocks[b].index)
+            if d >= rows or used + 8.0 * d * d > self.config.max_dense_bytes:
+                break
+            chosen.append(b)
+            used += 8.0 * d * d
+        return chosen if len(chosen) < len(blocks) else []
+
+    def _composite(self, rung: str) -> CompositeCurvature:
+        """``rung`` as its dense small blocks plus its Gram-route large blocks."""
+        blocks = param_blocks(self.model, self.config.partition)
+        small = set(self.dense_blocks())
+        parts = []
+        for group, free in (
+            (sorted(small), False),
+            (sorted(set(range(len(blocks))) - small), True),
+        ):
+            names = {n for b in group for n in blocks[b].names}
+            sub = frozen_except(self.model, names)
+            options = {
+                **self.options(rung),
+                "max_dense_bytes": self.config.gram_bytes if free else self.config.max_dense_bytes,
+            }
+            fit = matrix_free if free else fit_curvature
+            curv = fit(rung, sub, self.loss, *self.data.train, **options)
+            if not free:
+                curv.eigen()
+            index = torch.cat([blocks[b].index for b in group]).sort().values
+            parts.append(Part(index, sub, curv))
+        D = sum(len(b.index) for b in blocks)
+        return CompositeCurvature(rung, parts, D, model_fingerprint(self.model))
 
     def options(self, rung: str) -> dict[str, Any]:
         """The fit options of ``rung`` (:class:`~curvinf.curvature.FitSettings`); a matrix-free
@@ -145,7 +197,9 @@ class RungCache:
         t0 = time.perf_counter()
         route = self.route_of(rung)
         try:
-            if route == "matrix-free":
+            if route == "composite":
+                curv = self._composite(rung)
+            elif route == "matrix-free":
                 curv = matrix_free(
                     rung, self.model, self.loss, *self.data.train, **self.options(rung)
                 )
@@ -181,6 +235,9 @@ class RungCache:
             if route in ("dense", "kronecker"):
                 inv = curv.inverse(reg)
                 return RungInverse(rung, reg, inv, "eigen" if route == "dense" else route, EXACT)
+            if route == "composite":
+                inv = curv.inverse(reg, solvers=[None, Gram(progress=self.progress)])
+                return RungInverse(rung, reg, inv, "eigen+gram", EXACT)
             if curv.is_ggn:
                 inv = curv.inverse(reg, solver=Gram(progress=self.progress))
                 return RungInverse(rung, reg, inv, "gram", EXACT)
@@ -253,7 +310,8 @@ class RungCache:
             "ritz_smallest": float(theta[-1]),
             "threshold": tau,
         }
-        if converged == len(theta) and smallest <= tau:
+        whole = len(theta) == curv.num_params  # the whole spectrum: nothing left out
+        if converged == len(theta) and (smallest <= tau or whole):
             return RungInverse(rung, reg, inv, "lanczos", EXACT, "", figures)
         why = []
         if converged < len(theta):
