@@ -480,7 +480,7 @@ def test_reproduce_exits_non_zero_when_a_configuration_fails(tmp_path, tiny_run,
     result = invoke("reproduce", "--preset", two.name, "--out", tmp_path, "--no-progress")
     failed = next(c.id for c in two.configs() if c.epochs == 2)
     assert result.exit_code == 1, result.output
-    assert result.stdout.strip() == str(tmp_path / "report.md")  # the rest is reported
+    assert result.stdout.strip() == str(tmp_path / "report.md"), result.stderr  # the rest
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: 1 configuration(s) failed: {failed};"), result.stderr
     assert "Traceback" not in result.output

@@ -258,6 +258,7 @@ def distance_estimate(
     *,
     seed: int = 0,
     chunk_size: int = 64,
+    reference: str = "the reference",
 ) -> Estimate:
     """Estimate of ``‖A − B‖_F / ‖R‖_F`` for symmetric maps given by row products only.
 
@@ -283,7 +284,7 @@ def distance_estimate(
         return torch.stack([A - B, R])
 
     parts = _hutchpp(maps, 2, D, sketch, probes, _generator(seed), chunk)
-    value, se = _sqrt_ratio(parts, 0, 1, "the reference")
+    value, se = _sqrt_ratio(parts, 0, 1, reference)
     return Estimate(value, se, parts.evaluations, parts.method)
 
 
@@ -313,6 +314,7 @@ def inverse_error_estimate(
         num_matvecs,
         seed=seed,
         chunk_size=chunk_size,
+        reference="the reference inverse",
     )
 
 

@@ -444,6 +444,9 @@ def comparison_table(comparisons: list[dict], reg: str) -> str:
                 cells.append("–")
                 continue
             sign = 1.0 if c["rung_a"] == frm else -1.0
+            if not (_finite(c["ci_low"]) and _finite(c["ci_high"])):
+                cells.append(f"{sign * c['difference']:+.3f}")
+                continue
             lo, hi = sorted((sign * c["ci_low"], sign * c["ci_high"]))
             star = "*" if lo > 0 or hi < 0 else ""
             cells.append(f"{sign * c['difference']:+.3f} [{lo:+.2f}, {hi:+.2f}]{star}")
