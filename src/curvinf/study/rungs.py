@@ -15,9 +15,12 @@ Routes (recorded in the results' ``route`` column):
               block-diagonally (:mod:`curvinf.curvature.composite`; exact).
 ``ggn-cg``    the Hessian too large to form, under damping: CG on ``H + δI`` preconditioned
               by the exact damped GGN. Exact when every solve converges and ``H + δI`` is
-              positive definite (``λ_min(H) + δ > τ``, from Lanczos on ``−H``: then the
-              truncation at ``τ`` removes nothing and ``(H + δI)⁻¹`` *is* the regularised
-              inverse).
+              positive definite (``λ_min(H) + δ > τ``: then the truncation at ``τ``
+              removes nothing and ``(H + δI)⁻¹`` *is* the regularised inverse).
+              ``λ_min`` comes from 120 Lanczos steps on ``−H`` (its value and residual
+              are in the row's figures); Lanczos finds extreme eigenvalues first, but an
+              isolated, more negative eigenvalue it missed cannot be ruled out, so this
+              certificate is as strong as that estimate.
 ``lanczos``   the Hessian too large to form, under truncation: the top ``lanczos_k`` Ritz
               pairs. Certified only when every Ritz pair converged and the smallest one is
               already below the threshold (so every kept eigenvalue was found).
