@@ -363,12 +363,12 @@ PRESETS: dict[str, Preset] = {
         regularizations=(Regularization.paper(), DAMPED),
         lds=LDSSettings(num_subsets=100, alpha=0.5, num_seeds=3, matched_steps=True),
         init="he",
-        recipe=TrainingRecipe(lr=0.02, schedule="cosine"),
+        recipe=TrainingRecipe(lr=0.01, schedule="cosine"),
         max_dense_bytes=1.5 * 2**30,
         description=(
             "The paper's grid under curvinf's protocol: UCI digits (80/20 split), ReLU MLPs of "
             "depth {1, 4, 8} x width {32, 64, 128} (He initialisation), trained {10, 100, "
-            "1000} epochs (SGD, momentum 0.9, lr 0.02 with cosine annealing, batch 64); all "
+            "1000} epochs (SGD, momentum 0.9, lr 0.01 with cosine annealing, batch 64); all "
             "five rungs (type-2 Fisher, per-layer "
             "blocks, joint weight-bias Kronecker blocks) under the summary's rule "
             "(truncation eps = 1e-4, no damping) and a damped rule (damping 0.1, which "
