@@ -484,19 +484,19 @@ def lds_compare(
     rows, weights = bootstrap_resamples(M, Q, num_bootstrap, seed)
     settings = {"confidence": confidence, "num_bootstrap": num_bootstrap, "method": method}
 
-    per_query, valid, boots, results = {}, {}, {}, {}
+    per_query, valid, constant, boots, results = {}, {}, {}, {}, {}
     preds = {name: group_effects(s, masks).numpy() for name, s in named.items()}
     for name, pred in preds.items():
         rho, constant_truth, constant_pred = _spearman_and_validity(pred, target)
         per_query[name], valid[name] = rho, ~(constant_truth | constant_pred)
+        constant[name] = (constant_truth, constant_pred)
     live = [name for name in named if valid[name].any()]
     if live and num_bootstrap:
         reps = bootstrap_spearman([preds[n] for n in live], target, rows)
         boots = dict(zip(live, reps, strict=True))
     for name in named:
         rho, ok = per_query[name], valid[name]
-        constant_truth = np.ptp(target, axis=0) == 0
-        constant_pred = (np.ptp(preds[name], axis=0) == 0) & ~constant_truth
+        constant_truth, constant_pred = constant[name]
         boots.setdefault(name, None)
         mean = float(rho[ok].mean()) if ok.any() else math.nan
         lo = hi = math.nan
