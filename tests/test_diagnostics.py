@@ -14,6 +14,10 @@ from curvinf.curvature.operators import DenseEigenBlock, KroneckerEigenBlock
 from curvinf.diagnostics import (
     LADDER_STEPS,
     basis_overlap,
+    curvature_form,
+    eigen_distance,
+    eigen_inner,
+    eigen_norm,
     error_shares,
     influence_error,
     influence_space_error,
@@ -155,8 +159,43 @@ def test_inverse_error_matches_dense(tiny, reg, ref_name):
     for name, curv in rungs.items():
         inv = curv.inverse(reg)
         expected = float(torch.linalg.norm(inv.dense() - R) / torch.linalg.norm(R))
-        assert inverse_error(inv, ref, chunk_size=7) == pytest.approx(expected, abs=1e-6), name
+        # squared: the distance comes as the root of a difference, so round-off of 1e-16 in
+        # the square is 1e-8 in an error that should be 0
+        err = inverse_error(inv, ref, chunk_size=7)
+        assert err**2 == pytest.approx(expected**2, rel=1e-9, abs=1e-13), name
     assert inverse_error(ref, ref) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_eigen_distance_of_every_rung_pair_matches_dense(tiny):
+    """‖A − B‖_F and tr(AB) from the block eigen forms equal the dense values for every pair
+    of rungs (dense, per-layer dense, Kronecker and diagonal blocks), whichever side the
+    eigenvectors are drawn from."""
+    *_, rungs = tiny
+    D = rungs["hessian"].num_params
+    for a_name, a in rungs.items():
+        A = a.dense()
+        for b_name, b in rungs.items():
+            B = b.dense()
+            fa, fb = curvature_form(a), curvature_form(b)
+            assert eigen_inner(fa, fb, D, chunk_size=5) == pytest.approx(
+                float((A * B).sum()), rel=1e-10, abs=1e-12
+            ), (a_name, b_name)
+            dist = float(torch.linalg.norm(A - B))
+            scale = float(torch.linalg.norm(A)) * float(torch.linalg.norm(B))
+            assert eigen_distance(fa, fb, D) ** 2 == pytest.approx(dist**2, abs=1e-12 * scale)
+        assert eigen_norm(curvature_form(a)) == pytest.approx(float(torch.linalg.norm(A)))
+
+
+def test_eigen_inner_same_basis_shortcut_equals_rotation(tiny):
+    """EK-FAC and K-FAC share their Kronecker basis: the Σ a_i b_i shortcut gives what the
+    rotation of every eigenvector gives (forced by perturbing one basis by a sign flip)."""
+    *_, rungs = tiny
+    D = rungs["kfac"].num_params
+    fk, fe = curvature_form(rungs["kfac"]), curvature_form(rungs["ekfac"])
+    shortcut = eigen_inner(fk, fe, D)
+    flipped = [KroneckerEigenBlock(b.index, -b.U_out, b.U_in, b.evals, b.has_bias) for b in fe[0]]
+    rotated = eigen_inner(fk, (flipped, fe[1]), D)
+    assert shortcut == pytest.approx(rotated, rel=1e-12)
 
 
 def test_influence_space_error_matches_dense(tiny):

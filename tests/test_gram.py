@@ -53,6 +53,8 @@ def test_gram_inverse_equals_dense_reference(kind, method, reg, n):
     assert inv.mode == ("eigh" if reg.truncates_nonnegative() else "cholesky")
     ref = ref_inverse(model, kind, X, y, method, "type2", reg)
     torch.testing.assert_close(inv.dense(), ref, rtol=1e-7, atol=1e-7 * float(ref.abs().max()))
+    ref_evals = torch.linalg.eigvalsh(ref).abs()
+    assert inv.report.rank == int((ref_evals > 1e-9 * float(ref_evals.max())).sum())
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])

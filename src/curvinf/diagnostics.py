@@ -27,7 +27,14 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from curvinf.curvature.operators import Curvature, EigenBlock, InverseOperator
+from curvinf.curvature.operators import (
+    Curvature,
+    DenseEigenBlock,
+    DiagonalEigenBlock,
+    EigenBlock,
+    InverseOperator,
+    KroneckerEigenBlock,
+)
 from curvinf.influence import gradient_scores
 from curvinf.names import LADDER_STEPS
 
@@ -99,35 +106,125 @@ def _eigenvector_rows(
         yield block.eigenvectors(pos).to(torch.float64), pos
 
 
-def inverse_error(approx: InverseOperator, ref: InverseOperator, *, chunk_size: int = 256) -> float:
+EigenForm = tuple[list[EigenBlock], list[torch.Tensor]]
+"""A symmetric matrix ``Σ_β U_β diag(v_β) U_βᵀ`` as blocks (disjoint positions, orthonormal
+eigenvectors) and their values shaped like each block's ``eigenvalues``: a curvature's
+``(eigen(), [b.eigenvalues ...])`` or an inverse's ``eigen_form()``."""
+
+
+def _positions(form: EigenForm, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per global position, the block holding it (-1: none) and its local position there."""
+    label = torch.full((dim,), -1, dtype=torch.long)
+    local = torch.zeros(dim, dtype=torch.long)
+    for i, blk in enumerate(form[0]):
+        label[blk.index] = i
+        local[blk.index] = torch.arange(len(blk.index))
+    return label, local
+
+
+def _same_basis(x: EigenBlock, y: EigenBlock) -> bool:
+    """Whether two blocks have one eigenbasis (same positions and eigenvectors)."""
+    if type(x) is not type(y) or not torch.equal(x.index, y.index):
+        return False
+    if isinstance(x, KroneckerEigenBlock):
+        return torch.equal(x.U_out, y.U_out) and torch.equal(x.U_in, y.U_in)  # type: ignore[attr-defined]
+    if isinstance(x, DenseEigenBlock):
+        return torch.equal(x.U, y.U)  # type: ignore[attr-defined]
+    return isinstance(x, DiagonalEigenBlock)
+
+
+def _coefficient_flops(blk: EigenBlock, p: int) -> float:
+    """Flops per row of :meth:`EigenBlock.coefficients` for rows on ``p`` positions."""
+    if isinstance(blk, DenseEigenBlock):
+        return 2.0 * p * blk.U.shape[1]
+    if isinstance(blk, KroneckerEigenBlock):
+        n_out, n_in = blk.U_out.shape[0], blk.U_in.shape[0]
+        return 2.0 * n_out * n_in * (n_out + n_in)
+    return float(p)
+
+
+def _inner_cost(rows: EigenForm, cols: EigenForm, dim: int) -> float:
+    """Flops of :func:`eigen_inner` drawing eigenvectors from ``rows``."""
+    label, _ = _positions(cols, dim)
+    total = 0.0
+    for blk, v in zip(*rows, strict=True):
+        k = int((v != 0).sum())
+        found = label[blk.index]
+        for j in found.unique().tolist():
+            if j >= 0:
+                total += k * _coefficient_flops(cols[0][j], int((found == j).sum()))
+    return total
+
+
+def eigen_inner(a: EigenForm, b: EigenForm, dim: int, *, chunk_size: int = 512) -> float:
+    """``tr(A B)`` of two symmetric (dim, dim) matrices in block eigen form (:data:`EigenForm`).
+
+    With ``B = Σ_j b_j v_j v_jᵀ`` and ``A = Σ_i a_i u_i u_iᵀ``,
+
+        tr(A B) = Σ_j b_j v_jᵀ A v_j,   v_jᵀ A v_j = Σ_i a_i (u_iᵀ v_j)²,
+
+    over the ``v_j`` with ``b_j ≠ 0``, ``chunk_size`` at a time, and only the blocks of ``A``
+    that share positions with ``v_j``'s block: one rotation (:meth:`EigenBlock.coefficients`)
+    where ``A v`` would take two. Blocks with one eigenbasis give ``Σ a_i b_i`` directly.
+    The eigenvectors are drawn from whichever side costs fewer flops (``Σ_j`` over its
+    rows of the rotation cost on the other): ``D³`` for two dense ``D x D`` forms,
+    ``D Σ d_b²`` for a dense one against blocks ``d_b``.
+    """
+    if _inner_cost(b, a, dim) > _inner_cost(a, b, dim):
+        a, b = b, a
+    label, local = _positions(a, dim)
+    total = 0.0
+    for blk, v in zip(*b, strict=True):
+        v_flat = v.reshape(-1).to(torch.float64)
+        found = label[blk.index]
+        if bool((found < 0).all()):
+            continue
+        if bool((found == found[0]).all()) and _same_basis(a[0][int(found[0])], blk):
+            total += float((a[1][int(found[0])].reshape(-1).to(torch.float64) * v_flat).sum())
+            continue
+        parts = [(j, (found == j).nonzero().squeeze(1)) for j in found.unique().tolist() if j >= 0]
+        for rows, pos in _eigenvector_rows(blk, v != 0, chunk_size):
+            quad = torch.zeros(len(rows), dtype=torch.float64)
+            for j, mine in parts:
+                coef = a[0][j].coefficients(rows[:, mine], local[blk.index[mine]])
+                quad += coef.pow(2) @ a[1][j].reshape(-1).to(torch.float64)
+            total += float(v_flat[pos] @ quad)
+    return total
+
+
+def eigen_distance(a: EigenForm, b: EigenForm, dim: int, *, chunk_size: int = 512) -> float:
+    """``‖A − B‖_F = (Σ a² + Σ b² − 2 tr(AB))^{1/2}`` of two :data:`EigenForm` matrices
+    (:func:`eigen_inner`), never forming either."""
+    sq = eigen_norm(a) ** 2 + eigen_norm(b) ** 2
+    sq -= 2.0 * eigen_inner(a, b, dim, chunk_size=chunk_size)
+    return math.sqrt(max(sq, 0.0))
+
+
+def eigen_norm(form: EigenForm) -> float:
+    """``‖A‖_F = (Σ a²)^{1/2}`` of an :data:`EigenForm` (orthonormal eigenvectors)."""
+    return math.sqrt(sum(float(v.to(torch.float64).pow(2).sum()) for v in form[1]))
+
+
+def curvature_form(curvature: Curvature) -> EigenForm:
+    """A curvature's own eigendecomposition as an :data:`EigenForm`."""
+    blocks = curvature.eigen()
+    return blocks, [blk.eigenvalues for blk in blocks]
+
+
+def inverse_error(approx: InverseOperator, ref: InverseOperator, *, chunk_size: int = 512) -> float:
     """``‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F`` without forming either inverse densely.
 
-    With ``H⁺ = Σ_i t_i v_i v_iᵀ`` (ref's eigenvectors, nonzero inverse eigenvalues)
-    and the block eigendecomposition ``C̃⁺ = Σ_j s_j u_j u_jᵀ``:
-
-        ‖C̃⁺ − H⁺‖²_F = Σ_j s_j² − 2 Σ_i t_i v_iᵀ C̃⁺ v_i + Σ_i t_i²,
-
-    where ``C̃⁺ v_i`` is ``approx.apply`` on ``chunk_size`` eigenvectors at a time:
-    memory ``O(chunk_size · D)``, cost ``rank(H⁺)`` products with ``C̃⁺``.
+    Both are block eigendecompositions (``eigen_form()``), so
+    ``‖C̃⁺ − H⁺‖²_F = Σ_j s_j² − 2 tr(C̃⁺ H⁺) + Σ_i t_i²`` (:func:`eigen_distance`):
+    memory ``O(chunk_size · D)``, at most ``D³`` flops for two dense inverses.
     """
-    (_, approx_evals), (ref_blocks, ref_evals) = _eigen_pair(approx, ref)
-    norm_a = sum(float(s.pow(2).sum()) for s in approx_evals)
-    norm_r = sum(float(t.pow(2).sum()) for t in ref_evals)
+    form_a, form_r = _eigen_pair(approx, ref)
+    norm_r = eigen_norm(form_r)
     if norm_r == 0.0:
         raise ValueError(
             "the reference inverse is zero (every eigenvalue truncated); lower Regularization.eps."
         )
-    cross = 0.0
-    D = ref.num_params
-    for block, t in zip(ref_blocks, ref_evals, strict=True):
-        t_flat = t.reshape(-1)
-        for rows, pos in _eigenvector_rows(block, t != 0, chunk_size):
-            V = torch.zeros(len(rows), D, dtype=torch.float64)
-            V[:, block.index] = rows
-            quad = (approx.apply(V) * V).sum(dim=1)
-            cross += float((t_flat[pos] * quad).sum())
-    sq = max(norm_a - 2.0 * cross + norm_r, 0.0)
-    return math.sqrt(sq / norm_r)
+    return eigen_distance(form_a, form_r, ref.num_params, chunk_size=chunk_size) / norm_r
 
 
 def error_shares(
@@ -273,6 +370,10 @@ def negative_eigenvalues(evals: torch.Tensor, rtol: float = 1e-10) -> int:
 __all__ = [
     "LADDER_STEPS",
     "basis_overlap",
+    "curvature_form",
+    "eigen_distance",
+    "eigen_inner",
+    "eigen_norm",
     "error_shares",
     "influence_error",
     "influence_space_error",

@@ -268,56 +268,43 @@ def bootstrap_resamples(
     return rows, weights
 
 
-class ResampleRanks:
-    """Average ranks of one (M, Q) array's columns on any resample of its rows, without
-    sorting per resample.
+RANK_BLOCK = 4e6
+"""Elements per block of :func:`bootstrap_spearman` (32 MB of float64 per array)."""
 
-    A resample that draws row ``i`` ``c_i`` times (counts ``c`` (M,), ``Σ c = M``) gives
-    row ``i`` the average rank ``#{drawn < x_i} + (#{drawn = x_i} + 1) / 2`` of the
-    expanded sample. With the rows sorted once per column and ``[lo_i, hi_i]`` the sorted
-    positions of ``x_i``'s ties, both counts are differences of the cumulative counts in
-    sorted order. Spearman on the expanded sample (duplicates included, average ranks, as
-    :func:`spearman_columns` on ``x[rows]``) is then the ``c``-weighted Pearson correlation
-    of these ranks.
+
+class ResampleRanks:
+    """Centred average ranks of one (M, Q) array's columns on any resample of its rows,
+    by one GEMM.
+
+    A resample that draws row ``j`` ``c_j`` times (counts ``c`` (M,), ``Σ c = M``) gives
+    row ``i`` of column ``q`` the average rank of the expanded sample
+
+        r_i = #{drawn < x_i} + (#{drawn = x_i} + 1) / 2,
+
+    whose ``c``-weighted mean is ``(M + 1) / 2`` whatever the counts. Centred,
+
+        r_i - (M + 1) / 2 = Σ_j c_j S_q[j, i],
+        S_q[j, i] = [x_jq < x_iq] + [x_jq = x_iq] / 2 - 1/2,
+
+    so the centred ranks of ``b`` resamples at once are ``(b, M) @ (M, M·Q)``: ``2 b M² Q``
+    flops, no sort per resample, and every number is a multiple of 1/2: exact in float64.
+    Spearman on the expanded sample (duplicates included, average ranks, as
+    :func:`spearman_columns` on ``x[rows]``) is the ``c``-weighted Pearson correlation of
+    these ranks (:func:`bootstrap_spearman`).
     """
 
     def __init__(self, x: np.ndarray) -> None:
-        M = x.shape[0]
-        self.perm = np.argsort(x, axis=0, kind="stable")  # (M, Q) sorted position -> row
-        self.inverse = np.argsort(self.perm, axis=0)  # row -> sorted position
-        xs = np.take_along_axis(x, self.perm, axis=0)
-        new = np.ones_like(xs, dtype=bool)
-        new[1:] = xs[1:] != xs[:-1]  # first of a tie run
-        pos = np.arange(M)[:, None]
-        self.lo = np.maximum.accumulate(np.where(new, pos, 0), axis=0)  # (M, Q) sorted
-        last = np.ones_like(new)
-        last[:-1] = new[1:]
-        hi_rev = np.minimum.accumulate(np.where(last, pos, M)[::-1], axis=0)[::-1]
-        self.hi = hi_rev
+        xt = torch.as_tensor(x, dtype=torch.float64)
+        M, Q = xt.shape
+        below = (xt[:, None, :] < xt[None, :, :]).to(torch.float64)  # (j, i, q)
+        ties = (xt[:, None, :] == xt[None, :, :]).to(torch.float64)
+        self.S = (below + 0.5 * ties - 0.5).reshape(M, M * Q)
+        self.shape = (M, Q)
 
-    def ranks(self, counts: np.ndarray) -> np.ndarray:
-        """(b, M) counts -> (b, M, Q) average ranks of every row (rows drawn 0 times get
+    def centred(self, counts: torch.Tensor) -> torch.Tensor:
+        """(b, M) counts -> (b, M, Q) ranks minus ``(M + 1) / 2`` (rows drawn 0 times get
         the rank they would have; they carry weight 0)."""
-        cs = counts[:, self.perm]  # (b, M, Q) counts in sorted order
-        cum = np.cumsum(cs, axis=1)
-        before_lo = np.take_along_axis(cum - cs, self.lo[None], axis=1)
-        through_hi = np.take_along_axis(cum, self.hi[None], axis=1)
-        sorted_ranks = before_lo + (through_hi - before_lo + 1) / 2
-        return np.take_along_axis(sorted_ranks, self.inverse[None], axis=1)
-
-
-def _weighted_pearson(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Pearson correlation over axis 1 of (b, M, Q) arrays with (b, M) weights -> (b, Q);
-    NaN where either side is constant."""
-    w = w[:, :, None]
-    total = w.sum(1)
-    da = a - (w * a).sum(1, keepdims=True) / total[:, None]
-    db = b - (w * b).sum(1, keepdims=True) / total[:, None]
-    num = (w * da * db).sum(1)
-    den = np.sqrt((w * da * da).sum(1) * (w * db * db).sum(1))
-    tol = 1e-9 * (M := a.shape[1]) * M
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > tol, num / np.where(den > tol, den, 1.0), np.nan)
+        return (counts @ self.S).view(len(counts), *self.shape)
 
 
 def bootstrap_spearman(
@@ -328,22 +315,36 @@ def bootstrap_spearman(
 
     Equal to :func:`spearman_columns` on ``pred[rows[b]]``, ``target[rows[b]]`` (average
     ranks of the expanded sample; NaN where a resampled column is constant), computed from
-    counts (:class:`ResampleRanks`) in ``O(B·M·Q)``.
+    counts (:class:`ResampleRanks`) in ``O(B·M²·Q)`` GEMM flops.
     """
     preds = pred if isinstance(pred, list) else [pred]
     M, Q = target.shape
     B = len(rows)
     counts = np.zeros((B, M))
     np.add.at(counts, (np.arange(B)[:, None], rows), 1.0)
-    rt = ResampleRanks(target)
-    rps = [ResampleRanks(p) for p in preds]
+    counts_t = torch.as_tensor(counts)
     outs = [np.empty((B, Q)) for _ in preds]
-    step = max(1, int(4e6 // max(1, M * Q)))
-    for a in range(0, B, step):
-        c = counts[a : a + step]
-        ranks_t = rt.ranks(c)
-        for rp, out in zip(rps, outs, strict=True):
-            out[a : a + step] = _weighted_pearson(rp.ranks(c), ranks_t, c)
+    tol = 1e-9 * M * M  # below it a resampled column is constant (den is 0 or a multiple of 1/4)
+    width = max(1, int(RANK_BLOCK // (M * M)))  # queries per block: T is (M, M·width)
+    for q0 in range(0, Q, width):
+        cols = slice(q0, q0 + width)
+        rt = ResampleRanks(target[:, cols])
+        rps = [ResampleRanks(p[:, cols]) for p in preds]
+        step = max(1, int(RANK_BLOCK // (M * rt.shape[1])))
+        for a in range(0, B, step):
+            c = counts_t[a : a + step]
+            dt = rt.centred(c)
+            wdt = c[:, :, None] * dt  # (b, M, q) count-weighted centred target ranks
+            var_t = (wdt * dt).sum(1)
+            for rp, out in zip(rps, outs, strict=True):
+                dp = rp.centred(c)
+                num = (dp * wdt).sum(1)
+                var_p = torch.einsum("bi,biq->bq", c, dp * dp)
+                den = torch.sqrt(var_p * var_t)
+                ok = den > tol
+                out[a : a + step, cols] = torch.where(
+                    ok, num / torch.where(ok, den, 1.0), torch.nan
+                ).numpy()
     return outs if isinstance(pred, list) else outs[0]
 
 

@@ -244,6 +244,7 @@ class GramInverse(InverseOperator):
         mode: ``"cholesky"`` (damping only) or ``"eigh"`` (truncation).
         R: the number of pseudo-gradient rows (an upper bound of ``rank G``).
         eigenvalues: per block, the eigenvalues of ``K_b`` (``"eigh"`` mode; else ``None``).
+        kept: eigen-directions with a non-zero inverse eigenvalue (every one under damping).
         seconds: time spent building and factorising Gram matrices so far.
         reports: empty (the route has no iterations; kept for the solver interface).
 
@@ -291,6 +292,7 @@ class GramInverse(InverseOperator):
                     "Regularization(damping=...) > 0 or eps > 0 (pseudo-inverse)."
                 )
             self.mode = "cholesky"
+            self.kept = self.num_params  # λ + δ >= δ > 0 for every direction
         else:
             self.mode = "eigh"
             self._eigh_all()
@@ -338,6 +340,7 @@ class GramInverse(InverseOperator):
                 blk.size - int((s > tol).sum())
                 for blk, (s, _) in zip(self.param_blocks, eig, strict=True)
             )
+        self.kept = kept
         self.reg.warn_if_mostly_truncated(
             kept, self.num_params, f"the {self.curvature.method} inverse"
         )
@@ -425,7 +428,7 @@ class GramInverse(InverseOperator):
 
     @property
     def report(self) -> InverseReport:
-        return InverseReport(route="gram", notes=f"{self.mode}, R = {self.R}")
+        return InverseReport(route="gram", rank=self.kept, notes=f"{self.mode}, R = {self.R}")
 
     def pairwise_scores(self, task: ScoringTask) -> torch.Tensor | None:
         """Scores by (2) when the training set is the curvature's own (not for ``mc``)."""

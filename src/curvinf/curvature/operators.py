@@ -51,6 +51,12 @@ class EigenBlock(ABC):
         """The eigenvectors at ``positions`` of ``eigenvalues.flatten()`` as rows (k, d) in
         the block's local coordinates."""
 
+    @abstractmethod
+    def coefficients(self, V: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``V Uᵀ``-style coordinates: rows ``V`` (K, p) that live on the local ``positions``
+        (p,) of the block (zero elsewhere) in its eigenbasis -> (K, n), in the order of
+        ``eigenvalues.flatten()``."""
+
 
 @dataclass
 class DenseEigenBlock(EigenBlock):
@@ -67,6 +73,9 @@ class DenseEigenBlock(EigenBlock):
 
     def eigenvectors(self, positions: torch.Tensor) -> torch.Tensor:
         return self.U[:, positions].T
+
+    def coefficients(self, V: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return V @ self.U[positions]
 
 
 @dataclass
@@ -85,6 +94,11 @@ class DiagonalEigenBlock(EigenBlock):
         rows = torch.zeros(len(positions), len(self.index), dtype=torch.float64)
         rows[torch.arange(len(positions)), positions] = 1.0
         return rows
+
+    def coefficients(self, V: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = V.new_zeros(len(V), len(self.index))
+        out[:, positions] = V
+        return out
 
 
 def layer_matrix(V: torch.Tensor, out: int, n_in: int, has_bias: bool) -> torch.Tensor:
@@ -141,6 +155,11 @@ class KroneckerEigenBlock(EigenBlock):
         i, j = positions // n_in, positions % n_in
         M = self.U_out[:, i].T[:, :, None] * self.U_in[:, j].T[:, None, :]
         return self.from_matrix(M)
+
+    def coefficients(self, V: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        full = V.new_zeros(len(V), len(self.index))
+        full[:, positions] = V
+        return (self.U_out.T @ self.to_matrix(full) @ self.U_in).reshape(len(V), -1)
 
 
 def as_rows(V: torch.Tensor, num_params: int, name: str) -> tuple[torch.Tensor, bool]:

@@ -7,8 +7,8 @@ randomised estimate with its standard error otherwise (:mod:`curvinf.estimators`
 - influence space: ``‖S̃ − S_H‖_F / ‖S_H‖_F`` from the (Q, N) score matrices: always exact;
 - inverse space: ``‖C̃⁺ − H⁺‖_F / ‖H⁺‖_F``: exact when both inverses have an eigen form
   (dense, Kronecker), Hutch++ through ``apply`` otherwise;
-- curvature space: ``‖C̃ − H‖_F / ‖H‖_F`` (no inverse): exact from dense matrices when
-  they fit, Hutch++ through ``matvec`` otherwise;
+- curvature space: ``‖C̃ − H‖_F / ‖H‖_F`` (no inverse): exact from the eigendecompositions
+  (dense, Kronecker) without forming a matrix, Hutch++ through ``matvec`` otherwise;
 - adjacent-rung distances, the same three measures between consecutive rungs of the
   ladder (``‖C_{k+1}⁺ − C_k⁺‖_F / ‖H⁺‖_F``, ...), so a step's size is seen directly and
   not only as a difference of two errors against ``H⁺``;
@@ -32,6 +32,9 @@ from curvinf.curvature import Curvature
 from curvinf.curvature.matfree import matrix_free
 from curvinf.diagnostics import (
     basis_overlap,
+    curvature_form,
+    eigen_distance,
+    eigen_norm,
     error_shares,
     influence_error,
     layer_basis_overlap,
@@ -43,7 +46,6 @@ from curvinf.diagnostics import (
 )
 from curvinf.estimators import (
     distance_estimate,
-    inverse_error_any,
     off_block_mass_estimate,
     top_block_eigenvectors,
 )
@@ -75,22 +77,25 @@ def rung_order(config: RunConfig) -> list[str]:
     return [config.reference] + rest
 
 
-def _both_dense(cache: RungCache, *rungs: str) -> bool:
-    return all(cache.route_of(r) in ("dense", "kronecker") and cache.fits_dense(r) for r in rungs)
-
-
 def curvature_distance(cache: RungCache, a: str, b: str, seed: int) -> tuple[float, float]:
-    """``(‖C_a − C_b‖_F / ‖C_ref‖_F, standard error)``: dense when every matrix fits, else
-    Hutch++ through ``matvec``."""
+    """``(‖C_a − C_b‖_F / ‖C_ref‖_F, standard error)``: exact from the eigendecompositions
+    when every rung has one (dense or Kronecker route; :func:`eigen_distance`), else
+    Hutch++ through ``matvec``. Measured once per pair (``cache.distances``)."""
+    key = ("curvature", a, b, None)
+    if key not in cache.distances:
+        cache.distances[key] = _curvature_distance(cache, a, b, seed)
+    return cache.distances[key]  # type: ignore[return-value]
+
+
+def _curvature_distance(cache: RungCache, a: str, b: str, seed: int) -> tuple[float, float]:
     ref = cache.config.reference
     curvs = [cache.get(r) for r in (a, b, ref)]
     if any(c is None for c in curvs):
         return math.nan, math.nan
     ca, cb, cr = curvs
-    if _both_dense(cache, a, b, ref):
-        diff = ca.dense() - cb.dense()  # type: ignore[union-attr]
-        norm = float(torch.linalg.norm(cr.dense()))  # type: ignore[union-attr]
-        return float(torch.linalg.norm(diff)) / norm, 0.0
+    if all(cache.route_of(r) in ("dense", "kronecker") for r in (a, b, ref)):
+        fa, fb, fr = (curvature_form(c) for c in (ca, cb, cr))  # type: ignore[arg-type]
+        return eigen_distance(fa, fb, cr.num_params) / eigen_norm(fr), 0.0  # type: ignore[union-attr]
     est = distance_estimate(
         ca.matvec,  # type: ignore[union-attr]
         cb.matvec,  # type: ignore[union-attr]
@@ -103,20 +108,30 @@ def curvature_distance(cache: RungCache, a: str, b: str, seed: int) -> tuple[flo
 
 
 def inverse_distance(cache: RungCache, a: str, b: str, reg, seed: int) -> tuple[float, float, str]:
-    """``(‖C_a⁺ − C_b⁺‖_F / ‖H⁺‖_F, standard error, reason)`` under ``reg``; NaN with the reason
-    when an inverse is missing or not certified."""
+    """``(‖C_a⁺ − C_b⁺‖_F / ‖H⁺‖_F, standard error, reason)`` under ``reg``: exact from the
+    eigen forms when all three inverses have one (:func:`eigen_distance`), else Hutch++
+    through ``apply``; NaN with the reason when an inverse is missing or not certified.
+    Measured once per pair and regulariser (``cache.distances``)."""
+    key = ("inverse", a, b, reg_label(reg))
+    if key not in cache.distances:
+        cache.distances[key] = _inverse_distance(cache, a, b, reg, seed)
+    return cache.distances[key]  # type: ignore[return-value]
+
+
+def _inverse_distance(cache: RungCache, a: str, b: str, reg, seed: int) -> tuple[float, float, str]:
     ref = cache.config.reference
     invs = [cache.inverse(r, reg) for r in (a, b, ref)]
     for ri in invs:
         if ri.inverse is None or ri.status != EXACT:
             return math.nan, math.nan, f"{ri.rung} is {ri.status}"
     ia, ib, ir = (ri.inverse for ri in invs)
-    if b == ref:
-        value, se, _ = inverse_error_any(ia, ir, cache.config.estimate_matvecs, seed=seed)
-        return value, se, ""
-    if all(i.eigen_form() is not None for i in (ia, ib, ir)) and _both_dense(cache, a, b, ref):
-        A, B, R = ia.dense(), ib.dense(), ir.dense()  # type: ignore[union-attr]
-        return float(torch.linalg.norm(A - B)) / float(torch.linalg.norm(R)), 0.0, ""
+    forms = [i.eigen_form() for i in (ia, ib, ir)]  # type: ignore[union-attr]
+    if all(f is not None for f in forms):
+        fa, fb, fr = forms
+        norm = eigen_norm(fr)  # type: ignore[arg-type]
+        if norm == 0.0:
+            return math.nan, math.nan, f"{ref}'s inverse is zero (every eigenvalue truncated)"
+        return eigen_distance(fa, fb, ir.num_params) / norm, 0.0, ""  # type: ignore[arg-type, union-attr]
     est = distance_estimate(
         ia.apply,  # type: ignore[union-attr]
         ib.apply,  # type: ignore[union-attr]

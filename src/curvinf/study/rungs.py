@@ -113,6 +113,10 @@ class RungCache:
         self.seconds: dict[str, float] = {}
         self._inverses: dict[tuple[str, str], RungInverse] = {}
         self._lambda_min: tuple[float, float] | None = None
+        self.distances: dict[tuple, tuple] = {}
+        """Distances between rungs measured so far (:mod:`curvinf.study.measure`), by
+        ``(space, rung, rung, regulariser label)``: the error of one rung and the
+        adjacent distance of the next are often the same pair."""
 
     # ------------------------------------------------------------------ fitting
 
