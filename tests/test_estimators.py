@@ -21,6 +21,7 @@ from curvinf.diagnostics import (
 )
 from curvinf.estimators import (
     Estimate,
+    distance_estimate,
     frobenius_estimate,
     inverse_error_any,
     inverse_error_estimate,
@@ -148,6 +149,28 @@ def test_inverse_error_estimate_calibrated(mlp):
     ests = [inverse_error_estimate(approx, ref, 20, seed=s) for s in range(SEEDS)]
     assert all(e.num_matvecs == 20 for e in ests)
     spread_check(ests, truth)
+
+
+def test_distance_estimate_applies_a_shared_reference_once(mlp):
+    """With ``B = R`` (an error against the reference) each vector goes through the
+    reference once, also when the two are passed as separate bound methods."""
+    *_, rungs = mlp
+    ref, approx = rungs["ggn"].inverse(DAMPED), rungs["kfac"].inverse(DAMPED)
+    rows = {"ref": 0, "approx": 0}
+
+    class Counting:
+        def __init__(self, inv, name):
+            self.inv, self.name, self.num_params = inv, name, inv.num_params
+
+        def apply(self, V):
+            rows[self.name] += len(V)
+            return self.inv.apply(V)
+
+    counted = Counting(ref, "ref")
+    est = distance_estimate(
+        Counting(approx, "approx").apply, counted.apply, counted.apply, ref.num_params, 20
+    )
+    assert rows["ref"] == rows["approx"] == est.num_matvecs
 
 
 def test_inverse_error_estimate_exact_cases(mlp):

@@ -279,7 +279,8 @@ def distance_estimate(
 
     def maps(V: torch.Tensor) -> torch.Tensor:
         R = _checked(apply_ref(V), tuple(V.shape), "the reference product")
-        B = R if apply_b is apply_ref else _checked(apply_b(V), tuple(V.shape), "apply_b")
+        # ``==``, not ``is``: ``inv.apply`` makes a new bound method at every access
+        B = R if apply_b == apply_ref else _checked(apply_b(V), tuple(V.shape), "apply_b")
         A = _checked(apply_a(V), tuple(V.shape), "apply_a")
         return torch.stack([A - B, R])
 
