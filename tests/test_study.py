@@ -256,3 +256,33 @@ def test_sweep_on_regression_keeps_its_loss_and_shares_the_runner_store(tmp_path
     assert gtc.loss == "mse"
     (store,) = (tmp_path / "groundtruth").iterdir()
     assert store.name == store_name(gtc, config_data(config))
+
+
+def test_tally_counts_paired_verdicts_per_step_with_fdr_control():
+    """Constructed comparisons: the tally orients each difference finer − coarser, counts
+    p < 0.05 by sign, and Benjamini–Hochberg keeps only what survives the table's tests."""
+    from curvinf.study.report import benjamini_hochberg, tally_table
+
+    def comp(a, b, diff, p, cfg):
+        return {
+            "reg": "r",
+            "rung_a": a,
+            "rung_b": b,
+            "difference": diff,
+            "p_value": p,
+            "config": cfg,
+        }
+
+    comps = [
+        comp("hessian", "ggn", 0.2, 0.001, "c1"),  # finer higher
+        comp("ggn", "hessian", 0.1, 0.002, "c2"),  # stored the other way: finer lower
+        comp("hessian", "ggn", 0.05, 0.5, "c3"),  # undecided
+        comp("ekfac", "kfac", -0.01, 0.04, "c1"),  # finer lower at 5%, not after BH
+        comp("ekfac", "kfac", 0.3, 0.001, "other-reg") | {"reg": "s"},
+    ]
+    table = tally_table(comps, "r")
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert "| 3 | 1 / 1 / 1 | 1 / 1 / 1 | +0.050 |" in lines["hessian − ggn"]
+    assert "| 1 | 0 / 1 / 0 | 0 / 0 / 1 | -0.010 |" in lines["ekfac − kfac"]
+    q = benjamini_hochberg([0.001, 0.002, 0.5, 0.04, math.nan])
+    assert q[:4] == pytest.approx([0.004, 0.004, 0.5, 0.04 * 4 / 3]) and math.isnan(q[4])

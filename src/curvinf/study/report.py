@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from scipy.stats import false_discovery_control
 
 from curvinf.names import LADDER_STEPS, METHODS, RUNG_COLORS
 from curvinf.storage import atomic_write, read_blob, read_json
@@ -454,6 +457,60 @@ def comparison_table(comparisons: list[dict], reg: str) -> str:
     return _table(["configuration", *[f"{f} − {t}" for _, f, t in LADDER_STEPS]], body)
 
 
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini–Hochberg adjusted p-values (false discovery rate; SciPy's
+    ``false_discovery_control``), in input order; NaN stays NaN and is not counted."""
+    idx = [i for i, p in enumerate(p_values) if _finite(p)]
+    out = [math.nan] * len(p_values)
+    if idx:
+        adjusted = false_discovery_control([p_values[i] for i in idx], method="bh")
+        for i, q in zip(idx, adjusted, strict=True):
+            out[i] = float(q)
+    return out
+
+
+def tally_table(comparisons: list[dict], reg: str, level: float = 0.05) -> str:
+    """Markdown: per ladder step, over the configurations, how often the finer rung's LDS
+    is higher, lower or not distinguishable (paired interval excludes 0), the same counts
+    after Benjamini–Hochberg control of the false discovery rate over every step and
+    configuration of the table, and the median paired difference."""
+    comps = [c for c in comparisons if c["reg"] == reg and _finite(c.get("difference"))]
+    found = []
+    for name, frm, to in LADDER_STEPS:
+        sel = [c for c in comps if {c["rung_a"], c["rung_b"]} == {frm, to}]
+        found.append((name, frm, to, sel))
+    flat = [c for *_, sel in found for c in sel]
+    q_values = benjamini_hochberg([c["p_value"] for c in flat])
+    adjusted = {id(c): q for c, q in zip(flat, q_values, strict=True)}
+    body = []
+    for _, frm, to, sel in found:
+        signed = [(c["difference"] if c["rung_a"] == frm else -c["difference"], c) for c in sel]
+        up = sum(d > 0 and c["p_value"] < level for d, c in signed)
+        down = sum(d < 0 and c["p_value"] < level for d, c in signed)
+        up_bh = sum(d > 0 and adjusted[id(c)] < level for d, c in signed)
+        down_bh = sum(d < 0 and adjusted[id(c)] < level for d, c in signed)
+        median = statistics.median(d for d, _ in signed) if signed else math.nan
+        body.append(
+            [
+                f"{frm} − {to}",
+                str(len(signed)),
+                f"{up} / {down} / {len(signed) - up - down}",
+                f"{up_bh} / {down_bh} / {len(signed) - up_bh - down_bh}",
+                f"{median:+.3f}" if _finite(median) else "–",
+            ]
+        )
+    return _table(
+        [
+            "step (finer − coarser)",
+            "configurations",
+            f"finer higher / lower / undecided (p < {level:g})",
+            "same, BH-adjusted",
+            "median difference",
+        ],
+        body,
+    )
+
+
 def eigenvalue_share_table(rows: list[dict], reg: str) -> str:
     """Markdown: readings of "the Kronecker eigenvalues carry most of the error", per
     configuration: the EK-FAC → K-FAC step's share of the telescoped error gap (inverse,
@@ -669,6 +726,11 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
             "",
             comparison_table(comparisons, reg),
             "",
+            "Over the configurations: how often each step's finer rung has the higher LDS "
+            "(paired test at 5%, then Benjamini–Hochberg over the table's tests).",
+            "",
+            tally_table(comparisons, reg),
+            "",
             "### Approximation error against the Hessian (inverse / influence space)",
             "",
             error_table(sub),
@@ -736,6 +798,7 @@ __all__ = [
     "RUNG_COLORS",
     "STEP_COLORS",
     "adjacent_table",
+    "benjamini_hochberg",
     "comparison_table",
     "diagnostics_table",
     "eigenvalue_share_table",
@@ -749,5 +812,6 @@ __all__ = [
     "plot_off_block_mass",
     "plot_spectra",
     "shares_table",
+    "tally_table",
     "write_report",
 ]
