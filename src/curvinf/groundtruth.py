@@ -21,13 +21,28 @@ Retraining protocol (defaults):
 Models are trained in chunks by :func:`curvinf.retrain.train_many` (vmap over
 stacked parameters); model ``i`` is subset ``i // R``, seed ``i % R``.
 
+Any model, any training (``GroundTruthConfig.model``, ``.train_fn``): the model is the
+library's MLP (``depth``, ``width``, ...) or the user's, a factory ``() -> nn.Module``
+(called under ``torch.manual_seed(model_seed)``) or a module used as a template (its
+initial weights are the start of every model). It is trained either by ``recipe``, batched
+over models by :func:`curvinf.retrain.train_many` (SGD, Adam or AdamW), or by the user's
+``train_fn(model, X, y, seed) -> nn.Module``, called once per model, one after another:
+``model`` is a fresh copy of the initial model, ``(X, y)`` the rows of subset ``j``
+(all rows for the base model, whose seed is ``config.seed``), ``seed`` the batch seed
+``retrain_seed(seed, j, r)``, and the global torch RNG is seeded with it first. A
+``train_fn`` must be deterministic given these; it may train ``model`` in place and return
+it. Measurements always use the eval-mode function of the returned parameters and
+floating buffers.
+
 The store (:mod:`curvinf.gtstore`) is one directory per request, named by a hash of
 everything that determines the numbers (:func:`store_request`: data, model, recipe, loss,
-measurement, subsets, seeds), holding a manifest, the base model and one checksummed file
-per chunk of models. Every chunk is written atomically (temp file, fsync, rename) before
-the manifest records it, so a run killed at any point (SIGKILL included) resumes from the
-last finished chunk and ends with the same numbers; a lost manifest is rebuilt with the
-layout of the chunks on disk and nothing finished is retrained. A finished store is read
+measurement, subsets, seeds; a user's model by its structure, the source of its own module
+classes and a fingerprint of its initial weights, a ``train_fn`` by its name and source),
+holding a manifest, the base model and one checksummed file per chunk of models. Every
+chunk is written atomically (temp file, fsync, rename) before the manifest records it, so
+a run killed at any point (SIGKILL included) resumes from the last finished chunk and ends
+with the same numbers; a lost manifest is rebuilt with the layout of the chunks on disk
+and nothing finished is retrained. A finished store is read
 without its lock and without writing (a read-only directory will do).
 
 The build (:func:`ground_truth`) is: check the arguments, load a finished store, else
@@ -38,14 +53,18 @@ its summary.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
+import inspect
 import json
 import math
+import re
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +91,9 @@ from curvinf.gtstore import (
 )
 from curvinf.lds import LDSResult, lds, make_subsets, subset_size
 from curvinf.losses import MEASURES, check_targets
-from curvinf.models import ACTIVATIONS, INITS, make_mlp
+from curvinf.models import ACTIVATIONS, INITS, ModelSource, build_model, make_mlp, model_structure
 from curvinf.noise import seed_noise
+from curvinf.params import count_trainable, model_fingerprint
 from curvinf.progress import progress_bar
 from curvinf.retrain import (
     accuracy_many,
@@ -85,13 +105,16 @@ from curvinf.retrain import (
     train_many,
 )
 from curvinf.storage import check_directory, request_hash, tensor_digest, write_blob
-from curvinf.training import TrainingRecipe, train
+from curvinf.training import TrainingRecipe, train, training_model
 from curvinf.validation import check_choice, check_int, check_number, check_xy
 
 LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_MEMORY_BYTES = 2 * 2**30
 DEFAULT_MAX_CHUNK = 100
+DEFAULT_FN_CHUNK = 10  # models per chunk for a train_fn: run one by one, saved often
+TrainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], nn.Module]
+MLP_FIELDS = ("depth", "width", "activation", "init", "dtype")
 
 
 class RetrainingWarning(UserWarning):
@@ -102,9 +125,14 @@ class RetrainingWarning(UserWarning):
 class GroundTruthConfig:
     """Everything besides the data that determines the LDS ground truth.
 
-    Model: ``make_mlp(F, C, depth=, width=, activation=, seed=model_seed, dtype=)``.
-    Training: ``recipe`` (the base model's; its ``seed`` orders the base model's
-    batches), ``loss`` ``"ce"`` or ``"mse"``. Measurement: ``measure``
+    Model: ``make_mlp(F, C, depth=, width=, activation=, seed=model_seed, dtype=)``, or
+    the user's ``model``: a factory ``() -> nn.Module`` (called under
+    ``torch.manual_seed(model_seed)``; the MLP fields then stay at their defaults) or an
+    ``nn.Module`` whose initial weights every model starts from; the data are cast to
+    its parameters' dtype. Training: ``recipe`` (the base model's; its ``seed`` orders
+    the base model's batches; SGD, Adam or AdamW), or the user's ``train_fn(model, X, y,
+    seed) -> nn.Module`` run per model (module doc; ``recipe`` then stays at its
+    default), ``loss`` ``"ce"`` or ``"mse"``. Measurement: ``measure``
     (``"loss"`` or ``"margin"``, lower is better). Subsets: ``num_subsets`` (M)
     of fraction ``alpha``, seeded by ``seed``. Retraining: ``num_seeds`` (R)
     batch-order seeds per subset, ``matched_steps`` and ``vary_init`` (module doc).
@@ -125,6 +153,8 @@ class GroundTruthConfig:
     matched_steps: bool = False
     vary_init: bool = False
     dtype: str = "float32"
+    model: ModelSource | None = None
+    train_fn: TrainFn | None = None
 
     def __post_init__(self) -> None:
         check_choice("activation", self.activation, ACTIVATIONS)
@@ -146,6 +176,45 @@ class GroundTruthConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.measure == "margin" and self.loss != "ce":
             raise ValueError("measure='margin' needs loss='ce'; use measure='loss'.")
+        self._check_user_parts()
+
+    def _check_user_parts(self) -> None:
+        """The user's ``model`` and ``train_fn``: types, and no settings they make unused."""
+        if self.model is not None:
+            if not (isinstance(self.model, nn.Module) or callable(self.model)):
+                raise TypeError(
+                    "model must be a function of no arguments building an nn.Module (a "
+                    f"factory) or an nn.Module, got {type(self.model).__name__}."
+                )
+            defaults = {f.name: f.default for f in fields(self)}
+            changed = [f for f in MLP_FIELDS if getattr(self, f) != defaults[f]]
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} describe the library's MLP and have no effect with "
+                    "model=; leave them at their defaults (the data are cast to the model's "
+                    "dtype)."
+                )
+            if self.vary_init and isinstance(self.model, nn.Module):
+                raise ValueError(
+                    "vary_init=True draws a fresh initialisation per model, which a module "
+                    "template cannot do; pass a factory, model=lambda: MyNet()."
+                )
+        if self.train_fn is not None:
+            if not callable(self.train_fn):
+                raise TypeError(
+                    "train_fn must be a function (model, X, y, seed) -> trained nn.Module, "
+                    f"got {type(self.train_fn).__name__}."
+                )
+            if self.recipe != TrainingRecipe():
+                raise ValueError(
+                    "recipe is the library's batched training and is unused with train_fn; "
+                    "leave it at its default (the train_fn decides the training)."
+                )
+            if self.matched_steps:
+                raise ValueError(
+                    "matched_steps=True scales the recipe's epochs, which a train_fn does not "
+                    "have; scale the steps inside train_fn (it sees len(X))."
+                )
 
     @property
     def num_models(self) -> int:
@@ -153,10 +222,20 @@ class GroundTruthConfig:
         return self.num_subsets * self.num_seeds
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings; a user's ``model`` and ``train_fn`` only when given, by name."""
+        d = asdict(replace(self, model=None, train_fn=None))
+        del d["model"], d["train_fn"]
+        if self.model is not None:
+            source = self.model
+            d["model"] = type(source).__name__ if isinstance(source, nn.Module) else _name(source)
+        if self.train_fn is not None:
+            d["train_fn"] = _name(self.train_fn)
+        return d
 
     def make_model(self, data: DataSplit) -> nn.Module:
         """The base model at initialisation."""
+        if self.model is not None:
+            return build_model(self.model, self.model_seed)
         return make_mlp(
             data.num_features,
             data.num_outputs,
@@ -172,6 +251,46 @@ class GroundTruthConfig:
         return LOSSES[self.loss]()
 
 
+def _name(obj: object) -> str:
+    """``module.qualname`` of a function or class (of a callable object: its class)."""
+    target = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
+
+
+def function_identity(fn: Callable) -> dict[str, Any]:
+    """What identifies a ``train_fn`` in a store request: its name and a sha256 of its source
+    (None when there is none, e.g. defined interactively); a ``functools.partial`` adds the
+    ``repr`` of its bound arguments. Settings the function reads from elsewhere (globals,
+    closures) are not seen: bind them with ``functools.partial`` so they are."""
+    if isinstance(fn, functools.partial):
+        return {
+            **function_identity(fn.func),
+            "args": repr(fn.args),
+            "keywords": repr(sorted(fn.keywords.items())),
+        }
+    try:
+        source = inspect.getsource(fn if inspect.isroutine(fn) else type(fn))
+    except (OSError, TypeError):
+        source = None
+    digest = None if source is None else hashlib.sha256(source.encode()).hexdigest()[:16]
+    return {"function": _name(fn), "source_sha256": digest}
+
+
+def model_identity(config: GroundTruthConfig, model: nn.Module) -> dict[str, Any]:
+    """The request's ``model`` of a user's model at initialisation: its structure
+    (:func:`curvinf.models.model_structure`), the seed its factory runs under, and
+    fingerprints of its initial weights (:func:`curvinf.params.model_fingerprint`) and of
+    its buffers."""
+    buffers = [b for _, b in model.named_buffers()]
+    return {
+        "kind": "custom",
+        **model_structure(model),
+        **({} if isinstance(config.model, nn.Module) else {"seed": config.model_seed}),
+        "init": model_fingerprint(model),
+        **({"buffers": tensor_digest(*buffers)[:16]} if buffers else {}),
+    }
+
+
 @dataclass
 class GroundTruth:
     """The LDS ground truth of one request, as built or loaded by :func:`ground_truth`.
@@ -184,8 +303,12 @@ class GroundTruth:
     - ``train_loss`` (M, R): final training loss of each model on its subset.
     - ``query_loss`` (M, R): mean query loss; ``query_accuracy`` (M, R) or None.
     - ``base``: the base model's ``train_loss``, ``query_loss``, ``query_accuracy``;
-      ``base_params``: its trained weights (:meth:`base_model` builds the module). It is
-      trained by :func:`curvinf.training.train` on all the data with ``config.recipe``.
+      ``base_params``: its trained weights (and a ``train_fn``'s floating buffers;
+      :meth:`base_model` builds the module), ``base_fingerprint`` its
+      :func:`curvinf.params.model_fingerprint`, ``base_structure`` its
+      :func:`curvinf.models.model_structure`. It is trained by
+      :func:`curvinf.training.train` on all the data with ``config.recipe`` (or by
+      ``config.train_fn``).
     - ``warnings``: health problems (retrained models far from the base model,
       ground truth dominated by seed noise); empty when none.
     - ``path``: the store directory; ``manifest``: its manifest.
@@ -206,18 +329,66 @@ class GroundTruth:
     models_trained: int
     config: GroundTruthConfig
     base_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_fingerprint: str = ""
+    base_structure: dict[str, Any] = field(default_factory=dict)
 
     def base_model(self, data: DataSplit) -> nn.Module:
         """The trained base model (``config.make_model(data)`` holding ``base_params``)."""
         model = self.config.make_model(data)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(self.base_params[name])
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if name in self.base_params:
+                    t.copy_(self.base_params[name])
         return model
 
-    def lds(self, scores: torch.Tensor, **kwargs: Any) -> LDSResult:
-        """:func:`curvinf.lds.lds` of ``scores`` (Q, N) against this ground truth."""
+    def lds(
+        self, scores: torch.Tensor, *, model: nn.Module | str | None = None, **kwargs: Any
+    ) -> LDSResult:
+        """:func:`curvinf.lds.lds` of ``scores`` (Q, N) against this ground truth.
+
+        ``scores`` must be (queries, training points) of this ground truth's data.
+        ``model``: the model the scores were computed from (or its
+        :func:`curvinf.params.model_fingerprint`); when given, it must be this ground
+        truth's trained base model (:meth:`base_model`), else ``ValueError``: LDS compares
+        the scores with retraining of that model, and means nothing for another.
+        """
+        Q, N = self.truth.shape[1], self.masks.shape[1]
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (Q, N):
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)
+            raise ValueError(
+                f"scores must be (queries, training points) = ({Q}, {N}) for this ground "
+                f"truth, got {got}; score its queries against all its training points"
+                + (" (transpose the scores)" if got == (N, Q) else "")
+                + "."
+            )
+        if model is not None:
+            self.check_model(model)
         return lds(scores, self.masks, self.truth, **kwargs)
+
+    def check_model(self, model: nn.Module | str) -> None:
+        """``ValueError`` unless ``model`` (or a fingerprint) is this ground truth's trained
+        base model: same structure and trained weights (:func:`model_fingerprint`)."""
+        fingerprint = model if isinstance(model, str) else model_fingerprint(model)
+        if fingerprint == self.base_fingerprint:
+            return
+        base = self.base_structure
+        if (
+            isinstance(model, nn.Module)
+            and model_structure(model)["structure"] != base["structure"]
+        ):
+            raise ValueError(
+                f"the scores' model ({type(model).__name__}, {count_trainable(model)} "
+                f"parameters) is not the ground truth's ({base['class']}, "
+                f"{base['num_params']} parameters): its LDS would compare them with retraining "
+                "of another architecture. Build the ground truth of your model "
+                "(GroundTruthConfig(model=...))."
+            )
+        raise ValueError(
+            f"the scores' model (fingerprint {fingerprint}) is not the ground truth's trained "
+            f"base model ({self.base_fingerprint}): same architecture at most, other weights. "
+            "Score gt.base_model(data), or build the ground truth of the model you scored "
+            "(its initial weights and training)."
+        )
 
     def summary(self) -> dict[str, Any]:
         """The manifest's ``summary``: base and median retrained metrics, mean truth, warnings."""
@@ -291,14 +462,19 @@ def data_fingerprint(data: DataSplit) -> dict[str, Any]:
 
 
 def store_request(config: GroundTruthConfig, data: DataSplit) -> dict[str, Any]:
-    """The manifest's ``request``: everything that determines the numbers (hashed into the key)."""
+    """The manifest's ``request``: everything that determines the numbers (hashed into the key).
+
+    The library's MLP trained by ``recipe`` gives the request it always gave (so existing
+    stores keep their keys); a user's model is described by :func:`model_identity`, a
+    ``train_fn`` by :func:`function_identity` in place of ``recipe`` (and no epochs).
+    """
     n = len(data.X_train)
     size = subset_size(n, config.alpha)
     sub = subset_recipe(config.recipe, n, size, config.matched_steps)
-    return {
-        "format": FORMAT,
-        "data": data_fingerprint(data),
-        "model": {
+    if config.model is not None:
+        model = model_identity(config, config.make_model(data))
+    else:
+        model = {
             "kind": "mlp",
             "depth": config.depth,
             "width": config.width,
@@ -306,8 +482,17 @@ def store_request(config: GroundTruthConfig, data: DataSplit) -> dict[str, Any]:
             "seed": config.model_seed,
             "dtype": config.dtype,
             **({} if config.init == "torch" else {"init": config.init}),
-        },
-        "recipe": config.recipe.to_dict(),
+        }
+    if config.train_fn is None:
+        training = {"recipe": config.recipe.to_dict()}
+        epochs = {"epochs": sub.epochs}
+    else:
+        training, epochs = {"training": function_identity(config.train_fn)}, {}
+    return {
+        "format": FORMAT,
+        "data": data_fingerprint(data),
+        "model": model,
+        **training,
         "loss": config.loss,
         "measure": config.measure,
         "subsets": {
@@ -320,19 +505,31 @@ def store_request(config: GroundTruthConfig, data: DataSplit) -> dict[str, Any]:
             "num_seeds": config.num_seeds,
             "seed": config.seed,
             "matched_steps": config.matched_steps,
-            "epochs": sub.epochs,
+            **epochs,
             "vary_init": config.vary_init,
         },
     }
 
 
 def store_name(config: GroundTruthConfig, data: DataSplit) -> str:
-    """The store directory: ``<data>-d<depth>w<width>-e<epochs>-M<M>R<R>-<measure>-<hash12>``."""
+    """The store directory: ``<data>-d<depth>w<width><activation>-e<epochs>-M<M>R<R>-<measure>-
+    <hash12>``; a user's model puts its class name in place of ``d<depth>w<width>...``, a
+    ``train_fn`` ``fn-<its name>`` in place of ``e<epochs>``."""
     key = request_hash(store_request(config, data))
-    return (
-        f"{data.name}-d{config.depth}w{config.width}{config.activation}-e{config.recipe.epochs}"
-        f"-M{config.num_subsets}R{config.num_seeds}-{config.measure}-{key[:12]}"
-    )
+    if config.model is None:
+        model = f"d{config.depth}w{config.width}{config.activation}"
+    else:
+        model = _safe(type(config.make_model(data)).__name__)
+    train = f"e{config.recipe.epochs}"
+    if config.train_fn is not None:
+        train = "fn-" + _safe(_name(config.train_fn).rsplit(".", 1)[-1])
+    size = f"M{config.num_subsets}R{config.num_seeds}"
+    return f"{data.name}-{model}-{train}-{size}-{config.measure}-{key[:12]}"
+
+
+def _safe(name: str) -> str:
+    """``name`` reduced to a short file-name part."""
+    return re.sub(r"[^A-Za-z0-9_]", "", name)[:32] or "model"
 
 
 def ground_truth(
@@ -436,6 +633,8 @@ def _checked_inputs(
     check_number("max_memory_bytes", max_memory_bytes, low=0.0, strict_low=True)
     check_number("warn_factor", warn_factor, low=0.0)
     check_number("warn_margin", warn_margin)
+    if config.model is not None:
+        return _checked_user_inputs(data, config)
     data = data.to(DTYPES[config.dtype])
     loss = config.make_loss()
     model = config.make_model(data)
@@ -448,6 +647,48 @@ def _checked_inputs(
         )
     check_targets(config.loss, data.num_outputs, data.y_train, "train y")
     return data, model, loss
+
+
+def _checked_user_inputs(
+    data: DataSplit, config: GroundTruthConfig
+) -> tuple[DataSplit, nn.Module, nn.Module]:
+    """:func:`_checked_inputs` for a user's model: build it, cast the data's floating tensors
+    to its dtype, check that both splits fit it and that its factory is reproducible."""
+    model = config.make_model(data)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters; there is nothing to retrain.")
+    dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+    data = _cast_floating(data, dtype)
+    loss = config.make_loss()
+    with warnings.catch_warnings():
+        if config.train_fn is not None:  # a train_fn may train in train mode (dropout)
+            warnings.filterwarnings("ignore", message=r".*in train mode", category=UserWarning)
+        training_model(model, loss, *data.train)
+        training_model(model, loss, *data.query)
+    again = config.make_model(data)
+    if model_fingerprint(again) != model_fingerprint(model):
+        raise ValueError(
+            "the model factory built different initial weights in two calls under "
+            f"torch.manual_seed({config.model_seed}); a store must know its model's start: "
+            "draw the weights from torch's global RNG (the default), seed them inside the "
+            "factory, or pass the built module as model=."
+        )
+    return data, model, loss
+
+
+def _cast_floating(data: DataSplit, dtype: torch.dtype) -> DataSplit:
+    """``data`` with its floating tensors in ``dtype`` (integer inputs and labels kept)."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    return replace(
+        data,
+        X_train=cast(data.X_train),
+        y_train=cast(data.y_train),
+        X_query=cast(data.X_query),
+        y_query=cast(data.y_query),
+    )
 
 
 def _load_finished(
@@ -470,10 +711,14 @@ def _load_finished(
 def _default_chunk(
     config: GroundTruthConfig, data: DataSplit, model: nn.Module, max_memory_bytes: float
 ) -> int:
+    """Models per chunk: as many as the memory budget allows (at most 100; a ``train_fn``'s
+    run one by one: at most 10, so a crash loses little), in chunks of equal size."""
+    example = None if config.model is None else data.X_train[:1]
     per_model = bytes_per_model(
-        model, len(data.X_train), len(data.X_query), config.recipe.batch_size
+        model, len(data.X_train), len(data.X_query), config.recipe.batch_size, example=example
     )
-    cap = max(1, min(DEFAULT_MAX_CHUNK, int(max_memory_bytes // per_model)))
+    most = DEFAULT_MAX_CHUNK if config.train_fn is None else DEFAULT_FN_CHUNK
+    cap = max(1, min(most, int(max_memory_bytes // per_model)))
     num_chunks = math.ceil(config.num_models / cap)
     return math.ceil(config.num_models / num_chunks)
 
@@ -571,8 +816,13 @@ class _Run:
         config, data, model, loss = self.config, self.data, self.model, self.loss
         X, y = data.train
         t0 = time.perf_counter()
-        trained = train(model, loss, X, y, config.recipe)
-        params = {k: v.detach()[None] for k, v in trained.model.named_parameters()}
+        if config.train_fn is None:
+            trained = train(model, loss, X, y, config.recipe).model
+            params = {k: v.detach()[None] for k, v in trained.named_parameters()}
+        else:
+            start = copy.deepcopy(model)  # the train_fn may train it in place
+            trained = _call_train_fn(config.train_fn, start, X, y, config.seed, "the base model")
+            params = {k: v[None] for k, v in trained.items()}
         everything = torch.ones(1, len(X), dtype=torch.bool)
         base = {
             "key": self.manifest["key"],
@@ -602,7 +852,10 @@ class _Run:
             )
         remaining = models_in(manifest, todo)
         desc = f"retraining {remaining} models x {sub.epochs} epochs"
-        with progress_bar(remaining * sub.epochs, desc, progress) as advance:
+        units = sub.epochs
+        if self.config.train_fn is not None:
+            desc, units = f"retraining {remaining} models by train_fn", 1
+        with progress_bar(remaining * units, desc, progress) as advance:
             for c in todo:
                 a, b = chunk_range(manifest, c)
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -673,7 +926,7 @@ def _assemble(
     )
     for msg in found:
         warnings.warn(msg, RetrainingWarning, stacklevel=4)
-    return GroundTruth(
+    gt = GroundTruth(
         truth=measurements.mean(1),
         masks=masks,
         seeds=seeds,
@@ -689,6 +942,10 @@ def _assemble(
         config=config,
         base_params=base["params"],
     )
+    trained_base = gt.base_model(data)
+    gt.base_fingerprint = model_fingerprint(trained_base)
+    gt.base_structure = model_structure(trained_base)
+    return gt
 
 
 def _train_chunk(
@@ -703,10 +960,30 @@ def _train_chunk(
     stop: int,
     advance: Callable[[int], None],
 ) -> dict[str, Any]:
-    """Train models ``start..stop-1`` together and measure them."""
+    """Train models ``start..stop-1`` together (a ``train_fn``: one after another) and
+    measure them."""
     R = config.num_seeds
     ids = torch.arange(start, stop)
     subsets = masks[ids // R]
+    if config.train_fn is not None:
+        X, y = data.train
+        states = []
+        for i in range(start, stop):
+            j, r = divmod(i, R)
+            init_model = copy.deepcopy(model)
+            if config.vary_init:
+                seed = retrain_seed(config.seed, j, r, "init")
+                init_model = replace(config, model_seed=seed).make_model(data)
+            rows = masks[j].nonzero().squeeze(1)
+            what = f"model {i} (subset {j}, seed {r})"
+            states.append(
+                _call_train_fn(
+                    config.train_fn, init_model, X[rows], y[rows], int(seeds[j, r]), what
+                )
+            )
+            advance(1)
+        params = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        return _metrics(model, loss, params, data, subsets, config.measure)
     init = None
     if config.vary_init:
         init_seeds = [retrain_seed(config.seed, int(i) // R, int(i) % R, "init") for i in ids]
@@ -729,6 +1006,44 @@ def _train_chunk(
             "the learning rate, or check the base model's recipe."
         ) from err
     return _metrics(model, loss, result.params, data, subsets, config.measure)
+
+
+def _call_train_fn(
+    train_fn: TrainFn, model: nn.Module, X: torch.Tensor, y: torch.Tensor, seed: int, what: str
+) -> dict[str, torch.Tensor]:
+    """``train_fn(model, X, y, seed)`` under ``torch.manual_seed(seed)`` (the global RNG
+    restored after); the trained parameters and floating buffers, checked to be finite and
+    shaped as ``model``'s."""
+    want = _state(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trained = train_fn(model, X, y, seed)
+    if not isinstance(trained, nn.Module):
+        raise TypeError(
+            f"train_fn returned {type(trained).__name__} for {what}; it must return the trained "
+            "nn.Module (training the model it is given in place and returning it will do)."
+        )
+    state = _state(trained)
+    shapes = {k: (v.shape, v.dtype) for k, v in state.items()}
+    if shapes != {k: (v.shape, v.dtype) for k, v in want.items()}:
+        raise ValueError(
+            f"train_fn returned a model for {what} whose parameters and buffers differ from the "
+            f"model it was given (names, shapes or dtypes: {sorted(set(shapes) ^ set(want))[:5]} "
+            "differ, or a shape or dtype); return the model it was given, trained."
+        )
+    bad = [k for k, v in state.items() if not bool(v.isfinite().all())]
+    if bad:
+        raise FloatingPointError(
+            f"train_fn diverged for {what}: non-finite values in {', '.join(bad[:5])}; lower "
+            "its learning rate."
+        )
+    return state
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of ``model``'s parameters and floating buffers (on the CPU)."""
+    items = [*model.named_parameters(), *model.named_buffers()]
+    return {k: v.detach().cpu().clone() for k, v in items if v.is_floating_point()}
 
 
 def _metrics(
@@ -826,8 +1141,11 @@ __all__ = [
     "GroundTruth",
     "GroundTruthConfig",
     "RetrainingWarning",
+    "TrainFn",
     "check_fraction",
     "data_fingerprint",
+    "function_identity",
+    "model_identity",
     "ground_truth",
     "health_warnings",
     "retrain_seed",

@@ -6,6 +6,7 @@ leading axis (``θ_k`` for ``k = 1..K``) and one training step is
     Xb[k], yb[k] = X[batch_k], y[batch_k]                  (K, B, F), (K, B)
     ℓ_k = L_B(θ_k; Xb[k], yb[k]),  g_k = ∇_{θ_k} ℓ_k        forward and backward
     θ_k, b_k = sgd_step(θ_k, g_k, b_k)                     in place, all k at once
+                                                           (or adam_step_ for Adam/AdamW)
 
 Two ways to compute ``g``, same numbers up to rounding:
 
@@ -14,16 +15,17 @@ Two ways to compute ``g``, same numbers up to rounding:
   (no hooks, buffers or frozen parameters; :func:`mlp_layers`): ``baddbmm`` over the
   stacked weights forward, a hand-written backward into one flat gradient buffer,
   and the SGD update as two passes over one flat parameter buffer
-  (:func:`curvinf.training.sgd_step_`). Small MLPs are bound by element-wise work
-  and allocation, not by matmuls, so this is about 2-4x faster than
+  (:func:`curvinf.training.sgd_step_`; Adam/AdamW: the gradient into a flat buffer, then
+  :func:`curvinf.training.adam_step_` over the flat buffers). Small MLPs are bound by
+  element-wise work and allocation, not by matmuls, so this is about 2-4x faster than
 - the generic path, for any other model: ``vmap(functional_call)`` over the stacked
   parameters, one autograd backward pass (the models are independent, so
   ``∇_{θ_k} Σ_j ℓ_j = ∇ℓ_k``), then the same in-place update on the stacked tensors.
 
 Model ``k`` draws its minibatches from its own subset with its own ``torch.Generator``
 through :func:`curvinf.training.epoch_batches` and follows the update of
-:func:`curvinf.training.sgd_step`, exactly as :func:`curvinf.training.train` does for one
-model; so model ``k`` of :func:`train_many` equals
+:func:`curvinf.training.sgd_step` (or :func:`curvinf.training.adam_step_`), exactly as
+:func:`curvinf.training.train` does for one model; so model ``k`` of :func:`train_many` equals
 ``train(model_k, loss, X, y, replace(recipe, seed=seeds[k]), subset=subsets[k])``
 up to floating-point summation order (tested to 1e-5, both paths).
 
@@ -45,7 +47,13 @@ from torch.func import functional_call, vmap
 
 from curvinf.losses import batch_loss, check_loss, example_loss, example_measure
 from curvinf.params import evaluation_copy, trainable_parameters
-from curvinf.training import TrainingRecipe, epoch_batches, sgd_step_, training_model
+from curvinf.training import (
+    TrainingRecipe,
+    adam_step_,
+    epoch_batches,
+    sgd_step_,
+    training_model,
+)
 
 Params = dict[str, torch.Tensor]
 
@@ -290,7 +298,9 @@ class _StackedMLP:
     The momentum update is fused into the weight-gradient matmul,
     ``b_W ← μ·b_W + δᵀh`` (one ``baddbmm_`` into the flat momentum buffer, no gradient
     tensor), then ``b += wd·θ`` and ``θ -= lr·b`` are one pass each over the flat buffers:
-    :func:`curvinf.training.sgd_step`'s numbers up to rounding. Activations and their
+    :func:`curvinf.training.sgd_step`'s numbers up to rounding. Adam/AdamW: the same matmul
+    writes the gradient (``μ = 0``) and :func:`curvinf.training.adam_step_` updates the flat
+    parameters and moments. Activations and their
     gradients live in buffers allocated once (fresh megabyte-sized tensors every step
     cost page faults comparable to the element-wise work itself).
     """
@@ -307,6 +317,10 @@ class _StackedMLP:
             self.bufs[n] = self.flat_buf[offset : offset + v.numel()].view(v.shape)
             offset += v.numel()
         self.K = next(iter(params.values())).shape[0]
+        self.adam = recipe.optimizer != "sgd"
+        self.exp_avg_sq = torch.zeros_like(self.flat) if self.adam else None
+        self.exp_avg = torch.zeros_like(self.flat) if self.adam else None
+        self.t = 0
         # Per layer: output (the activation in place), gradient wrt the output, and for
         # GELU the activation (its backward needs the pre-activation).
         self.shapes = [
@@ -325,9 +339,10 @@ class _StackedMLP:
         ]
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> torch.Tensor:
-        """One SGD step (learning rate ``lr``) of every model on its minibatch ``xb``
+        """One optimiser step (learning rate ``lr``) of every model on its minibatch ``xb``
         (K, B, F); (K,) batch losses."""
-        P, M, mu = self.params, self.bufs, self.recipe.momentum
+        # Adam: ``M`` receives the plain gradient (μ = 0; baddbmm_ with beta 0 overwrites).
+        P, M, mu = self.params, self.bufs, 0.0 if self.adam else self.recipe.momentum
         work = self._buffers(xb.shape[1])
         h, inputs, saved = xb, [], []
         for layer, (z, _, *gelu_out) in zip(self.layers, work, strict=True):
@@ -348,10 +363,19 @@ class _StackedMLP:
             if layer.activation is not None:
                 _activation_backward_(layer.activation, delta, saved[i])
             M[layer.weight].baddbmm_(delta.transpose(1, 2), inputs[i], beta=mu)
-            if layer.bias is not None:
+            if layer.bias is not None and self.adam:
+                torch.sum(delta, 1, out=M[layer.bias])
+            elif layer.bias is not None:
                 M[layer.bias].mul_(mu).add_(delta.sum(1))
             if i:
                 delta = torch.bmm(delta, P[layer.weight], out=work[i - 1][1])
+        if self.adam:
+            self.t += 1
+            flat = [self.flat]
+            adam_step_(
+                flat, [self.flat_buf], [self.exp_avg], [self.exp_avg_sq], self.recipe, lr, self.t
+            )
+            return values
         if self.recipe.weight_decay:
             self.flat_buf.add_(self.flat, alpha=self.recipe.weight_decay)
         self.flat.add_(self.flat_buf, alpha=-lr)
@@ -381,11 +405,14 @@ def _loss_and_grad(
 
 class _VmapTrainer:
     """Any model: ``vmap(functional_call)`` forward over the stacked parameters, one
-    autograd backward, in-place SGD on the stacked tensors."""
+    autograd backward, in-place SGD, Adam or AdamW on the stacked tensors."""
 
     def __init__(self, model: nn.Module, kind: str, params: Params, recipe: TrainingRecipe) -> None:
         self.params, self.recipe = params, recipe
         self.bufs = [torch.zeros_like(v) for v in params.values()]
+        self.adam = recipe.optimizer != "sgd"
+        self.exp_avg_sq = [torch.zeros_like(v) for v in params.values()] if self.adam else []
+        self.t = 0
 
         def objective(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return batch_loss(kind, functional_call(model, p, (xb,)), yb)
@@ -401,7 +428,11 @@ class _VmapTrainer:
             values = self.per_model_loss(leaves, xb, yb)
             grads = torch.autograd.grad(values.sum(), list(leaves.values()))
         params = list(self.params.values())
-        self.bufs = sgd_step_(params, list(grads), self.bufs, self.recipe, lr)
+        if self.adam:
+            self.t += 1
+            adam_step_(params, list(grads), self.bufs, self.exp_avg_sq, self.recipe, lr, self.t)
+        else:
+            self.bufs = sgd_step_(params, list(grads), self.bufs, self.recipe, lr)
         return values.detach()
 
 
@@ -450,20 +481,50 @@ def accuracy_many(
     return (f.argmax(-1) == y).double().mean(1)
 
 
-def bytes_per_model(model: nn.Module, n_train: int, n_query: int, batch_size: int) -> int:
+def bytes_per_model(
+    model: nn.Module,
+    n_train: int,
+    n_query: int,
+    batch_size: int,
+    example: torch.Tensor | None = None,
+) -> int:
     """Rough peak bytes one model of :func:`train_many` (and its evaluation) needs.
 
     Parameters, gradients, momentum and update temporaries (~8 copies of θ),
     plus the activations of one minibatch (forward and backward, ~4 copies of
     every layer's output) and of one evaluation pass over ``max(N, Q)`` rows.
+    Layer outputs: the widths of the ``nn.Linear`` layers, or with ``example`` (one input
+    row, (1, ...)) the outputs of every leaf module measured in one forward pass (any model).
     """
     itemsize = next(model.parameters()).element_size()
     n_params = sum(p.numel() for p in model.parameters())
+    if example is not None:
+        per_row = _leaf_output_numel(model, example[:1])
+        act = batch_size * (example[:1].numel() + 4 * per_row)
+        evaluation = max(n_train, n_query) * (2 * per_row + 2)
+        return int(itemsize * (8 * n_params + act) + 8 * evaluation)
     widths = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
     in_features = next(m for m in model.modules() if isinstance(m, nn.Linear)).in_features
     act = batch_size * (in_features + 4 * sum(widths))
     evaluation = max(n_train, n_query) * (2 * sum(widths) + 2)
     return int(itemsize * (8 * n_params + act) + 8 * evaluation)
+
+
+@torch.no_grad()
+def _leaf_output_numel(model: nn.Module, x: torch.Tensor) -> int:
+    """Elements of every leaf module's (tensor) output for the input ``x``, summed."""
+    total = 0
+
+    def count(_m: nn.Module, _i: object, out: object) -> None:
+        nonlocal total
+        total += out.numel() if isinstance(out, torch.Tensor) else 0
+
+    model = evaluation_copy(model)  # hooks on a copy; no state of the caller's changes
+    for m in model.modules():
+        if not any(True for _ in m.children()):
+            m.register_forward_hook(count)
+    model(x)
+    return max(total, 1)
 
 
 __all__ = [

@@ -4,8 +4,16 @@ Training is written functionally (parameters as a dict, ``torch.func``) so the
 same step can be ``vmap``-ed over many models: see :func:`sgd_step` and
 :func:`epoch_batches`, the two pieces a batched trainer reuses.
 
-The optimiser is SGD with heavy-ball momentum, PyTorch's convention:
-``g ← ∇L + wd·θ``, ``b ← μ·b + g`` (``b₀ = 0``), ``θ ← θ − lr·b``.
+Optimisers (``TrainingRecipe.optimizer``), PyTorch's conventions, ``g = ∇L`` at step
+``t = 1, 2, ...``:
+
+- ``"sgd"``, heavy-ball momentum: ``g ← g + wd·θ``, ``b ← μ·b + g`` (``b₀ = 0``),
+  ``θ ← θ − lr·b`` (``torch.optim.SGD``).
+- ``"adam"``: ``g ← g + wd·θ`` (L2), ``m ← β₁·m + (1−β₁)·g``, ``v ← β₂·v + (1−β₂)·g²``
+  (``m₀ = v₀ = 0``), ``θ ← θ − lr/(1−β₁ᵗ) · m / (√v / √(1−β₂ᵗ) + ε)``
+  (``torch.optim.Adam``).
+- ``"adamw"``: Adam with decoupled weight decay, ``θ ← (1 − lr·wd)·θ`` before the
+  moments, and no ``wd·θ`` in ``g`` (``torch.optim.AdamW``).
 """
 
 from __future__ import annotations
@@ -100,12 +108,19 @@ def training_model(
 
 
 SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 @dataclass(frozen=True)
 class TrainingRecipe:
-    """SGD with momentum; minibatches reshuffled every epoch.
+    """SGD with momentum, Adam or AdamW; minibatches reshuffled every epoch.
 
+    ``optimizer``: ``"sgd"`` (uses ``momentum``), ``"adam"`` or ``"adamw"`` (use
+    ``betas`` and ``eps``; ``momentum`` is then unused); the updates are in the module
+    doc. ``weight_decay`` is L2 (added to the gradient) for SGD and Adam, decoupled for
+    AdamW (PyTorch's AdamW default is 0.01; here every optimiser defaults to 0).
     ``schedule``: ``constant`` learning rate, or ``cosine`` annealing to zero over the
     run, ``lr_t = lr · ½ (1 + cos(π t / T))`` at step ``t`` of ``T`` (the paper's released
     code anneals per epoch; per step is the same curve, smoother).
@@ -118,6 +133,9 @@ class TrainingRecipe:
     epochs: int = 100
     seed: int = 0
     schedule: str = "constant"
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = ADAM_BETAS
+    eps: float = ADAM_EPS
 
     def __post_init__(self) -> None:
         check_number("lr", self.lr, low=0, strict_low=True)
@@ -129,6 +147,20 @@ class TrainingRecipe:
         check_int("epochs", self.epochs, low=1)
         check_int("seed", self.seed)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (β₁, β₂), got {self.betas!r}.")
+        for name, b in zip(("betas[0]", "betas[1]"), betas, strict=True):
+            if not check_number(name, b, low=0) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {b}.")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        check_number("eps", self.eps, low=0, strict_low=True)
+        if self.optimizer == "sgd" and (self.betas != ADAM_BETAS or self.eps != ADAM_EPS):
+            raise ValueError(
+                "betas and eps are Adam's settings and do nothing with optimizer='sgd'; "
+                "pass optimizer='adam' or 'adamw', or leave them at their defaults."
+            )
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """The learning rate of optimiser step ``step`` (0-based) of ``total_steps``."""
@@ -137,10 +169,18 @@ class TrainingRecipe:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
 
     def to_dict(self) -> dict:
-        """The fields; ``schedule`` only when not constant (hashes of older stores hold)."""
+        """The fields that determine training, JSON-ready: ``schedule`` only when not
+        constant, ``optimizer``, ``betas`` and ``eps`` only for Adam/AdamW (which drop the
+        unused ``momentum``), so the hashes of older SGD stores hold."""
         d = asdict(self)
         if d["schedule"] == "constant":
             del d["schedule"]
+        if self.optimizer == "sgd":
+            for k in ("optimizer", "betas", "eps"):
+                del d[k]
+        else:
+            del d["momentum"]
+            d["betas"] = list(self.betas)
         return d
 
 
@@ -205,6 +245,34 @@ def sgd_step_(
     return grads
 
 
+def adam_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    recipe: TrainingRecipe,
+    lr: float,
+    step: int,
+) -> None:
+    """One Adam or AdamW update (``recipe.optimizer``) in place, on lists of tensors
+    (stacked over models or flat): ``params`` and the moments ``exp_avg`` (m) and
+    ``exp_avg_sq`` (v) are updated, ``grads`` may be overwritten. ``step`` is ``t``,
+    counting this update from 1. ``torch.optim.Adam``/``AdamW``'s numbers (module doc)."""
+    beta1, beta2 = recipe.betas
+    wd = recipe.weight_decay
+    if wd and recipe.optimizer == "adamw":
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    elif wd:
+        torch._foreach_add_(grads, params, alpha=wd)
+    torch._foreach_lerp_(exp_avg, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, (1.0 - beta2**step) ** 0.5)
+    torch._foreach_add_(denom, recipe.eps)
+    torch._foreach_addcdiv_(params, exp_avg, denom, value=-lr / (1.0 - beta1**step))
+
+
 def train(
     model: nn.Module,
     loss: nn.Module,
@@ -240,6 +308,8 @@ def train(
 
     params = {k: v.detach().clone() for k, v in trainable_parameters(module).items()}
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}
+    adam = recipe.optimizer != "sgd"
+    exp_avg_sq = [torch.zeros_like(v) for v in params.values()] if adam else []
 
     def objective(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return batch_loss(kind, functional_call(module, p, (xb,)), yb)
@@ -254,8 +324,13 @@ def train(
         for b in epoch_batches(indices, recipe.batch_size, generator):
             grads, value = step(params, X[b], y[b])
             total += float(value) * len(b)
-            params, bufs = sgd_step(params, grads, bufs, recipe, recipe.lr_at(t, total_steps))
+            lr = recipe.lr_at(t, total_steps)
             t += 1
+            if adam:
+                g = [grads[k] for k in params]
+                adam_step_(list(params.values()), g, list(bufs.values()), exp_avg_sq, recipe, lr, t)
+            else:
+                params, bufs = sgd_step(params, grads, bufs, recipe, lr)
         losses.append(total / len(indices))
         if not all(bool(torch.isfinite(p).all()) for p in params.values()):
             raise FloatingPointError(
