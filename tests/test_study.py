@@ -170,6 +170,12 @@ def test_results_hold_paired_comparisons_and_seed_noise(tmp_path):
     for r in rows:  # two retrainings: the noise figures exist (for unavailable rungs too)
         assert math.isfinite(r["lds_ceiling"]) and 0.0 <= r["lds_ceiling"] <= 1.0
         assert math.isfinite(r["seed_noise_ratio"]) and r["seed_noise_ratio"] >= 0.0
+    # the report sets another result directory beside this one, per shared rule
+    from curvinf.study.report import write_report
+
+    text = write_report(tmp_path, against=[tmp_path]).read_text()
+    assert "## Protocols side by side" in text and f"### Rule `{label}`" in text
+    assert "over the configurations" in text.lower()
 
 
 def test_seed_noise_warning_only_when_noise_dominates():
@@ -286,3 +292,35 @@ def test_tally_counts_paired_verdicts_per_step_with_fdr_control():
     assert "| 1 | 0 / 1 / 0 | 0 / 0 / 1 | -0.010 |" in lines["ekfac − kfac"]
     q = benjamini_hochberg([0.001, 0.002, 0.5, 0.04, math.nan])
     assert q[:4] == pytest.approx([0.004, 0.004, 0.5, 0.04 * 4 / 3]) and math.isnan(q[4])
+
+
+def test_ladder_order_and_inversions_read_the_paired_tests():
+    """Constructed rows and comparisons: neighbours in LDS order are separated by `>` only
+    where their paired test is significant; an inversion is a coarser rung significantly
+    above a finer one; uncertified rungs are left out."""
+    from curvinf.study.report import inversions, ladder_order
+
+    lds = {"hessian": 0.50, "ggn": 0.49, "block_ggn": 0.40, "ekfac": 0.45, "kfac": 0.30}
+    rows = [{"rung": k, "lds": v, "status": "exact"} for k, v in lds.items()]
+    rows.append({"rung": "diag_ggn", "lds": 0.9, "status": "unconverged"})
+    p = {
+        ("hessian", "ggn"): 0.4,
+        ("ggn", "ekfac"): 0.01,
+        ("ekfac", "block_ggn"): 0.03,
+        ("block_ggn", "kfac"): 0.001,
+        ("hessian", "ekfac"): 0.01,
+        ("hessian", "block_ggn"): 0.0,
+        ("hessian", "kfac"): 0.0,
+        ("ggn", "block_ggn"): 0.0,
+        ("ggn", "kfac"): 0.0,
+        ("ekfac", "kfac"): 0.0,
+    }
+    comps = [
+        {"rung_a": b, "rung_b": a, "difference": lds[b] - lds[a], "p_value": q}
+        for (a, b), q in p.items()
+    ]
+    assert ladder_order(rows, comps) == "H ≈ GGN > EKFAC > BGGN > KFAC"
+    assert inversions(rows, comps) == ["BGGN<EKFAC"]
+    comps[2]["p_value"] = 0.2  # the block-GGN / EK-FAC test no longer significant
+    assert inversions(rows, comps) == []
+    assert ladder_order(rows, comps) == "H ≈ GGN > EKFAC ≈ BGGN > KFAC"

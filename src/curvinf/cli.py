@@ -349,19 +349,28 @@ def reproduce(
 
 
 @app.command()
-def report(out: str = typer.Argument(..., help="result directory of `curvinf reproduce`")) -> None:
+def report(
+    out: str = typer.Argument(..., help="result directory of `curvinf reproduce`"),
+    against: list[str] = typer.Option(
+        [],
+        "--against",
+        help="another result directory (e.g. the other protocol) to set beside this one; "
+        "repeatable",
+    ),
+) -> None:
     """Redraw report.md and its figures from the stored results in OUT."""
     from pathlib import Path
 
     from curvinf.study.report import write_report
 
     with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
-        if not (Path(out) / "results.jsonl").is_file():
-            raise ValueError(
-                f"{out} holds no results.jsonl; run `curvinf reproduce --out {out}` first."
-            )
+        for d in (out, *against):
+            if not (Path(d) / "results.jsonl").is_file():
+                raise ValueError(
+                    f"{d} holds no results.jsonl; run `curvinf reproduce --out {d}` first."
+                )
     with exit_on(FAILED, WORK_ERRORS):
-        print(write_report(out))
+        print(write_report(out, against=against))
 
 
 @app.command("sweep-regularization")

@@ -27,7 +27,7 @@ from typing import Any
 
 from scipy.stats import false_discovery_control
 
-from curvinf.names import LADDER_STEPS, METHODS, RUNG_COLORS
+from curvinf.names import LADDER, LADDER_STEPS, METHODS, RUNG_COLORS
 from curvinf.storage import atomic_write, read_blob, read_json
 from curvinf.study.tables import read_table
 
@@ -511,6 +511,80 @@ def tally_table(comparisons: list[dict], reg: str, level: float = 0.05) -> str:
     )
 
 
+SHORT = {"hessian": "H", "ggn": "GGN", "block_ggn": "BGGN", "ekfac": "EKFAC", "kfac": "KFAC"}
+
+
+def _paired(comps: list[dict], a: str, b: str) -> tuple[float, float] | None:
+    """``(LDS(a) − LDS(b), p-value)`` of one configuration's comparisons, or ``None``."""
+    for c in comps:
+        if (c["rung_a"], c["rung_b"]) == (a, b) and _finite(c.get("difference")):
+            return c["difference"], c["p_value"]
+        if (c["rung_a"], c["rung_b"]) == (b, a) and _finite(c.get("difference")):
+            return -c["difference"], c["p_value"]
+    return None
+
+
+def ladder_order(rows: list[dict], comps: list[dict], level: float = 0.05) -> str:
+    """One configuration's certified rungs by LDS, best first: ``>`` where the paired
+    difference of neighbours is significant at ``level``, ``≈`` where it is not."""
+    ranked = sorted(
+        (r for r in rows if _certified(r) and _finite(r["lds"])), key=lambda r: -r["lds"]
+    )
+    out = SHORT.get(ranked[0]["rung"], ranked[0]["rung"]) if ranked else "–"
+    for hi, lo in zip(ranked, ranked[1:], strict=False):
+        pair = _paired(comps, hi["rung"], lo["rung"])
+        sep = " > " if pair is not None and pair[1] < level else " ≈ "
+        out += sep + SHORT.get(lo["rung"], lo["rung"])
+    return out
+
+
+def inversions(rows: list[dict], comps: list[dict], level: float = 0.05) -> list[str]:
+    """The pairs of certified ladder rungs where the coarser one has a significantly higher
+    LDS (paired test at ``level``): ``"EKFAC<KFAC"`` and so on; empty when the
+    configuration agrees with the paper's ordering."""
+    have = [r["rung"] for r in rows if _certified(r) and _finite(r["lds"])]
+    chain = [r for r in LADDER if r in have]
+    out = []
+    for i, fine in enumerate(chain):
+        for coarse in chain[i + 1 :]:
+            pair = _paired(comps, fine, coarse)
+            if pair is not None and pair[0] < 0 and pair[1] < level:
+                out.append(f"{SHORT[fine]}<{SHORT[coarse]}")
+    return out
+
+
+def protocol_table(results: dict[str, tuple[list[dict], list[dict]]], reg: str) -> str:
+    """Markdown: per configuration of the grid, the ladder order (:func:`ladder_order`) under
+    each protocol (``results``: preset name -> (rows, comparisons)) at rule ``reg``, and
+    the significant inversions of the paper's order (:func:`inversions`)."""
+    names = list(results)
+    keys: dict[tuple[int, int, int], None] = {}
+    for rows, _ in results.values():
+        for r in rows:
+            keys[(r["depth"], r["width"], r["epochs"])] = None
+    body = []
+    for d, w, e in sorted(keys):
+        cells = [f"d{d} w{w} e{e}"]
+        for name in names:
+            rows, comps = results[name]
+            sel = [
+                r
+                for r in rows
+                if r["reg"] == reg and (r["depth"], r["width"], r["epochs"]) == (d, w, e)
+            ]
+            if not sel:
+                cells += ["–", "–"]
+                continue
+            cfg = sel[0]["config"]
+            cc = [c for c in comps if c["config"] == cfg and c["reg"] == reg]
+            cells += [ladder_order(sel, cc), ", ".join(inversions(sel, cc)) or "none"]
+        body.append(cells)
+    header = ["configuration"]
+    for name in names:
+        header += [f"`{name}`: order by LDS", f"`{name}`: inversions"]
+    return _table(header, body)
+
+
 def eigenvalue_share_table(rows: list[dict], reg: str) -> str:
     """Markdown: readings of "the Kronecker eigenvalues carry most of the error", per
     configuration: the EK-FAC → K-FAC step's share of the telescoped error gap (inverse,
@@ -660,11 +734,26 @@ def load_diagnostics(out: Path, rows: list[dict]) -> dict[str, dict]:
     return diags
 
 
-def write_report(out: str | Path, *, title: str | None = None) -> Path:
-    """Draw every figure into ``out/figures`` and write ``out/report.md``; return its path."""
-    out = Path(out)
-    rows = read_table(out)
+def _stored(out: Path) -> tuple[list[dict], list[dict]]:
+    """A result directory's rows and paired comparisons."""
     comparisons = read_table(out, "comparisons") if (out / "comparisons.jsonl").exists() else []
+    return read_table(out), comparisons
+
+
+def _preset_name(out: Path) -> str:
+    grid = read_json(out / "grid.json") if (out / "grid.json").exists() else {}
+    return str(grid.get("name", out.name))
+
+
+def write_report(
+    out: str | Path, *, title: str | None = None, against: Sequence[str | Path] = ()
+) -> Path:
+    """Draw every figure into ``out/figures`` and write ``out/report.md``; return its path.
+
+    ``against``: other result directories (e.g. the other protocol's grid) whose ladder
+    orders are set beside this one's, per configuration, for every rule they share."""
+    out = Path(out)
+    rows, comparisons = _stored(out)
     if not rows:
         raise ValueError(f"{out}/results.jsonl has no rows; no configuration has finished yet.")
     grid = read_json(out / "grid.json") if (out / "grid.json").exists() else {}
@@ -748,6 +837,25 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
             eigenvalue_share_table(sub, reg),
             "",
         ]
+    if against:
+        results = {_preset_name(out): (rows, comparisons)}
+        for other in map(Path, against):
+            results[_preset_name(other)] = _stored(other)
+        shared = [
+            g for g in regs if all(any(r["reg"] == g for r in x) for x, _ in results.values())
+        ]
+        lines += [
+            "## Protocols side by side",
+            "",
+            "Rungs by LDS, best first (`>`: paired difference significant at 5%, `≈`: not), "
+            "and the significant inversions of the paper's order Hessian ≥ GGN ≥ block-GGN ≥ "
+            "EK-FAC ≥ K-FAC (`EKFAC<KFAC`: K-FAC's LDS is significantly higher). Each "
+            "protocol has its own models and ground truth, so the protocols are compared "
+            "by their orders, not by paired tests.",
+            "",
+        ]
+        for reg in shared:
+            lines += [f"### Rule `{reg}`", "", protocol_table(results, reg), ""]
     lines += [
         "## Diagnostics",
         "",
@@ -803,6 +911,8 @@ __all__ = [
     "diagnostics_table",
     "eigenvalue_share_table",
     "error_table",
+    "inversions",
+    "ladder_order",
     "lds_table",
     "load_diagnostics",
     "plot_basis_overlap",
@@ -811,6 +921,7 @@ __all__ = [
     "plot_lds_vs_error",
     "plot_off_block_mass",
     "plot_spectra",
+    "protocol_table",
     "shares_table",
     "tally_table",
     "write_report",
