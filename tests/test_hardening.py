@@ -402,10 +402,10 @@ def test_train_float16_model_with_float32_data():
         train(model, CE, X.float(), y, TrainingRecipe(epochs=1))
 
 
-def test_train_sequence_outputs_are_refused():
+def test_train_sequence_outputs_need_one_label_per_position():
     X, y = data()
     model = nn.Sequential(nn.Unflatten(1, (2, 4)), nn.Linear(4, 3)).double()  # (N, 2, 3)
-    with pytest.raises(ValueError, match=r"returned shape \(1, 2, 3\).*Pool or flatten"):
+    with pytest.raises(ValueError, match=r"shape \(N, 2\), one per position"):
         train(model, CE, X, y, TrainingRecipe(epochs=1))
 
 

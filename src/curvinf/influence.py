@@ -26,7 +26,14 @@ from curvinf.params import (
     trainable_parameters,
 )
 from curvinf.progress import progress_bar
-from curvinf.validation import check_choice, check_int, check_model_finite, check_xy
+from curvinf.tracing import check_batch_statistics, traced
+from curvinf.validation import (
+    cast_floating,
+    check_choice,
+    check_int,
+    check_model_finite,
+    check_xy,
+)
 
 
 def per_example_grads(
@@ -41,7 +48,10 @@ def per_example_grads(
 ) -> torch.Tensor:
     """``∇_θ f(z_n)`` for every example: (N, D) in the flat parameter order.
 
-    ``measure="loss"`` gives training-loss gradients ``∇ℓ(z_n)``.
+    ``measure="loss"`` gives training-loss gradients ``∇ℓ(z_n)``. Inputs ``X`` (N, ...) of
+    any shape and dtype (integer token ids stay integer); targets as the loss needs them
+    for the model's outputs (:func:`curvinf.losses.check_targets`: per-position labels
+    (N, *P) for outputs (N, *P, C), the example's loss the mean over its positions).
 
     For models whose parameters all sit in ``nn.Linear`` layers applied once to
     (N, features) inputs, the gradient of layer ``l`` is the outer product
@@ -56,8 +66,11 @@ def per_example_grads(
     check_choice("measure", measure, MEASURES)
     check_int("chunk_size", chunk_size, low=1)
     check_model_finite(model)
-    check_xy(X, y, name="data", model=model)
-    return _gradients(evaluation_copy(model, dtype), kind, measure, X, y, chunk_size)[0]
+    check_batch_statistics(model)
+    out_shape = check_xy(X, y, name="data", model=model)
+    check_targets(kind, out_shape[1:], y)
+    model = evaluation_copy(model, dtype)
+    return _gradients(model, kind, measure, X, y, chunk_size)[0]
 
 
 def _gradients(
@@ -74,7 +87,7 @@ def _gradients(
     structure on the first chunk), ``True``/``False`` reuses an earlier decision."""
     dtype = next(model.parameters()).dtype
     params = {k: v.detach() for k, v in trainable_parameters(model).items()}
-    X = X.to(dtype)
+    X = cast_floating(X, dtype)
     y = y.to(dtype) if kind == "mse" else y
     D = sum(p.numel() for p in params.values())
     out = torch.empty(len(X), D, dtype=dtype)
@@ -92,11 +105,14 @@ def _gradients(
         return example_measure(kind, measure, f, t)
 
     g = vmap(grad(one), in_dims=(None, 0, 0))
-    for a in range(0, len(X), chunk_size):
-        gd = g(params, X[a : a + chunk_size], y[a : a + chunk_size])
-        torch.cat(
-            [t.reshape(t.shape[0], -1) for t in gd.values()], dim=1, out=out[a : a + chunk_size]
-        )
+    with traced(model, "per-example gradients"):
+        for a in range(0, len(X), chunk_size):
+            gd = g(params, X[a : a + chunk_size], y[a : a + chunk_size])
+            torch.cat(
+                [t.reshape(t.shape[0], -1) for t in gd.values()],
+                dim=1,
+                out=out[a : a + chunk_size],
+            )
     return out, False
 
 
@@ -163,12 +179,13 @@ def influence_scores(
     check_int("chunk_size", chunk_size, low=1)
     check_model_finite(model)
     (Xt, yt), (Xq, yq) = train, query
+    check_batch_statistics(model)
     check_xy(Xt, yt, name="train", model=model)
-    out_features = check_xy(Xq, yq, name="query", model=model)[1]
+    out_shape = check_xy(Xq, yq, name="query", model=model)[1:]
     check_fitted_on(inv, model)
     model = evaluation_copy(model, torch.float64)
-    check_targets(kind, out_features, yt, "train y")
-    check_targets(kind, out_features, yq, "query y")
+    check_targets(kind, out_shape, yt, "train y")
+    check_targets(kind, out_shape, yq, "query y")
     fast_route: list[bool | None] = [None]
 
     def gradients(X: torch.Tensor, y: torch.Tensor, f: str) -> torch.Tensor:

@@ -68,7 +68,8 @@ def training_model(
     and measures the model's eval-mode function; Dropout off, BatchNorm on its running
     statistics), with a warning if that differs from the mode the model was passed in.
     Raised here, with what to do: no trainable parameters, parameters of another dtype
-    than ``X``, outputs that are not (N, outputs), targets that do not fit the outputs.
+    than floating ``X``, targets that do not fit the outputs (per-position outputs
+    (N, *P, C) take labels (N, *P): :func:`curvinf.losses.check_targets`).
     """
     kind = check_loss(loss)
     check_model_finite(model)
@@ -87,13 +88,7 @@ def training_model(
         )
     check_xy(X, y, name="training data")
     out_shape = check_model_input(model, X, name="training data")
-    if len(out_shape) != 2:
-        raise ValueError(
-            f"the model must map (N, features...) to (N, outputs); it returned shape "
-            f"{tuple(out_shape)} for one example. Pool or flatten the extra dimensions "
-            "inside the model (e.g. a sequence model: pool over positions before the head)."
-        )
-    check_targets(kind, out_shape[1], y)
+    check_targets(kind, out_shape[1:], y)
     moded = mode_dependent_modules(model)
     if moded:
         warnings.warn(

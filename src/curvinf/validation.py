@@ -75,7 +75,19 @@ def check_model_input(model: nn.Module, X: torch.Tensor, *, name: str = "data") 
             f"the model must return one tensor of outputs, got {type(out).__name__}; wrap it "
             "so that forward returns the logits / predictions (N, outputs)."
         )
+    if out.ndim == 0 or out.shape[0] != 1:
+        raise ValueError(
+            f"the model must keep the examples as the first dimension of its output: one "
+            f"example of shape {tuple(x.shape)} gave outputs of shape {tuple(out.shape)}, "
+            "expected (1, ...)."
+        )
     return out.shape
+
+
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype`` if it is floating point; integer and boolean inputs (token
+    ids for ``nn.Embedding``, masks) are returned unchanged."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -105,7 +117,9 @@ def check_xy(
 ) -> torch.Size | None:
     """Validate a feature matrix and its targets: types, matching lengths, finiteness.
 
-    ``X``: (N, F) features. ``y``: (N,) integer classes or (N, C) float targets.
+    ``X``: (N, ...) inputs of any shape and dtype. ``y``: integer classes or float targets
+    (their shape is checked against the model's output by
+    :func:`curvinf.losses.check_targets`).
     With ``model``, also run it on one example (:func:`check_model_input`) and return
     its output shape (1, ...); ``None`` without a model.
     """
@@ -115,8 +129,9 @@ def check_xy(
     check_device(f"{name} targets y", y)
     if X.ndim < 2:
         raise ValueError(
-            f"{name} features X must have shape (N, features...), got {tuple(X.shape)}; "
-            "use X.reshape(len(X), -1) or X[None] for a single example."
+            f"{name} features X must have shape (N, ...) with at least one dimension per "
+            f"example (features, tokens, channels), got {tuple(X.shape)}; use X[:, None] for "
+            "one feature or token per example, or X[None] for a single example."
         )
     if len(X) != len(y):
         raise ValueError(

@@ -99,9 +99,13 @@ def fit_curvature(
 
     Args:
         method: one of :data:`METHODS`.
-        model: a module mapping (N, F) to (N, C); fitted on a float64 copy.
-        loss: ``nn.CrossEntropyLoss()`` (``y``: (N,) int) or ``nn.MSELoss()``
-            (``y``: (N, C) float), mean reduction.
+        model: a module mapping inputs ``X`` (N, ...) of any shape and dtype (integer
+            token ids stay integer) to outputs (N, C), per-position outputs (N, *P, C)
+            (cross-entropy, classes last) or any shape (MSE); fitted on a float64 copy.
+            Generic routes need a model ``torch.func`` can trace (:mod:`curvinf.tracing`).
+        loss: ``nn.CrossEntropyLoss()`` (``y``: (N,) or (N, *P) int labels; an example's
+            loss is the mean over its positions) or ``nn.MSELoss()`` (``y``: float, the
+            output's shape; mean over every entry), mean reduction.
         settings, options: the fit options, :class:`FitSettings` (``fisher``,
             ``mc_samples``, ``seed``, ``partition``, ``kfac_variant``, ``chunk_size``,
             ``max_dense_bytes``, ``progress``), as one object and/or keywords

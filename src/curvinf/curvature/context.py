@@ -1,5 +1,10 @@
 """What every rung's fitting needs: a float64 copy of the model, the data, the loss.
 
+Inputs may have any shape and dtype: floating inputs are copied to the fit's dtype,
+integer inputs (token ids for ``nn.Embedding``) stay integer. Outputs are ``(N, C)``,
+per-position ``(N, *P, C)`` for cross-entropy, or any shape for MSE
+(:mod:`curvinf.losses`); output-space roots are over the flattened outputs.
+
 :class:`FitContext` validates the inputs once and offers the functional
 pieces that the rungs share: the model as a function of (a subset of) its
 parameters, output-space square roots, and per-example pseudo-gradients.
@@ -24,7 +29,15 @@ from curvinf.params import (
     param_blocks,
     trainable_parameters,
 )
-from curvinf.validation import check_choice, check_int, check_model_finite, check_number, check_xy
+from curvinf.tracing import check_batch_statistics, traced
+from curvinf.validation import (
+    cast_floating,
+    check_choice,
+    check_int,
+    check_model_finite,
+    check_number,
+    check_xy,
+)
 
 KFAC_VARIANTS = ("expand", "reduce")
 BIAS_LAYOUTS = ("joint", "separate")
@@ -135,17 +148,18 @@ class FitContext:
                 "model has no trainable parameters (none, or all with requires_grad=False); "
                 "there is no curvature to fit."
             )
+        check_batch_statistics(model)
         out_shape = check_xy(X, y, name="training data", model=model)
-        if len(out_shape) != 2:
-            raise ValueError(
-                f"the model must map (N, features) to (N, outputs); it returned shape "
-                f"{tuple(out_shape)} for one example."
-            )
         model64 = evaluation_copy(model, dtype)
-        X = X.to(dtype)
+        X = cast_floating(X, dtype)
         y = y.to(dtype) if kind == "mse" else y
-        check_targets(kind, out_shape[1], y)
+        check_targets(kind, out_shape[1:], y)
         return cls(model64, kind, X, y, settings)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the model copy's (floating inputs are in it too)."""
+        return next(iter(self.params.values())).dtype
 
     @property
     def num_params(self) -> int:
@@ -192,8 +206,9 @@ class FitContext:
     ) -> torch.Tensor:
         """Rows ``J_nᵀ Q_n[:, k]`` for a chunk: (n, K, D), flat parameter order.
 
-        ``Q`` (n, C, K): the output-space roots to use; drawn with ``generator``
-        by :func:`~curvinf.losses.output_sqrt` when ``None``.
+        ``J_n`` (F, D) is the Jacobian of example ``n``'s flattened output. ``Q`` (n, F, K):
+        the output-space roots to use; drawn with ``generator`` by
+        :func:`~curvinf.losses.output_sqrt` when ``None``.
         """
         names = tuple(self.params)
         f, theta = self.outputs_fn(names)
@@ -210,7 +225,8 @@ class FitContext:
             )
 
         def one(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-            _, pullback = vjp(lambda t: f(t, x[None])[0], theta)
-            return vmap(lambda c: pullback(c)[0])(q.T)
+            out, pullback = vjp(lambda t: f(t, x[None])[0], theta)
+            return vmap(lambda c: pullback(c.reshape(out.shape))[0])(q.T)
 
-        return vmap(one)(xb, Q)
+        with traced(self.model, "the GGN (per-example pseudo-gradients)"):
+            return vmap(one)(xb, Q)

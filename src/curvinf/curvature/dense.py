@@ -29,6 +29,7 @@ from curvinf.curvature.operators import (
 from curvinf.losses import batch_loss
 from curvinf.params import ParamBlock
 from curvinf.progress import progress_bar
+from curvinf.tracing import traced
 from curvinf.validation import check_dense_budget
 
 
@@ -90,7 +91,10 @@ def hessian_blocks(
     if fast is not None:
         return fast
     out = []
-    with progress_bar(sum(b.size for b in blocks), "Hessian columns", ctx.progress) as advance:
+    with (
+        traced(ctx.model, "the Hessian (Hessian-vector products)"),
+        progress_bar(sum(b.size for b in blocks), "Hessian columns", ctx.progress) as advance,
+    ):
         for block in blocks:
             f, theta = ctx.outputs_fn(block.names)
             H = torch.zeros(block.size, block.size, dtype=torch.float64)

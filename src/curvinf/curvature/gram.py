@@ -2,8 +2,9 @@
 
 A GGN-type rung is ``G = MᵀM`` with pseudo-gradient rows
 ``M[(n, k)] = N^{-1/2} (J_nᵀ Q_n[:, k])ᵀ`` — ``R = N·K`` rows, ``D`` columns, ``Q_n``
-(C, K) an output-space root of the ``fisher`` (directions that are zero for every
-example are dropped: ``K = C - 1`` for ``type2`` cross-entropy). The non-zero
+(F, K) an output-space root of the ``fisher`` over the ``F`` entries of an example's
+flattened output (directions that are zero for every example are dropped: ``K = C - 1``
+for ``type2`` cross-entropy, ``K = T (C - 1)`` for per-position outputs (T, C)). The non-zero
 eigenvalues of ``G`` are those of the Gram matrix ``Γ = MMᵀ`` (R, R); with
 ``Γ = U diag(s) Uᵀ`` the eigenvectors of ``G`` are ``Mᵀ U s^{-1/2}``. So the
 :class:`~curvinf.curvature.regularization.Regularization` rule ``φ`` (``φ(λ) =
@@ -62,7 +63,7 @@ from curvinf.curvature.regularization import Regularization
 from curvinf.losses import output_grad
 from curvinf.params import ParamBlock
 from curvinf.progress import announce, progress_bar
-from curvinf.validation import format_bytes
+from curvinf.validation import cast_floating, format_bytes
 
 ANNOUNCE_ROWS = 3000  # announce an eigh of a Gram matrix at least this large
 EIGH_FLOPS = 3e10  # rough float64 eigh rate on this class of machine (flop/s)
@@ -226,7 +227,7 @@ def train_coefficients(ctx: FitContext, Q: torch.Tensor) -> torch.Tensor | None:
     gradient leaves the range of its root (``fisher="mc"``)."""
     with torch.no_grad():
         f = torch.cat([ctx.model(xb) for xb, _ in ctx.chunks()])
-    r = output_grad(ctx.loss_kind, f, ctx.y)  # (N, C)
+    r = output_grad(ctx.loss_kind, f, ctx.y)  # (N, F)
     sq = (Q * Q).sum(1)  # (N, K): squared column norms (columns orthogonal)
     proj = (Q * r[:, :, None]).sum(1)
     c = torch.where(sq > 0, proj / sq.clamp_min(1e-300), torch.zeros_like(proj))
@@ -260,7 +261,7 @@ class GramInverse(InverseOperator):
                 "preconditioner='ggn')."
             )
         ctx: FitContext = curvature.ctx  # type: ignore[attr-defined]
-        if ctx.X.dtype != torch.float64:
+        if ctx.dtype != torch.float64:
             raise ValueError(
                 "solver=Gram() computes in float64; build the rung with "
                 "matrix_free(..., dtype=torch.float64)."
@@ -433,7 +434,9 @@ class GramInverse(InverseOperator):
     def pairwise_scores(self, task: ScoringTask) -> torch.Tensor | None:
         """Scores by (2) when the training set is the curvature's own (not for ``mc``)."""
         Xt, yt = task.train
-        if Xt.shape != self.ctx.X.shape or not torch.equal(Xt.to(torch.float64), self.ctx.X):
+        if Xt.shape != self.ctx.X.shape or not torch.equal(
+            cast_floating(Xt, torch.float64), self.ctx.X
+        ):
             return None
         if not torch.equal(yt.to(self.ctx.y.dtype), self.ctx.y):
             return None

@@ -57,7 +57,7 @@ from curvinf.curvature.operators import (
 )
 from curvinf.curvature.regularization import Regularization
 from curvinf.progress import progress_bar
-from curvinf.validation import check_choice
+from curvinf.validation import cast_floating, check_choice
 
 
 @dataclass
@@ -247,7 +247,7 @@ def kronecker_pairwise_scores(
     """
     kind, model = task.loss_kind, task.model
     (Xt, yt), (Xq, yq) = task.train, task.query
-    Xq, Xt = Xq.to(torch.float64), Xt.to(torch.float64)
+    Xq, Xt = cast_floating(Xq, torch.float64), cast_floating(Xt, torch.float64)
     yq, yt = (yq.to(torch.float64), yt.to(torch.float64)) if kind == "mse" else (yq, yt)
     fq = measure_factors(model, kind, task.measure, Xq, yq)
     if fq is None:

@@ -139,8 +139,8 @@ def capture_layer_factors(
 ) -> Captures:
     """Per-layer factors of per-example gradients for one forward pass over ``X``.
 
-    ``cotangents(f)`` maps the outputs ``f`` (n, C) to output-space vectors
-    ``R`` (n, C, K). Returns per layer ``ã`` (n, T, in+1) and
+    ``cotangents(f)`` maps the outputs ``f`` (n, *out) to output-space vectors
+    ``R`` (n, F, K) over the flattened outputs. Returns per layer ``ã`` (n, T, in+1) and
     ``s`` (n, K, T, out), the backpropagation of each column ``R[:, :, k]`` to the
     layer's output, so that ``Σ_t s_nkt ã_ntᵀ = ∂(f_n · R_nk)/∂[W | b]``.
 
@@ -183,7 +183,9 @@ def capture_layer_factors(
             R = cotangents(f.detach())
             zs = [outputs[i] for i in range(len(adapters))]
             per_k = [
-                torch.autograd.grad(f, zs, grad_outputs=R[:, :, k], retain_graph=True)
+                torch.autograd.grad(
+                    f, zs, grad_outputs=R[:, :, k].reshape(f.shape), retain_graph=True
+                )
                 for k in range(R.shape[2])
             ]
             a_tilde = [ad.inputs(inputs[i]) for i, ad in enumerate(adapters)]
@@ -341,7 +343,7 @@ def measure_factors(
 
     def measure_grad(f: torch.Tensor) -> torch.Tensor:
         r = vmap(grad(lambda fn, t: example_measure(kind, measure, fn, t)))(f, y)
-        return r[:, :, None]
+        return r.reshape(len(r), -1, 1)
 
     try:
         caps = capture_layer_factors(model, adapters, X, measure_grad, verify=verify)

@@ -6,9 +6,10 @@ chunks of ``chunk_size`` examples:
 - Hessian: ``V ↦ V H``, ``H = ∇²_θ L``, ``L = 1/N Σ_n ℓ_n``. Per chunk ``c`` the
   forward-over-reverse product ``jvp(∇_θ L_c, θ; v)``, weighted by ``|c| / N``.
 - GGN: ``V ↦ V G``, ``G = 1/N Σ_n J_nᵀ Q_n Q_nᵀ J_n`` with ``J_n = ∂f(x_n)/∂θ``
-  (C, D) and the output-space square roots ``Q_n`` (C, K_f) of
-  :func:`curvinf.losses.output_sqrt` (``fisher``: type2, mc, empirical). Per
-  chunk: ``u = J v`` (``jvp``, (n, C)), ``w = Q Qᵀ u``, ``Jᵀ w`` (``vjp``).
+  (F, D) (``F`` entries of one example's flattened output) and the output-space
+  square roots ``Q_n`` (F, K_f) of :func:`curvinf.losses.output_sqrt` (``fisher``:
+  type2, mc, empirical). Per chunk: ``u = J v`` (``jvp``, (n, F)), ``w = Q Qᵀ u``,
+  ``Jᵀ w`` (``vjp``).
   ``Q`` is drawn once, with the fit's seeded generator in the fit's chunk
   order, so ``fisher="mc"`` uses the same samples as the dense rung.
 - Block-diagonal versions (``block_hessian``, ``block_ggn``): the same
@@ -45,6 +46,7 @@ from curvinf.curvature.operators import (
 from curvinf.losses import batch_loss, output_sqrt
 from curvinf.names import MATRIX_FREE_METHODS
 from curvinf.params import ParamBlock, model_fingerprint
+from curvinf.tracing import traced
 from curvinf.validation import check_choice, check_dense_budget, check_int
 
 
@@ -83,7 +85,7 @@ class MatrixFreeCurvature(Curvature):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.ctx.X.dtype
+        return self.ctx.dtype
 
     def matvec(self, V: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of ``V`` (K, D) (or a (D,) vector) times ``C`` -> float64, same shape.
@@ -111,6 +113,10 @@ class MatrixFreeCurvature(Curvature):
 
     def _block_product(self, block: ParamBlock, V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``V C_b`` for one block: ``V`` (K, d_b) in the context dtype -> (K, d_b)."""
+        with traced(self.ctx.model, f"{self.method} products"):
+            return self._products(block, V, idx)
+
+    def _products(self, block: ParamBlock, V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         f, theta = self.ctx.outputs_fn(block.names)
         kind = self.ctx.loss_kind
         acc = torch.zeros(V.shape, dtype=torch.float64)
@@ -121,15 +127,16 @@ class MatrixFreeCurvature(Curvature):
                 part = vmap(lambda v, g=g: jvp(g, (theta,), (v,))[1])(V)
                 acc += (len(rows) / len(idx)) * part.to(torch.float64)
             else:
-                Q = self.output_roots[rows]  # (n, C, K_f)
+                Q = self.output_roots[rows]  # (n, F, K_f)
 
                 def fx(t: torch.Tensor, xb: torch.Tensor = xb) -> torch.Tensor:
                     return f(t, xb)
 
-                JV = vmap(lambda v, fx=fx: jvp(fx, (theta,), (v,))[1])(V)  # (K, n, C)
+                JV = vmap(lambda v, fx=fx: jvp(fx, (theta,), (v,))[1])(V)  # (K, n, *out)
+                JV = JV.reshape(len(V), len(rows), -1)  # (K, n, F)
                 W = torch.einsum("nck,Knk->Knc", Q, torch.einsum("nck,Knc->Knk", Q, JV))
-                _, pullback = vjp(fx, theta)
-                part = vmap(lambda w, pb=pullback: pb(w)[0])(W)
+                out, pullback = vjp(fx, theta)
+                part = vmap(lambda w, pb=pullback, s=out.shape: pb(w.reshape(s))[0])(W)
                 acc += part.to(torch.float64) / len(idx)
         return acc
 
@@ -155,7 +162,7 @@ class MatrixFreeCurvature(Curvature):
 
 
 def output_roots(ctx: FitContext) -> torch.Tensor:
-    """``Q_n`` (N, C, K_f) for every training example, drawn like the dense GGN fit."""
+    """``Q_n`` (N, F, K_f) for every training example, drawn like the dense GGN fit."""
     f, theta = ctx.outputs_fn(tuple(ctx.params))
     gen = ctx.generator()
     roots = []
