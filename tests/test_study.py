@@ -290,6 +290,8 @@ def test_tally_counts_paired_verdicts_per_step_with_fdr_control():
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     assert "| 3 | 1 / 1 / 1 | 1 / 1 / 1 | +0.050 |" in lines["hessian − ggn"]
     assert "| 1 | 0 / 1 / 0 | 0 / 0 / 1 | -0.010 |" in lines["ekfac − kfac"]
+    no_bootstrap = [dict(c, p_value=None) for c in comps]  # num_bootstrap=0 stores no p
+    assert "| 3 | 0 / 0 / 3 | 0 / 0 / 3 |" in tally_table(no_bootstrap, "r")
     q = benjamini_hochberg([0.001, 0.002, 0.5, 0.04, math.nan])
     assert q[:4] == pytest.approx([0.004, 0.004, 0.5, 0.04 * 4 / 3]) and math.isnan(q[4])
 
@@ -324,3 +326,7 @@ def test_ladder_order_and_inversions_read_the_paired_tests():
     comps[2]["p_value"] = 0.2  # the block-GGN / EK-FAC test no longer significant
     assert inversions(rows, comps) == []
     assert ladder_order(rows, comps) == "H ≈ GGN > EKFAC ≈ BGGN > KFAC"
+    none = [dict(c, p_value=None) for c in comps]
+    assert ladder_order(rows, none) == "H ≈ GGN ≈ EKFAC ≈ BGGN ≈ KFAC" and not inversions(
+        rows, none
+    )

@@ -457,6 +457,11 @@ def comparison_table(comparisons: list[dict], reg: str) -> str:
     return _table(["configuration", *[f"{f} − {t}" for _, f, t in LADDER_STEPS]], body)
 
 
+def _significant(p: Any, level: float) -> bool:
+    """Whether a p-value exists (no bootstrap gives none) and is below ``level``."""
+    return _finite(p) and p < level
+
+
 def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
     """Benjamini–Hochberg adjusted p-values (false discovery rate; SciPy's
     ``false_discovery_control``), in input order; NaN stays NaN and is not counted."""
@@ -485,10 +490,10 @@ def tally_table(comparisons: list[dict], reg: str, level: float = 0.05) -> str:
     body = []
     for _, frm, to, sel in found:
         signed = [(c["difference"] if c["rung_a"] == frm else -c["difference"], c) for c in sel]
-        up = sum(d > 0 and c["p_value"] < level for d, c in signed)
-        down = sum(d < 0 and c["p_value"] < level for d, c in signed)
-        up_bh = sum(d > 0 and adjusted[id(c)] < level for d, c in signed)
-        down_bh = sum(d < 0 and adjusted[id(c)] < level for d, c in signed)
+        up = sum(d > 0 and _significant(c["p_value"], level) for d, c in signed)
+        down = sum(d < 0 and _significant(c["p_value"], level) for d, c in signed)
+        up_bh = sum(d > 0 and _significant(adjusted[id(c)], level) for d, c in signed)
+        down_bh = sum(d < 0 and _significant(adjusted[id(c)], level) for d, c in signed)
         median = statistics.median(d for d, _ in signed) if signed else math.nan
         body.append(
             [
@@ -533,7 +538,7 @@ def ladder_order(rows: list[dict], comps: list[dict], level: float = 0.05) -> st
     out = SHORT.get(ranked[0]["rung"], ranked[0]["rung"]) if ranked else "–"
     for hi, lo in zip(ranked, ranked[1:], strict=False):
         pair = _paired(comps, hi["rung"], lo["rung"])
-        sep = " > " if pair is not None and pair[1] < level else " ≈ "
+        sep = " > " if pair is not None and _significant(pair[1], level) else " ≈ "
         out += sep + SHORT.get(lo["rung"], lo["rung"])
     return out
 
@@ -548,7 +553,7 @@ def inversions(rows: list[dict], comps: list[dict], level: float = 0.05) -> list
     for i, fine in enumerate(chain):
         for coarse in chain[i + 1 :]:
             pair = _paired(comps, fine, coarse)
-            if pair is not None and pair[0] < 0 and pair[1] < level:
+            if pair is not None and pair[0] < 0 and _significant(pair[1], level):
                 out.append(f"{SHORT[fine]}<{SHORT[coarse]}")
     return out
 
