@@ -41,6 +41,7 @@ from curvinf.validation import (
 
 KFAC_VARIANTS = ("expand", "reduce")
 BIAS_LAYOUTS = ("joint", "separate")
+UNCOVERED_POLICIES = ("error", "exact", "diagonal")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,12 @@ class FitSettings:
             ``S ⊗ A`` over ``[W | b]``, ``A`` from the inputs with a trailing 1) or
             ``separate`` (two blocks: ``S ⊗ A`` for ``W`` with ``A = E[a aᵀ]``, and ``S``
             alone for ``b``). Ignored by the other rungs.
+        uncovered: what K-FAC / EK-FAC do with a module's parameters that no layer adapter
+            covers (``nn.Embedding``, ``nn.LayerNorm``, ``nn.MultiheadAttention``'s packed
+            projections, ...): ``error`` (refuse, naming the module), ``exact`` (one exact
+            GGN block per such module) or ``diagonal`` (the GGN diagonal on them); the
+            choice is recorded on the fitted curvature (``uncovered``). Ignored by the
+            other rungs.
         chunk_size: examples per chunk; memory grows linearly with it.
         vector_chunk: vectors per ``vmap`` call of matrix-free products.
         max_dense_bytes: refuse dense matrices above this size (bytes).
@@ -75,6 +82,7 @@ class FitSettings:
     partition: str = "layer"
     kfac_variant: str = "expand"
     bias: str = "joint"
+    uncovered: str = "error"
     chunk_size: int = 256
     vector_chunk: int = 64
     max_dense_bytes: float = DEFAULT_MAX_DENSE_BYTES
@@ -85,6 +93,7 @@ class FitSettings:
         check_choice("partition", self.partition, PARTITIONS)
         check_choice("kfac_variant", self.kfac_variant, KFAC_VARIANTS)
         check_choice("bias", self.bias, BIAS_LAYOUTS)
+        check_choice("uncovered", self.uncovered, UNCOVERED_POLICIES)
         check_int("mc_samples", self.mc_samples, low=1)
         check_int("seed", self.seed)
         check_int("chunk_size", self.chunk_size, low=1)

@@ -41,21 +41,27 @@ from dataclasses import dataclass, field
 import torch
 
 from curvinf.curvature.context import BIAS_LAYOUTS, KFAC_VARIANTS, FitContext
+from curvinf.curvature.dense import ggn_blocks, ggn_diagonal
 from curvinf.curvature.layers import (
+    UNCOVERED_TREATMENT,
     Captures,
     LayerAdapter,
+    factored_layers,
     fit_captures,
-    layer_adapters,
-    measure_factors,
+    layer_coverage,
+    measure_captures,
 )
 from curvinf.curvature.operators import (
     Curvature,
+    DenseEigenBlock,
+    DiagonalEigenBlock,
     EigenBlock,
     InverseCurvature,
     KroneckerEigenBlock,
     ScoringTask,
 )
 from curvinf.curvature.regularization import Regularization
+from curvinf.params import ParamBlock
 from curvinf.progress import progress_bar
 from curvinf.validation import cast_floating, check_choice
 
@@ -121,7 +127,7 @@ CAPTURE_CACHE_BYTES = 256 * 2**20
 
 @dataclass
 class CaptureCache:
-    """The (reduced) captures of every chunk of a K-FAC pass, kept for the EK-FAC pass
+    """The captures of every chunk of a K-FAC pass, kept for the EK-FAC pass
     while they fit ``budget`` bytes; past that it holds nothing and ``overflowed`` is set,
     and the EK-FAC pass recaptures (same samples: the generator restarts from the seed)."""
 
@@ -152,9 +158,11 @@ def kronecker_factors(
     cache: CaptureCache | None = None,
     blocks: list[KroneckerBlock] | None = None,
 ) -> list[LayerFactors]:
-    """``A = 1/(N T) Σ ã ãᵀ`` (over the block's columns) and ``S = 1/N Σ_n Σ_k Σ_t s sᵀ``
-    (its layer's) per block of ``blocks`` (default: one per layer); each chunk's (reduced)
-    captures go to ``cache`` if one is given."""
+    """``A = 1/(N T) Σ_{n,t} ã ãᵀ`` (over the block's columns) and
+    ``S = 1/N Σ_n Σ_k Σ_t s sᵀ`` (its layer's) per block of ``blocks`` (default: one per
+    layer), from the captures as they are (``expand``) or :func:`reduced` over the T
+    positions first (``reduce``, then T = 1); each chunk's captures, as captured, go to
+    ``cache`` if one is given."""
     check_choice("kfac variant", variant, KFAC_VARIANTS)
     blocks = kronecker_blocks(adapters) if blocks is None else blocks
     A: list[torch.Tensor | None] = [None] * len(blocks)
@@ -162,7 +170,8 @@ def kronecker_factors(
     gen = ctx.generator()
     with progress_bar(ctx.n, "K-FAC factors", ctx.progress) as advance:
         for c, (xb, yb) in enumerate(ctx.chunks()):
-            caps = reduced(fit_captures(ctx, adapters, xb, yb, gen, verify=c == 0), variant)
+            full = fit_captures(ctx, adapters, xb, yb, gen, verify=c == 0)
+            caps = reduced(full, variant)
             for i, s in enumerate(caps.grads):
                 s2 = s.reshape(-1, s.shape[-1])
                 S[i] = s2.T @ s2 if S[i] is None else S[i] + s2.T @ s2
@@ -172,7 +181,7 @@ def kronecker_factors(
                 cA = a2.T @ a2 / a.shape[1]
                 A[j] = cA if A[j] is None else A[j] + cA
             if cache is not None:
-                cache.add(caps)
+                cache.add(full)
             advance(len(xb))
     return [
         LayerFactors(blk.name, a / ctx.n, S[blk.layer] / ctx.n)
@@ -184,13 +193,15 @@ def corrected_eigenvalues(
     ctx: FitContext,
     adapters: list[LayerAdapter],
     bases: list[tuple[torch.Tensor, torch.Tensor]],
-    variant: str = "expand",
     cache: CaptureCache | None = None,
     blocks: list[KroneckerBlock] | None = None,
 ) -> list[torch.Tensor]:
     """EK-FAC ``Λ*`` (out, in') per block of ``blocks`` (default: one per layer), ``bases``
     its ``(U_S, U_A)``: mean over examples of the squared gradient in the Kronecker basis,
-    ``Σ_k (U_Sᵀ (Σ_t s_nkt ã_ntᵀ) U_A)²`` with ``ã`` the block's columns.
+    ``Σ_k (U_Sᵀ (Σ_t s_nkt ã_ntᵀ) U_A)²`` with ``ã`` the block's columns: the exact
+    diagonal of the block GGN in that basis. With weight sharing the gradient is the
+    example's own, summed over its T positions, whichever K-FAC variant gave the basis
+    (as curvlinops and kronfluence do): the variants differ in the basis only.
 
     ``cache``: the K-FAC pass's captures; when absent or overflowed they are
     recaptured (same samples: the generator restarts from the seed)."""
@@ -201,7 +212,7 @@ def corrected_eigenvalues(
             return
         gen = ctx.generator()
         for xb, yb in ctx.chunks():
-            yield reduced(fit_captures(ctx, adapters, xb, yb, gen, verify=False), variant)
+            yield fit_captures(ctx, adapters, xb, yb, gen, verify=False)
 
     blocks = kronecker_blocks(adapters) if blocks is None else blocks
     out: list[torch.Tensor | None] = [None] * len(blocks)
@@ -236,10 +247,11 @@ def kronecker_pairwise_scores(
     """All-pairs scores of a K-FAC / EK-FAC inverse without flat per-example gradients.
 
     Per block (a layer, or its weight or bias: :func:`kronecker_blocks`), with
-    ``ŝ = U_Sᵀ s`` and ``â = U_Aᵀ ã`` (the rotated factors of the per-example gradient
-    ``s ãᵀ``, ``ã`` the block's columns) and inverse eigenvalues ``λ⁺`` (out, in'),
+    ``ŝ_t = U_Sᵀ s_t`` and ``â_t = U_Aᵀ ã_t`` (the rotated factors of the per-example
+    gradient ``Σ_t s_t ã_tᵀ``, ``ã`` the block's columns, T positions per example: one
+    without weight sharing) and inverse eigenvalues ``λ⁺`` (out, in'),
 
-        score[q, n] = Σ_blocks Σ_{o,i} λ⁺[o,i] ŝ_q[o] â_q[i] ŝ_n[o] â_n[i],
+        Ĝ_n = Σ_t ŝ_n,t â_n,tᵀ,   score[q, n] = Σ_blocks Σ_{o,i} λ⁺[o,i] Ĝ_q[o,i] Ĝ_n[o,i],
 
     one GEMM (Q, out·in') x (out·in', n) per block: the flops of ``G_q C⁺ G_trᵀ``
     without forming, rotating back or reordering gradients. ``None`` if the model
@@ -249,33 +261,39 @@ def kronecker_pairwise_scores(
     (Xt, yt), (Xq, yq) = task.train, task.query
     Xq, Xt = cast_floating(Xq, torch.float64), cast_floating(Xt, torch.float64)
     yq, yt = (yq.to(torch.float64), yt.to(torch.float64)) if kind == "mse" else (yq, yt)
-    fq = measure_factors(model, kind, task.measure, Xq, yq)
-    if fq is None:
+    adapters = factored_layers(model, "Kronecker scores")
+    if adapters is None:
         return None
-    layout = _match_blocks(blocks, fq[0])
+    cq = measure_captures(model, adapters, kind, task.measure, Xq, yq)
+    if cq is None:
+        return None
+    layout = _match_blocks(blocks, adapters)
     if layout is None:
         return None
 
-    def rotated(
-        f: tuple[list[torch.Tensor], list[torch.Tensor]], kb: KroneckerBlock, b: KroneckerEigenBlock
-    ) -> torch.Tensor:
-        a, s = kb.columns(f[0][kb.layer]), f[1][kb.layer]
-        return ((s @ b.U_out)[:, :, None] * (a @ b.U_in)[:, None, :]).reshape(len(a), -1)
+    def rotated(caps: Captures, kb: KroneckerBlock, b: KroneckerEigenBlock) -> torch.Tensor:
+        a, s = kb.columns(caps.inputs[kb.layer]), caps.grads[kb.layer][:, 0]  # (n, T, ·)
+        if a.shape[1] == 1:
+            G = (s[:, 0] @ b.U_out)[:, :, None] * (a[:, 0] @ b.U_in)[:, None, :]
+        else:
+            G = torch.einsum("nto,nti->noi", s @ b.U_out, a @ b.U_in)
+        return G.reshape(len(a), -1)
 
     pre = [
-        rotated(fq[1:], kb, b) * lam.reshape(1, -1)
+        rotated(cq, kb, b) * lam.reshape(1, -1)
         for b, kb, lam in zip(blocks, layout, inv_evals, strict=True)
     ]
     scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64)
     step = task.chunk_size
     for a in range(0, len(Xt), step):
-        ft = measure_factors(model, kind, "loss", Xt[a : a + step], yt[a : a + step], verify=a == 0)
-        if ft is None:
+        xb, yb = Xt[a : a + step], yt[a : a + step]
+        ct = measure_captures(model, adapters, kind, "loss", xb, yb, verify=a == 0)
+        if ct is None:
             return None
         out = scores[:, a : a + step]
         for b, kb, P in zip(blocks, layout, pre, strict=True):
-            out.addmm_(P, rotated(ft[1:], kb, b).T)
-        task.advance(len(ft[1][0]))
+            out.addmm_(P, rotated(ct, kb, b).T)
+        task.advance(len(xb))
     return scores
 
 
@@ -316,6 +334,9 @@ class KroneckerCurvature(Curvature):
 
     ``kblocks``: the Kronecker blocks (default one per layer, :func:`kronecker_blocks`);
     ``factors``, ``bases`` and ``corrected_evals`` hold one entry per block.
+    ``extra``: eigen blocks of the parameters no adapter covers (``FitSettings.uncovered``),
+    recorded in ``uncovered`` (block name -> ``"exact GGN block"`` / ``"GGN diagonal"``);
+    ``variant``: the K-FAC variant the factors were fitted with.
     """
 
     def __init__(
@@ -328,6 +349,10 @@ class KroneckerCurvature(Curvature):
         corrected_evals: list[torch.Tensor] | None = None,
         bases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
         kblocks: list[KroneckerBlock] | None = None,
+        *,
+        variant: str = "expand",
+        extra: list[EigenBlock] | None = None,
+        uncovered: dict[str, str] | None = None,
     ) -> None:
         super().__init__(method, num_params, max_dense_bytes)
         self.adapters = adapters
@@ -335,6 +360,9 @@ class KroneckerCurvature(Curvature):
         self.factors = factors
         self.bases = bases if bases is not None else factor_eigendecompositions(factors)
         self.corrected_evals = corrected_evals
+        self.variant = variant
+        self.extra = extra or []
+        self.uncovered = uncovered or {}
 
     def eigen_inverse(
         self, blocks: list[EigenBlock], inv_evals: list[torch.Tensor], reg: Regularization
@@ -350,7 +378,7 @@ class KroneckerCurvature(Curvature):
                 else lS[:, None] * lA[None, :]
             )
             blocks.append(GemmKroneckerEigenBlock(kb.index, U_S, U_A, evals, kb.has_bias))
-        return blocks
+        return blocks + self.extra
 
 
 def factor_eigendecompositions(
@@ -365,20 +393,51 @@ def factor_eigendecompositions(
     return out
 
 
+def uncovered_blocks(ctx: FitContext, rest: list[ParamBlock], policy: str) -> list[EigenBlock]:
+    """Eigen blocks of the parameters no adapter covers: per block of ``rest`` the exact GGN
+    block ``1/N M[:, b]ᵀ M[:, b]`` (``policy="exact"``) or the GGN diagonal ``1/N Σ M[:, b]²``
+    (``"diagonal"``), ``M`` the pseudo-gradients of the fit's ``fisher``."""
+    if not rest:
+        return []
+    if policy == "diagonal":
+        diag = ggn_diagonal(ctx)
+        return [DiagonalEigenBlock(b.index, diag[b.index]) for b in rest]
+    out: list[EigenBlock] = []
+    for block, C in ggn_blocks(ctx, rest):
+        evals, U = torch.linalg.eigh(C)
+        out.append(DenseEigenBlock(block.index, U, evals))
+    return out
+
+
 def fit_kronecker(
     ctx: FitContext, method: str, max_dense_bytes: float, variant: str = "expand"
 ) -> KroneckerCurvature:
     """Fit K-FAC (``method="kfac"``) or EK-FAC (``"ekfac"``): factors, bases, corrections,
-    with the bias layout ``ctx.settings.bias``."""
-    adapters = layer_adapters(ctx.model, method)
+    with the bias layout ``ctx.settings.bias``; the parameters no adapter covers as
+    ``ctx.settings.uncovered`` says (:func:`uncovered_blocks`)."""
+    policy = ctx.settings.uncovered
+    adapters, rest = layer_coverage(ctx.model, method, policy)
     kblocks = kronecker_blocks(adapters, ctx.settings.bias)
-    cache = CaptureCache() if method == "ekfac" else None
-    factors = kronecker_factors(ctx, adapters, variant, cache, kblocks)
-    bases = factor_eigendecompositions(factors)
+    factors: list[LayerFactors] = []
+    bases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     corrected = None
-    if method == "ekfac":
-        UU = [(U_S, U_A) for _, U_S, _, U_A in bases]
-        corrected = corrected_eigenvalues(ctx, adapters, UU, variant, cache, kblocks)
+    if adapters:
+        cache = CaptureCache() if method == "ekfac" else None
+        factors = kronecker_factors(ctx, adapters, variant, cache, kblocks)
+        bases = factor_eigendecompositions(factors)
+        if method == "ekfac":
+            UU = [(U_S, U_A) for _, U_S, _, U_A in bases]
+            corrected = corrected_eigenvalues(ctx, adapters, UU, cache, kblocks)
     return KroneckerCurvature(
-        method, ctx.num_params, adapters, factors, max_dense_bytes, corrected, bases, kblocks
+        method,
+        ctx.num_params,
+        adapters,
+        factors,
+        max_dense_bytes,
+        corrected,
+        bases,
+        kblocks,
+        variant=variant,
+        extra=uncovered_blocks(ctx, rest, policy),
+        uncovered={b.name: UNCOVERED_TREATMENT[policy] for b in rest},
     )

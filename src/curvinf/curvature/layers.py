@@ -4,10 +4,19 @@ A parameterised layer whose per-example gradient factorises as ``Σ_t s_t ã_t�
 (``ã`` the layer input with a trailing 1 for the bias, ``s`` the gradient with
 respect to the layer output) has a :class:`LayerAdapter`. The adapters, the one
 capture of inputs and output gradients (:func:`capture_layer_factors`, returning
-:class:`Captures`) and the one test of which parameters they cover
-(:func:`linear_layers`) are used by the structured dense routes, the Gram route,
-the Kronecker rungs and the scoring fast paths. A new layer type is one adapter
-class here, registered in :data:`ADAPTERS`, and nothing elsewhere.
+:class:`Captures`) and the tests of which parameters they cover
+(:func:`layer_coverage`, :func:`factored_layers`, :func:`linear_layers`) are used by
+the structured dense routes, the Gram route, the Kronecker rungs and the scoring fast
+paths. A new layer type is one adapter class here, registered in :data:`ADAPTERS`.
+
+Registered: ``nn.Linear`` (inputs (N, ..., in): every leading position after N is one
+of the T positions) and ``nn.Conv2d`` with ``groups=1`` (T = output pixels, ``ã`` the
+unfolded input patches). Weight sharing: a layer called several times in one forward
+pass has the positions of all its calls (:func:`capture_layer_factors`). A module with
+trainable parameters and no adapter (``nn.Embedding``, ``nn.LayerNorm``,
+``nn.MultiheadAttention``, a subclass of a registered type, ``Conv2d`` with groups) is
+refused, or handed back as a :class:`~curvinf.params.ParamBlock` for an exact or a
+diagonal treatment (:func:`layer_coverage`, ``FitSettings.uncovered``).
 
 Every capture can prove the factorisation for the model at hand
 (``verify=True``, :func:`_check_factorisation`), so a route built on it is never
@@ -20,20 +29,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
 from curvinf.curvature.context import FitContext
 from curvinf.losses import example_measure, output_sqrt
-from curvinf.params import count_trainable, param_offsets
+from curvinf.params import ParamBlock, count_trainable, param_offsets
+from curvinf.validation import check_choice
 
 
 class UnfactorableModelError(TypeError):
     """The model's per-layer gradients are not the outer products ``s ãᵀ`` a route assumes."""
-
-
-class SharedLayerError(UnfactorableModelError):
-    """A parameterised layer ran more than once in one forward pass (weight sharing)."""
 
 
 def layer_label(name: str, module: nn.Module) -> str:
@@ -80,6 +87,13 @@ class LayerAdapter:
     def label(self) -> str:
         return layer_label(self.name, self.module)
 
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(out, in)``: the weight as the matrix ``W`` of ``z_t = W a_t (+ b)``, its rows
+        the weight's first dimension, each row flattened row-major."""
+        weight = self.module.weight
+        return weight.shape[0], weight[0].numel()
+
     def inputs(self, a: torch.Tensor) -> torch.Tensor:
         """Layer input -> ``ã`` (N, T, in + has_bias)."""
         raise NotImplementedError
@@ -102,7 +116,61 @@ class LinearAdapter(LayerAdapter):
         return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {nn.Linear: LinearAdapter}
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` with ``groups=1`` on batched (N, C_in, H, W) inputs: any stride,
+    dilation, padding (numbers, ``"valid"``, ``"same"``) and ``padding_mode``.
+
+    The convolution is ``z_t = W ã_t`` over the T = H_out·W_out output positions, with
+    ``ã_t`` the zero- (or mode-) padded input patch under position ``t``, flattened
+    (C_in, kh, kw) row-major like a row of the weight (``F.unfold``'s order), and ``W``
+    the weight (C_out, C_in·kh·kw). ``groups > 1`` (a block-diagonal ``W``) is refused.
+    """
+
+    def __init__(self, name: str, module: nn.Module, offsets: dict[str, tuple[int, int]]) -> None:
+        super().__init__(name, module, offsets)
+        if module.groups != 1:
+            raise UnfactorableModelError(
+                f"{self.label} has groups={module.groups}; per-layer factors support "
+                "Conv2d with groups=1 only. Use method='block_ggn' or 'ggn'."
+            )
+
+    def _pads(self) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` padding of the input, as ``F.pad`` takes it."""
+        m = self.module
+        if m.padding == "valid":
+            return (0, 0, 0, 0)
+        if m.padding == "same":  # PyTorch's split: the extra pixel goes right / bottom
+            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+            (th, tw) = total
+            return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        ph, pw = m.padding
+        return (pw, pw, ph, ph)
+
+    def inputs(self, a: torch.Tensor) -> torch.Tensor:
+        if a.ndim != 4:
+            raise UnfactorableModelError(
+                f"{self.label} is called on a {a.ndim}-D input; per-layer factors need "
+                "batched (N, C, H, W) inputs. Use method='block_ggn' or 'ggn'."
+            )
+        m, pads = self.module, self._pads()
+        if any(pads):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            a = F.pad(a, pads, mode=mode)
+        patches = F.unfold(a, m.kernel_size, dilation=m.dilation, stride=m.stride)
+        patches = patches.transpose(1, 2)  # (N, T, C_in·kh·kw)
+        if self.has_bias:
+            patches = torch.cat([patches, patches.new_ones(*patches.shape[:2], 1)], dim=2)
+        return patches
+
+    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+        return g.flatten(2).transpose(1, 2)
+
+
+ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
+    nn.Linear: LinearAdapter,
+    nn.Conv2d: Conv2dAdapter,
+}
+UNCOVERED_TREATMENT = {"exact": "exact GGN block", "diagonal": "GGN diagonal"}
 
 
 def layer_adapters(model: nn.Module, method: str) -> list[LayerAdapter]:
@@ -110,23 +178,50 @@ def layer_adapters(model: nn.Module, method: str) -> list[LayerAdapter]:
 
     Raises :class:`UnfactorableModelError` (a ``TypeError``) naming any layer the
     per-layer factors cannot describe (unsupported type, custom ``forward`` via a
-    subclass, partly frozen).
+    subclass, partly frozen, a configuration the adapter refuses).
     """
+    return layer_coverage(model, method)[0]
+
+
+def layer_coverage(
+    model: nn.Module, method: str, uncovered: str = "error"
+) -> tuple[list[LayerAdapter], list[ParamBlock]]:
+    """``(adapters, rest)``: an adapter per module owning trainable parameters that an
+    adapter of :data:`ADAPTERS` describes, and one :class:`ParamBlock` per other such
+    module (its own trainable parameters), both in parameter order.
+
+    ``uncovered="error"``: a module no adapter describes raises
+    :class:`UnfactorableModelError` naming it and the alternatives; ``"exact"`` /
+    ``"diagonal"``: it goes to ``rest``, for the caller to treat as the policy says.
+    """
+    check_choice("uncovered", uncovered, ("error", *UNCOVERED_TREATMENT))
     offsets = param_offsets(model)
-    adapters = []
+    adapters: list[LayerAdapter] = []
+    rest: list[ParamBlock] = []
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         cls = ADAPTERS.get(type(module))
-        if cls is None:
-            supported = ", ".join(t.__name__ for t in ADAPTERS)
-            raise UnfactorableModelError(
-                f"{layer_label(name, module)} is not supported by {method}; supported layers: "
-                f"{supported} (exact types, not subclasses). Use method='block_ggn' or 'ggn', "
-                "which work for any differentiable layer."
-            )
-        adapters.append(cls(name, module, offsets))
-    return adapters
+        try:
+            if cls is None:
+                supported = ", ".join(t.__name__ for t in ADAPTERS)
+                raise UnfactorableModelError(
+                    f"{layer_label(name, module)} is not supported by {method}; supported "
+                    f"layers: {supported} (exact types, not subclasses). Use method="
+                    "'block_ggn' or 'ggn', which work for any differentiable layer, or "
+                    "uncovered='exact' or 'diagonal' to give this layer's parameters an exact "
+                    "GGN block or the GGN diagonal."
+                )
+            adapters.append(cls(name, module, offsets))
+        except UnfactorableModelError:
+            if uncovered == "error":
+                raise
+            prefix = f"{name}." if name else ""
+            own = [prefix + n for n, _ in module.named_parameters(recurse=False)]
+            own = [n for n in own if n in offsets]
+            index = torch.cat([torch.arange(*offsets[n]) for n in own])
+            rest.append(ParamBlock(name or "<root>", index, tuple(own)))
+    return adapters, rest
 
 
 def capture_layer_factors(
@@ -144,24 +239,24 @@ def capture_layer_factors(
     ``s`` (n, K, T, out), the backpropagation of each column ``R[:, :, k]`` to the
     layer's output, so that ``Σ_t s_nkt ã_ntᵀ = ∂(f_n · R_nk)/∂[W | b]``.
 
+    Weight sharing: ``T`` counts every position of every call of the layer in the forward
+    pass (a layer called ``c`` times on inputs with ``T_1, ..., T_c`` positions each has
+    ``T = Σ_i T_i``, calls in order), since the gradient of shared weights is the sum over
+    their uses.
+
     ``verify``: prove that identity for this model before trusting it
-    (:func:`_check_factorisation`: every layer ran once, the gradient of a random
-    output direction equals ``Σ s ãᵀ`` layer by layer, and an example's output
-    does not depend on the rest of the batch); routes verify their first chunk.
-    Raises :class:`UnfactorableModelError` (:class:`SharedLayerError` if a layer
-    runs twice) when the model is not what the factors assume.
+    (:func:`_check_factorisation`: every layer ran, the gradient of a random output
+    direction equals ``Σ s ãᵀ`` layer by layer, and an example's output does not depend
+    on the rest of the batch); routes verify their first chunk. Raises
+    :class:`UnfactorableModelError` when the model is not what the factors assume.
     """
-    inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(adapters))}
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(adapters))}
 
     def hook(i: int):
         def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            if i in inputs:
-                raise SharedLayerError(
-                    f"{adapters[i].label} is called more than once per forward pass; "
-                    "shared layers are not supported by K-FAC yet."
-                )
-            inputs[i], outputs[i] = args[0].detach(), out
+            inputs[i].append(args[0].detach())
+            outputs[i].append(out)
 
         return fn
 
@@ -172,7 +267,7 @@ def capture_layer_factors(
             p.requires_grad_(True)
         with torch.enable_grad():
             f = model(X)
-            missing = [ad.label for i, ad in enumerate(adapters) if i not in inputs]
+            missing = [ad.label for i, ad in enumerate(adapters) if not inputs[i]]
             if missing:
                 raise UnfactorableModelError(
                     f"{', '.join(missing)} holds trainable parameters but was not called in the "
@@ -181,16 +276,20 @@ def capture_layer_factors(
                     "gradient. Call the layer as a module, or use method='block_ggn' or 'ggn'."
                 )
             R = cotangents(f.detach())
-            zs = [outputs[i] for i in range(len(adapters))]
+            calls = _Calls([outputs[i] for i in range(len(adapters))])
             per_k = [
-                torch.autograd.grad(
-                    f, zs, grad_outputs=R[:, :, k].reshape(f.shape), retain_graph=True
+                calls.split(
+                    torch.autograd.grad(
+                        f, calls.flat, grad_outputs=R[:, :, k].reshape(f.shape), retain_graph=True
+                    )
                 )
                 for k in range(R.shape[2])
             ]
-            a_tilde = [ad.inputs(inputs[i]) for i, ad in enumerate(adapters)]
+            a_tilde = [
+                torch.cat([ad.inputs(a) for a in inputs[i]], dim=1) for i, ad in enumerate(adapters)
+            ]
             if verify:
-                _check_factorisation(f, zs, adapters, a_tilde)
+                _check_factorisation(f, calls, adapters, a_tilde)
     finally:
         for h in handles:
             h.remove()
@@ -206,9 +305,30 @@ def capture_layer_factors(
                 "per-layer factors assume; use method='block_ggn' or 'ggn'."
             )
     s = [
-        torch.stack([ad.output_grads(g[i]) for g in per_k], dim=1) for i, ad in enumerate(adapters)
+        torch.stack([_positions(ad, gk[i]) for gk in per_k], dim=1) for i, ad in enumerate(adapters)
     ]
     return Captures(a_tilde, s)
+
+
+def _positions(ad: LayerAdapter, grads: list[torch.Tensor]) -> torch.Tensor:
+    """A layer's output gradients of every call -> (n, T, out), calls concatenated."""
+    return torch.cat([ad.output_grads(g) for g in grads], dim=1)
+
+
+class _Calls:
+    """The outputs of every call of every layer, flattened for one ``autograd.grad``."""
+
+    def __init__(self, per_layer: list[list[torch.Tensor]]) -> None:
+        self.per_layer = per_layer
+        self.flat = [z for zs in per_layer for z in zs]
+
+    def split(self, grads: tuple[torch.Tensor, ...]) -> list[list[torch.Tensor]]:
+        """Gradients w.r.t. :attr:`flat` -> per layer, per call."""
+        out, k = [], 0
+        for zs in self.per_layer:
+            out.append(list(grads[k : k + len(zs)]))
+            k += len(zs)
+        return out
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -219,14 +339,14 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check_factorisation(
     f: torch.Tensor,
-    zs: list[torch.Tensor],
+    calls: _Calls,
     adapters: list[LayerAdapter],
     a_tilde: list[torch.Tensor],
 ) -> None:
     """Raise unless ``∂(f · r)/∂[W | b] = Σ_{n,t} s_nt ã_ntᵀ`` per layer for a random ``r``.
 
-    ``s = ∂(f · r)/∂z`` at the layer's captured output. The identity fails when a
-    layer's parameters are also used outside its own call (weight tying with a
+    ``s = ∂(f · r)/∂z`` at the layer's captured outputs (every call). The identity fails
+    when a layer's parameters are also used outside its own calls (weight tying with a
     functional op, a custom ``forward``), which the hooks cannot see.
     """
     gen = torch.Generator().manual_seed(0)
@@ -235,12 +355,12 @@ def _check_factorisation(
     for ad in adapters:
         params += [ad.module.weight] + ([ad.module.bias] if ad.has_bias else [])
     grads = torch.autograd.grad(
-        f, zs + params, grad_outputs=r, retain_graph=True, allow_unused=True
+        f, calls.flat + params, grad_outputs=r, retain_graph=True, allow_unused=True
     )
-    s_r, p_r = grads[: len(zs)], grads[len(zs) :]
+    s_r, p_r = calls.split(grads[: len(calls.flat)]), grads[len(calls.flat) :]
     k = 0
-    for ad, z_grad, a in zip(adapters, s_r, a_tilde, strict=True):
-        g = ad.output_grads(z_grad)  # (n, T, out)
+    for ad, z_grads, a in zip(adapters, s_r, a_tilde, strict=True):
+        g = _positions(ad, z_grads)  # (n, T, out)
         factored = torch.einsum("nto,nti->oi", g, a)  # (out, in')
         true = [
             t if t is not None else torch.zeros_like(p)
@@ -288,21 +408,31 @@ class Captures:
         return [a[:, 0] for a in self.inputs], [s[:, :, 0] for s in self.grads]
 
 
-def linear_layers(model: nn.Module, X: torch.Tensor, purpose: str) -> list[LayerAdapter] | None:
-    """Adapters covering every trainable parameter of ``model``, each layer contiguous in θ,
-    for (N, features) inputs ``X``; ``None`` when the model is not such a network.
+def factored_layers(model: nn.Module, purpose: str) -> list[LayerAdapter] | None:
+    """Adapters covering every trainable parameter of ``model`` (any registered layer type,
+    inputs of any shape); ``None`` when some parameter has no adapter.
 
     The structural half of the proof a factored route needs; the capture's ``verify``
-    is the numerical half (the layers are called once, nothing else uses their weights).
+    is the numerical half (nothing else uses the layers' weights).
     """
-    if X.ndim != 2:
-        return None
     try:
         adapters = layer_adapters(model, purpose)
     except UnfactorableModelError:
         return None
     covered = sum(ad.index.numel() for ad in adapters)
     return adapters if covered == count_trainable(model) else None
+
+
+def linear_layers(model: nn.Module, X: torch.Tensor, purpose: str) -> list[LayerAdapter] | None:
+    """:func:`factored_layers` when every layer is an ``nn.Linear`` (exact type) and ``X``
+    is (N, features): the networks whose routes read ``(out, in)`` off ``weight.shape``
+    and need one position per example; ``None`` otherwise."""
+    if X.ndim != 2:
+        return None
+    adapters = factored_layers(model, purpose)
+    if adapters is None or not all(type(ad) is LinearAdapter for ad in adapters):
+        return None
+    return adapters
 
 
 def fit_captures(
@@ -325,6 +455,30 @@ def fit_captures(
     return capture_layer_factors(ctx.model, adapters, xb, sqrt_columns, verify=verify)
 
 
+def measure_captures(
+    model: nn.Module,
+    adapters: list[LayerAdapter],
+    kind: str,
+    measure: str,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    verify: bool = True,
+) -> Captures | None:
+    """Per-example gradients of the measurement ``f(z_n)`` as layer factors (``K = 1``):
+    per layer ``ã`` (n, T, in') and ``s = ∂f(z_n)/∂z_l`` (n, 1, T, out), the gradient
+    being ``Σ_t s_t ã_tᵀ``; ``None`` for models the factors do not describe."""
+
+    def measure_grad(f: torch.Tensor) -> torch.Tensor:
+        r = vmap(grad(lambda fn, t: example_measure(kind, measure, fn, t)))(f, y)
+        return r.reshape(len(r), -1, 1)
+
+    try:
+        return capture_layer_factors(model, adapters, X, measure_grad, verify=verify)
+    except UnfactorableModelError:
+        return None
+
+
 def measure_factors(
     model: nn.Module,
     kind: str,
@@ -334,22 +488,15 @@ def measure_factors(
     *,
     verify: bool = True,
 ) -> tuple[list[LayerAdapter], list[torch.Tensor], list[torch.Tensor]] | None:
-    """Per-example gradients of the measurement ``f(z_n)`` as layer factors:
-    ``(adapters, ã, s)`` with per layer ``ã`` (n, in') and ``s = ∂f(z_n)/∂z_l`` (n, out),
-    so the layer's gradient is ``s ãᵀ``; ``None`` for models the factors do not describe."""
+    """Per-example gradients of the measurement ``f(z_n)`` of an ``nn.Linear`` network on
+    (N, features) inputs (:func:`linear_layers`) as layer factors: ``(adapters, ã, s)`` with
+    per layer ``ã`` (n, in') and ``s = ∂f(z_n)/∂z_l`` (n, out), so the layer's gradient is
+    ``s ãᵀ``; ``None`` for other models."""
     adapters = linear_layers(model, X, "per-example gradients")
     if adapters is None:
         return None
-
-    def measure_grad(f: torch.Tensor) -> torch.Tensor:
-        r = vmap(grad(lambda fn, t: example_measure(kind, measure, fn, t)))(f, y)
-        return r.reshape(len(r), -1, 1)
-
-    try:
-        caps = capture_layer_factors(model, adapters, X, measure_grad, verify=verify)
-    except UnfactorableModelError:
-        return None
-    if not caps.one_position:
+    caps = measure_captures(model, adapters, kind, measure, X, y, verify=verify)
+    if caps is None or not caps.one_position:
         return None
     a, s = caps.rows()
     return adapters, a, [g[:, 0] for g in s]
