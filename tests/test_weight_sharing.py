@@ -449,3 +449,9 @@ def test_grouped_conv_is_refused_or_treated_as_uncovered():
     assert curv.uncovered == {"0": "exact GGN block"}
     s = module_slices(model)[0]
     assert rel(curv.dense()[s, s], ref_block_ggn(model, CE, X, y)[s, s]) < 1e-10
+
+
+def test_an_exact_uncovered_block_over_the_memory_budget_is_refused():
+    model, X, y = token_case()
+    with pytest.raises(ValueError, match="uncovered='diagonal'"):
+        fit_curvature("kfac", model, CE, X, y, uncovered="exact", max_dense_bytes=100)

@@ -107,9 +107,12 @@ def fit_curvature(
             loss is the mean over its positions) or ``nn.MSELoss()`` (``y``: float, the
             output's shape; mean over every entry), mean reduction.
         settings, options: the fit options, :class:`FitSettings` (``fisher``,
-            ``mc_samples``, ``seed``, ``partition``, ``kfac_variant``, ``chunk_size``,
-            ``max_dense_bytes``, ``progress``), as one object and/or keywords
-            (``fit_curvature("ggn", ..., fisher="mc")``); keywords win.
+            ``mc_samples``, ``seed``, ``partition``, ``kfac_variant`` (``expand`` /
+            ``reduce`` for layers with weight sharing), ``bias``, ``uncovered`` (what
+            K-FAC / EK-FAC do with parameters no layer adapter covers: ``error``,
+            ``exact``, ``diagonal``), ``chunk_size``, ``max_dense_bytes``, ``progress``),
+            as one object and/or keywords (``fit_curvature("ggn", ..., fisher="mc")``);
+            keywords win.
 
     The model is differentiated in eval mode, with respect to its trainable
     parameters (docs/conventions.md); the returned curvature records the model's

@@ -393,12 +393,22 @@ def factor_eigendecompositions(
     return out
 
 
-def uncovered_blocks(ctx: FitContext, rest: list[ParamBlock], policy: str) -> list[EigenBlock]:
+def uncovered_blocks(
+    ctx: FitContext, rest: list[ParamBlock], policy: str, max_dense_bytes: float
+) -> list[EigenBlock]:
     """Eigen blocks of the parameters no adapter covers: per block of ``rest`` the exact GGN
-    block ``1/N M[:, b]ᵀ M[:, b]`` (``policy="exact"``) or the GGN diagonal ``1/N Σ M[:, b]²``
-    (``"diagonal"``), ``M`` the pseudo-gradients of the fit's ``fisher``."""
+    block ``1/N M[:, b]ᵀ M[:, b]`` (``policy="exact"``, each within ``max_dense_bytes``) or
+    the GGN diagonal ``1/N Σ M[:, b]²`` (``"diagonal"``), ``M`` the pseudo-gradients of the
+    fit's ``fisher``."""
     if not rest:
         return []
+    largest = max(rest, key=lambda b: b.size)
+    if policy == "exact" and 8.0 * largest.size**2 > max_dense_bytes:
+        raise ValueError(
+            f"uncovered='exact' gives '{largest.name}' a dense {largest.size} x {largest.size} "
+            f"float64 GGN block, over max_dense_bytes={max_dense_bytes:.3g}; use "
+            "uncovered='diagonal' or raise max_dense_bytes."
+        )
     if policy == "diagonal":
         diag = ggn_diagonal(ctx)
         return [DiagonalEigenBlock(b.index, diag[b.index]) for b in rest]
@@ -438,6 +448,6 @@ def fit_kronecker(
         bases,
         kblocks,
         variant=variant,
-        extra=uncovered_blocks(ctx, rest, policy),
+        extra=uncovered_blocks(ctx, rest, policy, max_dense_bytes),
         uncovered={b.name: UNCOVERED_TREATMENT[policy] for b in rest},
     )
