@@ -146,6 +146,12 @@ def test_matrix_free_routes_match_the_dense_run(tmp_path):
         # inverse-space errors of matrix-free routes are Hutch++ estimates with an SE
         se = f["inverse_error_se"]
         assert abs(f["inverse_error"] - d["inverse_error"]) <= 4 * se + 1e-8
+        # adjacent distances: exact numerators where both rungs have eigen forms, else
+        # Hutch++ on the difference alone, over a once-measured ‖H⁺‖_F
+        for key in ("adjacent_inverse", "adjacent_curvature"):
+            if d["rung"] != "hessian":
+                assert math.isfinite(d[key]) and math.isfinite(f[key]), (d["rung"], key)
+                assert abs(f[key] - d[key]) <= 4 * f[f"{key}_se"] + 1e-8, (d["rung"], key)
     for rung in ("hessian", "ggn", "block_ggn", "kfac"):
         a = read_blob(next((tmp_path / "dense" / "runs").iterdir()) / "rungs" / f"{rung}.pt")
         b = read_blob(next((tmp_path / "free" / "runs").iterdir()) / "rungs" / f"{rung}.pt")

@@ -46,6 +46,7 @@ from curvinf.diagnostics import (
 )
 from curvinf.estimators import (
     distance_estimate,
+    frobenius_estimate,
     off_block_mass_estimate,
     top_block_eigenvectors,
 )
@@ -108,13 +109,43 @@ def _curvature_distance(cache: RungCache, a: str, b: str, seed: int) -> tuple[fl
 
 
 def inverse_distance(cache: RungCache, a: str, b: str, reg, seed: int) -> tuple[float, float, str]:
-    """``(‖C_a⁺ − C_b⁺‖_F / ‖H⁺‖_F, standard error, reason)`` under ``reg``: exact from the
-    eigen forms when all three inverses have one (:func:`eigen_distance`), else Hutch++
-    through ``apply``; NaN with the reason when an inverse is missing or not certified.
-    Measured once per pair and regulariser (``cache.distances``)."""
+    """``(‖C_a⁺ − C_b⁺‖_F / ‖H⁺‖_F, standard error, reason)`` under ``reg``; NaN with the
+    reason when an inverse is missing or not certified. Measured once per pair and
+    regulariser (``cache.distances``).
+
+    - All three inverses in eigen form: exact (:func:`eigen_distance`).
+    - ``b`` the reference: one Hutch++ run on ``C_a⁺ − H⁺`` and ``H⁺`` with shared probes
+      (:func:`distance_estimate`; each probe goes through ``H⁺`` once).
+    - Otherwise the numerator alone: exact when ``C_a⁺`` and ``C_b⁺`` have eigen forms,
+      else Hutch++ on ``C_a⁺ − C_b⁺`` (no product with ``H⁺``, whose solves dominate
+      where it is iterative); divided by ``‖H⁺‖_F`` measured once per regulariser
+      (:func:`reference_inverse_norm`). Standard error by the delta method, the two
+      estimates taken as independent.
+    """
     key = ("inverse", a, b, reg_label(reg))
     if key not in cache.distances:
         cache.distances[key] = _inverse_distance(cache, a, b, reg, seed)
+    return cache.distances[key]  # type: ignore[return-value]
+
+
+def reference_inverse_norm(cache: RungCache, reg, seed: int) -> tuple[float, float]:
+    """``(‖H⁺‖_F, standard error)`` of the reference's certified inverse under ``reg``: from
+    its eigen form, else a Hutch++ estimate of ``‖H⁺‖_F²`` (delta method for the root)."""
+    key = ("inverse-norm", cache.config.reference, None, reg_label(reg))
+    if key not in cache.distances:
+        inv = cache.inverse(cache.config.reference, reg).inverse
+        form = inv.eigen_form()  # type: ignore[union-attr]
+        if form is not None:
+            cache.distances[key] = (eigen_norm(form), 0.0)
+        else:
+            est = frobenius_estimate(
+                inv.apply,  # type: ignore[union-attr]
+                inv.num_params,  # type: ignore[union-attr]
+                cache.config.estimate_matvecs,
+                seed=seed,
+            )
+            norm = math.sqrt(max(est.value, 0.0))
+            cache.distances[key] = (norm, est.standard_error / (2 * norm) if norm else math.nan)
     return cache.distances[key]  # type: ignore[return-value]
 
 
@@ -125,22 +156,42 @@ def _inverse_distance(cache: RungCache, a: str, b: str, reg, seed: int) -> tuple
         if ri.inverse is None or ri.status != EXACT:
             return math.nan, math.nan, f"{ri.rung} is {ri.status}"
     ia, ib, ir = (ri.inverse for ri in invs)
-    forms = [i.eigen_form() for i in (ia, ib, ir)]  # type: ignore[union-attr]
-    if all(f is not None for f in forms):
-        fa, fb, fr = forms
-        norm = eigen_norm(fr)  # type: ignore[arg-type]
-        if norm == 0.0:
-            return math.nan, math.nan, f"{ref}'s inverse is zero (every eigenvalue truncated)"
-        return eigen_distance(fa, fb, ir.num_params) / norm, 0.0, ""  # type: ignore[arg-type, union-attr]
-    est = distance_estimate(
-        ia.apply,  # type: ignore[union-attr]
-        ib.apply,  # type: ignore[union-attr]
-        ir.apply,  # type: ignore[union-attr]
-        ir.num_params,  # type: ignore[union-attr]
-        cache.config.estimate_matvecs,
-        seed=seed,
-    )
-    return est.value, est.standard_error, ""
+    if b == ref:
+        forms = [i.eigen_form() for i in (ia, ir)]  # type: ignore[union-attr]
+        if all(f is not None for f in forms):
+            norm = eigen_norm(forms[1])  # type: ignore[arg-type]
+            if norm == 0.0:
+                return math.nan, math.nan, f"{ref}'s inverse is zero (every eigenvalue truncated)"
+            dist = eigen_distance(forms[0], forms[1], ir.num_params)  # type: ignore[arg-type, union-attr]
+            return dist / norm, 0.0, ""
+        est = distance_estimate(
+            ia.apply,  # type: ignore[union-attr]
+            ir.apply,  # type: ignore[union-attr]
+            ir.apply,  # type: ignore[union-attr]
+            ir.num_params,  # type: ignore[union-attr]
+            cache.config.estimate_matvecs,
+            seed=seed,
+        )
+        return est.value, est.standard_error, ""
+    norm, norm_se = reference_inverse_norm(cache, reg, seed)
+    if norm == 0.0:
+        return math.nan, math.nan, f"{ref}'s inverse is zero (every eigenvalue truncated)"
+    fa, fb = ia.eigen_form(), ib.eigen_form()  # type: ignore[union-attr]
+    if fa is not None and fb is not None:
+        dist, dist_se = eigen_distance(fa, fb, ir.num_params), 0.0  # type: ignore[union-attr]
+    else:
+        est = frobenius_estimate(
+            lambda V: ia.apply(V) - ib.apply(V),  # type: ignore[union-attr]
+            ir.num_params,  # type: ignore[union-attr]
+            cache.config.estimate_matvecs,
+            seed=seed,
+        )
+        dist = math.sqrt(max(est.value, 0.0))
+        dist_se = est.standard_error / (2 * dist) if dist else math.sqrt(est.standard_error)
+    value = dist / norm
+    rel = (dist_se / dist) ** 2 if dist else 0.0
+    se = value * math.sqrt(rel + (norm_se / norm) ** 2) if dist else dist_se / norm
+    return value, se, ""
 
 
 def _off_block(cache: RungCache, rung: str, curv: Curvature) -> tuple[float, float]:
