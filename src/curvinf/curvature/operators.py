@@ -75,7 +75,8 @@ class DenseEigenBlock(EigenBlock):
         return self.U[:, positions].T
 
     def coefficients(self, V: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return V @ self.U[positions]
+        whole = len(positions) == len(self.U) and bool((positions[1:] > positions[:-1]).all())
+        return V @ (self.U if whole else self.U[positions])  # no (d, d) copy for all rows
 
 
 @dataclass
