@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,ray]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -125,9 +125,15 @@ def groundtruth(
     vary_init: bool = typer.Option(False, help="fresh initialisation per retrained model"),
     chunk: int = typer.Option(0, help="models trained together per chunk (0: from --memory-gib)"),
     memory_gib: float = typer.Option(2.0, help="memory budget of one chunk, GiB"),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default)"),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default; Ray: per task, 1)"),
     repair: bool = typer.Option(False, help="recompute corrupt or missing store files"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    executor: str = typer.Option(
+        "local", help="local, or ray: the chunks as Ray tasks (pip install 'curvinf[ray]')"
+    ),
+    ray_address: str = typer.Option(
+        "", help="Ray cluster address with --executor ray (default: start a local Ray instance)"
+    ),
 ) -> None:
     """Build or resume the LDS ground truth (M subsets x R seeds retrained); print its store."""
     options = dict(locals())
@@ -149,6 +155,8 @@ class GroundTruthJob:
     threads: int
     repair: bool
     progress: bool
+    executor: str = "local"
+    ray_address: str | None = None
 
 
 def groundtruth_job(
@@ -177,6 +185,8 @@ def groundtruth_job(
     threads: int,
     repair: bool,
     progress: bool,
+    executor: str = "local",
+    ray_address: str = "",
 ) -> GroundTruthJob:
     """Check every ``curvinf groundtruth`` option (before any work) and return the job.
 
@@ -184,6 +194,7 @@ def groundtruth_job(
     ``out`` is (or lies under) a file.
     """
     from curvinf.data import load_dataset
+    from curvinf.executors import check_executor
     from curvinf.groundtruth import GroundTruthConfig, check_fraction, take_queries
     from curvinf.storage import check_directory
     from curvinf.training import TrainingRecipe
@@ -204,6 +215,7 @@ def groundtruth_job(
         check_int(name, value, low=low)
     check_fraction("--alpha", alpha)
     check_number("--memory-gib", memory_gib, low=0.0, strict_low=True)
+    check_executor(executor, ray_address or None)
     out_dir = check_directory(out, name="--out")
     data = take_queries(load_dataset(dataset, seed=seed), queries, name="--queries")
     config = GroundTruthConfig(
@@ -237,6 +249,8 @@ def groundtruth_job(
         threads=threads,
         repair=repair,
         progress=progress,
+        executor=executor,
+        ray_address=ray_address or None,
     )
 
 
@@ -246,12 +260,16 @@ def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
     import torch
     from rich.console import Console
 
+    from curvinf.executors import make_executor
     from curvinf.groundtruth import RetrainingWarning, ground_truth
 
     console = Console(stderr=True)
     if job.threads:
         torch.set_num_threads(job.threads)
-    with warnings.catch_warnings():
+    with (
+        make_executor(job.executor, ray_address=job.ray_address, threads=job.threads) as executor,
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
         gt = ground_truth(
             job.data,
@@ -262,6 +280,7 @@ def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
             max_memory_bytes=job.max_memory_bytes,
             repair=job.repair,
             log=lambda msg: console.print(msg, style="yellow"),
+            executor=executor,
         )
     summary = gt.summary()["retrained_median"]
     console.print(
@@ -299,6 +318,14 @@ def reproduce(
         False, help="only build every configuration's LDS ground truth (no rungs, no report)"
     ),
     progress: bool = typer.Option(True, help="show progress"),
+    executor: str = typer.Option(
+        "local",
+        help="local, or ray: ground-truth chunks and configurations as Ray tasks "
+        "(pip install 'curvinf[ray]')",
+    ),
+    ray_address: str = typer.Option(
+        "", help="Ray cluster address with --executor ray (default: start a local Ray instance)"
+    ),
 ) -> None:
     """Run the study's grid (resuming finished work) and write report.md with figures."""
     from rich.console import Console
@@ -321,6 +348,8 @@ def reproduce(
             matched_steps=matched_steps,
             regs=reg or None,
             groundtruth_only=groundtruth_only,
+            executor=executor,
+            ray_address=ray_address or None,
         )
     with exit_on(FAILED, WORK_ERRORS):
         result, path = run_plan(plan, progress=progress, log=Console(stderr=True).print)

@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from curvinf.data import DataSplit
+from curvinf.executors import Executor, chunk_executor
 from curvinf.gtstore import (
     BASE,
     FORMAT,
@@ -544,6 +545,7 @@ def ground_truth(
     warn_factor: float = 2.0,
     warn_margin: float = 0.1,
     log: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> GroundTruth:
     """Build, resume or load the LDS ground truth of ``config`` on ``data``.
 
@@ -570,6 +572,11 @@ def ground_truth(
             base model's ``b`` when ``a > warn_factor * b + warn_margin``
             (median over retrained models; losses).
         log: where messages go (default: stderr).
+        executor: where the chunks train (:mod:`curvinf.executors`; default: in this
+            process, or :func:`curvinf.executors.chunks_on`'s). Whatever trains a chunk,
+            this process alone writes the store, each chunk as it arrives; a chunk trains
+            from its inputs only, so the numbers are the same on every executor whose
+            tasks run with the same torch thread count.
 
     Returns:
         :class:`GroundTruth`. The manifest's ``summary`` is written by the run that
@@ -608,7 +615,7 @@ def ground_truth(
             repair,
             say,
         )
-        run = _Run(path, manifest, config, data, model, loss)
+        run = _Run(path, manifest, config, data, model, loss, executor or chunk_executor())
         return _build(run, progress, repair, warn_factor, warn_margin, say)
 
 
@@ -784,17 +791,21 @@ class _Run:
         data: DataSplit,
         model: nn.Module,
         loss: nn.Module,
+        executor: Executor,
     ) -> None:
         self.path, self.manifest, self.config = path, manifest, config
         self.data, self.model, self.loss = data, model, loss
+        self.executor = executor
         self.plan = _retraining_plan(config, len(data.X_train))
         self.record: dict[str, Any] = {
             "started": utc_now(),
             "wall_s": 0.0,
             "models_trained": 0,
             "chunks_written": [],
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": executor.threads or torch.get_num_threads(),
         }
+        if not executor.in_process:  # in-process runs keep the record they always had
+            self.record["executor"] = executor.name
         self.start_time = time.perf_counter()
 
     @property
@@ -855,18 +866,20 @@ class _Run:
         units = sub.epochs
         if self.config.train_fn is not None:
             desc, units = f"retraining {remaining} models by train_fn", 1
+        executor = self.executor
+        spans = [(c, *chunk_range(manifest, c)) for c in todo]
         with progress_bar(remaining * units, desc, progress) as advance:
-            for c in todo:
-                a, b = chunk_range(manifest, c)
-                t0, c0 = time.perf_counter(), time.process_time()
-                blob = _train_chunk(
-                    self.config, self.data, self.model, self.loss, masks, seeds, sub, a, b, advance
-                )
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            task = functools.partial(_chunk_task, advance=advance)
+            shared = (self.config, self.data, self.model, self.loss, self.plan)
+            for (c, a, b), (blob, wall, cpu) in executor.map(
+                task if executor.in_process else _chunk_task, spans, *shared
+            ):
+                if not executor.in_process:
+                    advance((b - a) * units)
                 blob.update(
                     key=manifest["key"], start=a, stop=b, wall_s=round(wall, 3), cpu_s=round(cpu, 3)
                 )
-                write_blob(chunk_path(self.path, c), blob)
+                write_blob(chunk_path(self.path, c), blob)  # the driver alone writes
                 chunks[c] = blob
                 self._chunk_written(c, b - a, wall, cpu)
 
@@ -946,6 +959,24 @@ def _assemble(
     gt.base_fingerprint = model_fingerprint(trained_base)
     gt.base_structure = model_structure(trained_base)
     return gt
+
+
+def _chunk_task(
+    span: tuple[int, int, int],
+    config: GroundTruthConfig,
+    data: DataSplit,
+    model: nn.Module,
+    loss: nn.Module,
+    plan: tuple[torch.Tensor, torch.Tensor, TrainingRecipe],
+    advance: Callable[[int], None] = lambda n: None,
+) -> tuple[dict[str, Any], float, float]:
+    """Chunk ``span = (index, start, stop)`` trained and measured from its inputs alone (an
+    executor's task; it writes nothing): its blob and its wall and CPU seconds."""
+    _, start, stop = span
+    masks, seeds, recipe = plan
+    t0, c0 = time.perf_counter(), time.process_time()
+    blob = _train_chunk(config, data, model, loss, masks, seeds, recipe, start, stop, advance)
+    return blob, time.perf_counter() - t0, time.process_time() - c0
 
 
 def _train_chunk(

@@ -22,16 +22,22 @@ the ground-truth store's small files), so those are what a result directory comm
 Two runs into the same ``out`` share the work: a configuration whose lock another
 process holds is skipped (state :data:`BUSY`), and the next run loads what the other
 one finished.
+
+On an executor (:mod:`curvinf.executors`, e.g. Ray) this process alone writes ``out``:
+it builds each configuration's ground truth with the chunks as the executor's tasks
+(writing every chunk as it arrives), then runs each configuration as one task in the
+worker's temporary directory, given the configuration's files and its finished
+ground-truth store, and writes the files the task returns (``rows.json`` last).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -40,12 +46,14 @@ from typing import Any
 
 import torch
 
+from curvinf.executors import Executor, LocalExecutor, check_executor, chunks_on, make_executor
 from curvinf.groundtruth import GroundTruth
 from curvinf.models import num_params
 from curvinf.storage import (
     CorruptFileError,
     StoreBusyError,
     StoreLock,
+    atomic_write,
     check_directory,
     read_blob,
     read_json,
@@ -201,11 +209,12 @@ def _worker(
     try:
         if groundtruth_only:
             store = Path(out) / "groundtruth"
-            config_ground_truth(config, store, progress=progress, log=log)
+            gt = config_ground_truth(config, store, progress=progress, log=log)
             return {
                 "config": config.id,
                 "state": GROUND_TRUTH_DONE,
                 "seconds": time.perf_counter() - t0,
+                "store": str(gt.path),
             }
         rows = run_config(config, out, progress=progress, log=log)
     except StoreBusyError as err:  # another run owns it: not a failure of this one
@@ -276,6 +285,7 @@ def run_grid(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     groundtruth_only: bool = False,
+    executor: Executor | None = None,
 ) -> GridRun:
     """Run every configuration of ``preset`` into ``out`` (skipping finished ones), then write
     the results table.
@@ -288,6 +298,9 @@ def run_grid(
         progress: progress bars of the work inside a configuration (``workers=1``).
         groundtruth_only: only build (or resume) every configuration's ground truth, e.g.
             ahead of the rungs in a second process, or on another machine.
+        executor: run the ground-truth chunks and the configurations as this executor's
+            tasks (e.g. :class:`~curvinf.executors.RayExecutor`), this process alone
+            writing ``out`` (module doc); default: this process, or ``workers`` processes.
 
     A configuration another process is running (its lock is held, e.g. a second
     ``reproduce`` into the same ``out``) is skipped with state :data:`BUSY`.
@@ -318,20 +331,26 @@ def run_grid(
         if "error" in entry:
             say(entry["error"])
 
-    if workers == 1:  # in this process: the ground truth's progress bar, rung-by-rung log
-        for i, config in enumerate(configs, 1):
-            say(f"[{i}/{n}] {config.id}: running")
-            report(i, _worker(config, str(out), deadline, threads, progress, say, groundtruth_only))
-    else:
-        import multiprocessing as mp
+    if executor is not None:
+        entries = _driver_writes(configs, out, executor, deadline, groundtruth_only, progress, say)
+    elif workers == 1:  # in this process: the ground truth's progress bar, rung-by-rung log
+        started = iter(range(1, n + 1))
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [
-                pool.submit(_worker, c, str(out), deadline, threads, False, None, groundtruth_only)
-                for c in configs
-            ]
-            for i, fut in enumerate(as_completed(futures), 1):
-                report(i, fut.result())
+        def one(config: RunConfig) -> dict[str, Any]:
+            say(f"[{next(started)}/{n}] {config.id}: running")
+            return _worker(config, str(out), deadline, threads, progress, say, groundtruth_only)
+
+        entries = (entry for _, entry in LocalExecutor().map(one, configs))
+    else:
+        local = LocalExecutor(workers)
+        entries = (
+            entry
+            for _, entry in local.map(
+                _worker, configs, str(out), deadline, threads, False, None, groundtruth_only
+            )
+        )
+    for i, entry in enumerate(entries, 1):
+        report(i, entry)
     rows, csv_path = write_tables(out, preset)
     seconds = time.time() - t0
     record = {
@@ -349,6 +368,67 @@ def run_grid(
     with open(out / "run_log.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
     return GridRun(rows, log_entries, seconds, csv_path)
+
+
+def _driver_writes(
+    configs: list[RunConfig],
+    out: Path,
+    executor: Executor,
+    deadline: float | None,
+    groundtruth_only: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> Iterator[dict[str, Any]]:
+    """:func:`run_grid`'s entries on ``executor``, this process alone writing ``out``: each
+    unfinished configuration's ground truth built here with its chunks as tasks, then the
+    configurations as tasks (:func:`_config_task`), their files written as they arrive."""
+    tasks = []
+    for config in configs:
+        if (run_dir(out, config.id) / "rows.json").exists():
+            yield _worker(config, str(out), deadline, 0)  # finished: its rows, read here
+            continue
+        with chunks_on(executor):
+            entry = _worker(config, str(out), deadline, 0, progress, say, groundtruth_only=True)
+        if groundtruth_only or entry["state"] != GROUND_TRUTH_DONE:
+            yield entry
+            continue
+        say(f"{config.id}: ground truth done, running on the {executor.name} executor")
+        files = {**_files(out, Path(entry["store"])), **_files(out, run_dir(out, config.id))}
+        tasks.append((config, files))
+    for _, (entry, files) in executor.map(_config_task, tasks, deadline):
+        for rel in sorted(files, key=lambda rel: rel.endswith("rows.json")):  # rows.json last
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / rel, files[rel])
+        yield entry
+
+
+def _files(root: Path, directory: Path) -> dict[str, bytes]:
+    """The plain files under ``directory`` by their path relative to ``root`` (no locks,
+    no temporaries: nothing whose name starts with a dot)."""
+    if not directory.is_dir():
+        return {}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def _config_task(
+    item: tuple[RunConfig, dict[str, bytes]], deadline: float | None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Run configuration ``item = (config, files)`` in a temporary directory holding
+    ``files`` (its run directory so far and its finished ground-truth store); return its
+    entry and the files of its run directory it wrote or changed. It writes no store."""
+    config, files = item
+    with tempfile.TemporaryDirectory(prefix="curvinf-config-") as tmp:
+        root = Path(tmp)
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        entry = _worker(config, tmp, deadline, 0)
+        made = _files(root, run_dir(root, config.id))
+    return entry, {rel: data for rel, data in made.items() if files.get(rel) != data}
 
 
 def collect_rows(out: str | Path, preset: Preset) -> list[dict[str, Any]]:
@@ -377,6 +457,8 @@ class ReproducePlan:
     workers: int
     max_minutes: float | None
     groundtruth_only: bool = False
+    executor: str = "local"
+    ray_address: str | None = None
 
 
 def reproduce_plan(
@@ -391,14 +473,18 @@ def reproduce_plan(
     matched_steps: bool = False,
     regs: Iterable[str] | None = None,
     groundtruth_only: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> ReproducePlan:
     """Check every argument of :func:`reproduce` and return the plan; writes nothing.
 
     Raises ``ValueError``/``TypeError`` naming the argument (an unknown preset, ``workers``
     < 1, negative ``max_minutes``, seeds that are not integers >= 0, ``max_dense_gib`` <= 0,
     a regulariser that does not parse (:func:`~curvinf.study.specs.parse_regularization`),
-    ``only`` matching no configuration), ``NotADirectoryError`` if ``out`` is or lies under
-    a file and ``PermissionError`` if it cannot be written.
+    ``only`` matching no configuration, an unknown ``executor``, ``ray_address`` without
+    ``executor="ray"``, ``"ray"`` without Ray installed or with ``workers`` > 1),
+    ``NotADirectoryError`` if ``out`` is or lies under a file and ``PermissionError`` if it
+    cannot be written.
     """
     if isinstance(preset, str):
         grid = get_preset(preset)
@@ -408,6 +494,12 @@ def reproduce_plan(
         raise TypeError(f"preset must be a preset name or a Preset, got {type(preset).__name__}.")
     check_int("workers", workers, low=1)
     _check_max_minutes(max_minutes)
+    check_executor(executor, ray_address)
+    if executor == "ray" and workers != 1:
+        raise ValueError(
+            "--workers is for the local executor; on Ray the cluster's CPUs set how many "
+            "tasks run at once."
+        )
     if seeds is not None:
         grid = replace(grid, seeds=tuple(seeds))
     if max_dense_gib is not None:
@@ -430,6 +522,8 @@ def reproduce_plan(
         workers=workers,
         max_minutes=max_minutes,
         groundtruth_only=bool(groundtruth_only),
+        executor=executor,
+        ray_address=ray_address,
     )
 
 
@@ -443,16 +537,24 @@ def run_plan(
     ``out/report.md``, or None when no configuration has finished (nothing to report)."""
     from curvinf.study.report import write_report  # matplotlib only when reporting
 
-    result = run_grid(
-        plan.grid,
-        plan.out,
-        workers=plan.workers,
-        max_minutes=plan.max_minutes,
-        only=plan.only,
-        progress=progress,
-        log=log,
-        groundtruth_only=plan.groundtruth_only,
-    )
+    executor = None
+    if plan.executor != "local":
+        executor = make_executor(plan.executor, ray_address=plan.ray_address)
+    try:
+        result = run_grid(
+            plan.grid,
+            plan.out,
+            workers=plan.workers,
+            max_minutes=plan.max_minutes,
+            only=plan.only,
+            progress=progress,
+            log=log,
+            groundtruth_only=plan.groundtruth_only,
+            executor=executor,
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     say = log or (lambda msg: None)
     if plan.groundtruth_only:
         done = sum(e["state"] == GROUND_TRUTH_DONE for e in result.log)
@@ -477,6 +579,8 @@ def reproduce(
     regs: Iterable[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> Path:
     """Run (or resume) the grid, then write the report (:func:`reproduce_plan`, then
     :func:`run_plan`).
@@ -497,6 +601,8 @@ def reproduce(
         max_dense_gib=max_dense_gib,
         matched_steps=matched_steps,
         regs=regs,
+        executor=executor,
+        ray_address=ray_address,
     )
     _, report = run_plan(plan, progress=progress, log=log)
     if report is None:
