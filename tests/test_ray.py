@@ -60,7 +60,12 @@ def _title(pid: int) -> str:
 
 def _busy_workers() -> list[int]:
     """Our cluster's worker processes running a task right now."""
-    return [p for p in _descendants(os.getpid()) if _title(p).startswith("ray::_run_task")]
+    idle = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    return [
+        p
+        for p in _descendants(os.getpid())
+        if _title(p).startswith("ray::") and not _title(p).startswith(idle)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +118,26 @@ def _same_numbers(a: GroundTruth, b: GroundTruth) -> None:
         assert torch.equal(a.base_params[k], b.base_params[k])
 
 
+class _Held(executors.Executor):
+    """The cluster's executor with every task held ``delay`` seconds before it trains, so
+    the test has a window to kill a busy worker (tiny chunks otherwise finish between two
+    looks on a loaded machine)."""
+
+    name, in_process = "ray", False
+
+    def __init__(self, inner: executors.RayExecutor, delay: float) -> None:
+        self.inner, self.delay, self.threads = inner, delay, inner.threads
+
+    def map(self, fn, items, *shared):
+        delay = self.delay
+
+        def held(item, *shared):  # defined here: Ray's workers cannot import this test module
+            time.sleep(delay)
+            return fn(item, *shared)
+
+        return self.inner.map(held, items, *shared)
+
+
 def test_ground_truth_on_ray_survives_a_killed_worker(cluster, tmp_path):
     data, config = _tiny_gt()
     threads = torch.get_num_threads()
@@ -127,7 +152,12 @@ def test_ground_truth_on_ray_survives_a_killed_worker(cluster, tmp_path):
     def build() -> None:
         try:
             result["gt"] = ground_truth(
-                data, config, tmp_path / "ray", progress=False, models_per_chunk=1, executor=cluster
+                data,
+                config,
+                tmp_path / "ray",
+                progress=False,
+                models_per_chunk=1,
+                executor=_Held(cluster, 2.0),
             )
         except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread
             result["error"] = err
@@ -136,7 +166,7 @@ def test_ground_truth_on_ray_survives_a_killed_worker(cluster, tmp_path):
     runner.start()
     store = tmp_path / "ray" / local.path.name
     killed, before = None, {}
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while killed is None and runner.is_alive() and time.time() < deadline:
         before = {p.name: p.read_bytes() for p in store.glob("chunk-*.pt")}
         busy = _busy_workers() if before else []
@@ -144,7 +174,7 @@ def test_ground_truth_on_ray_survives_a_killed_worker(cluster, tmp_path):
             killed = busy[0]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
-    runner.join(180)
+    runner.join(300)
     assert not runner.is_alive()
     if "error" in result:
         raise result["error"]
