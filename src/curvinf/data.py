@@ -48,16 +48,23 @@ class DataSplit:
     def query(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.X_query, self.y_query
 
-    def to(self, dtype: torch.dtype) -> DataSplit:
-        """Features (and regression targets) cast to ``dtype``."""
-        cast_y = self.task == "regression"
+    def to(
+        self, dtype: torch.dtype | None = None, *, device: torch.device | str | None = None
+    ) -> DataSplit:
+        """Features (and regression targets) cast to ``dtype``, every tensor moved to
+        ``device`` (either may be None: unchanged). Labels stay integer."""
+        cast_y = self.task == "regression" and dtype is not None
+
+        def move(t: torch.Tensor, cast: bool) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if cast else None)
+
         return DataSplit(
             self.name,
             self.task,
-            self.X_train.to(dtype),
-            self.y_train.to(dtype) if cast_y else self.y_train,
-            self.X_query.to(dtype),
-            self.y_query.to(dtype) if cast_y else self.y_query,
+            move(self.X_train, dtype is not None),
+            move(self.y_train, cast_y),
+            move(self.X_query, dtype is not None),
+            move(self.y_query, cast_y),
             self.seed,
         )
 
@@ -114,11 +121,12 @@ def split_dataset(
     mean, std = X[tr_idx].mean(0), X[tr_idx].std(0)
     std[std == 0] = 1.0
     X = (X - mean) / std
+    # on the CPU; move a split with DataSplit.to(device=...)
     if task == "classification":
-        y_t = torch.as_tensor(y, dtype=torch.long)
+        y_t = torch.as_tensor(y, dtype=torch.long, device="cpu")
     else:
         y = y.astype(np.float64)
         y = (y - y[tr_idx].mean()) / y[tr_idx].std()
-        y_t = torch.as_tensor(y, dtype=dtype)[:, None]
-    X_t = torch.as_tensor(X, dtype=dtype)
+        y_t = torch.as_tensor(y, dtype=dtype, device="cpu")[:, None]
+    X_t = torch.as_tensor(X, dtype=dtype, device="cpu")
     return DataSplit(name, task, X_t[tr_idx], y_t[tr_idx], X_t[q_idx], y_t[q_idx], seed)

@@ -114,11 +114,12 @@ eigenvectors) and their values shaped like each block's ``eigenvalues``: a curva
 
 def _positions(form: EigenForm, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per global position, the block holding it (-1: none) and its local position there."""
-    label = torch.full((dim,), -1, dtype=torch.long)
-    local = torch.zeros(dim, dtype=torch.long)
+    device = form[0][0].index.device if form[0] else None
+    label = torch.full((dim,), -1, dtype=torch.long, device=device)
+    local = torch.zeros(dim, dtype=torch.long, device=device)
     for i, blk in enumerate(form[0]):
         label[blk.index] = i
-        local[blk.index] = torch.arange(len(blk.index))
+        local[blk.index] = torch.arange(len(blk.index), device=device)
     return label, local
 
 
@@ -184,7 +185,7 @@ def eigen_inner(a: EigenForm, b: EigenForm, dim: int, *, chunk_size: int = 512) 
             continue
         parts = [(j, (found == j).nonzero().squeeze(1)) for j in found.unique().tolist() if j >= 0]
         for rows, pos in _eigenvector_rows(blk, v != 0, chunk_size):
-            quad = torch.zeros(len(rows), dtype=torch.float64)
+            quad = torch.zeros(len(rows), dtype=torch.float64, device=rows.device)
             for j, mine in parts:
                 coef = a[0][j].coefficients(rows[:, mine], local[blk.index[mine]])
                 quad += coef.pow(2) @ a[1][j].reshape(-1).to(torch.float64)
@@ -264,7 +265,7 @@ def off_block_mass(C: torch.Tensor, blocks: Sequence[torch.Tensor]) -> float:
     (e.g. ``[b.index for b in param_blocks(model)]``); positions in no block count as off-block."""
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise ValueError(f"C must be a square matrix, got shape {tuple(C.shape)}.")
-    label = torch.full((C.shape[0],), -1, dtype=torch.long)
+    label = torch.full((C.shape[0],), -1, dtype=torch.long, device=C.device)
     for b, idx in enumerate(blocks):
         if bool((label[idx] >= 0).any()):
             raise ValueError("blocks overlap; each position may belong to one block only.")
@@ -304,7 +305,7 @@ def top_eigenvectors(block: EigenBlock, k: int, evals: torch.Tensor | None = Non
     ``block.eigenvalues``, reorders them; default the block's own): (d, k), local coordinates."""
     evals = block.eigenvalues if evals is None else evals
     order = evals.reshape(-1).argsort(descending=True)[:k]
-    keep = torch.zeros(evals.numel(), dtype=torch.bool)
+    keep = torch.zeros(evals.numel(), dtype=torch.bool, device=evals.device)
     keep[order] = True
     rows, pos = next(_eigenvector_rows(block, keep.reshape(evals.shape), evals.numel()))
     rank = {int(p): r for r, p in enumerate(pos)}

@@ -57,6 +57,7 @@ import torch
 
 from curvinf.curvature.krylov import Operator, lanczos
 from curvinf.curvature.operators import Curvature, InverseOperator
+from curvinf.devices import DeviceSpec, cpu_generator
 from curvinf.diagnostics import inverse_error
 from curvinf.validation import check_finite, check_int
 
@@ -113,7 +114,7 @@ class _Parts:
         """(J, J) covariance of :attr:`values` (given ``Q``): sample covariance / r."""
         J, r = self.samples.shape
         if r < MIN_PROBES:
-            return torch.zeros(J, J, dtype=torch.float64)
+            return torch.zeros(J, J, dtype=torch.float64, device=self.samples.device)
         centred = self.samples - self.samples.mean(dim=1, keepdim=True)
         return centred @ centred.T / ((r - 1) * r)
 
@@ -150,20 +151,24 @@ def _hutchpp(
     probes: int,
     gen: torch.Generator,
     chunk: int,
+    device: DeviceSpec = "cpu",
 ) -> _Parts:
     """Hutch++ on ``J`` maps evaluated together (module docstring); ``maps`` takes float64
-    rows (k, D) and returns (J, k, D) float64. The sketch stops at ``⌈D / J⌉`` rows, where
-    ``Q`` already spans the space."""
+    rows (k, D) on ``device`` and returns (J, k, D) float64. The sketch stops at ``⌈D / J⌉``
+    rows, where ``Q`` already spans the space. The random vectors are drawn with the CPU
+    generator ``gen`` and moved to ``device`` (the same vectors on every device)."""
     sketch = min(sketch, -(-dim // num_maps))
-    S = torch.randn(sketch, dim, generator=gen, dtype=torch.float64)
+    S = torch.randn(sketch, dim, generator=gen, dtype=torch.float64, device="cpu").to(device)
     Y = _in_rows(maps, S, chunk)
     Q, _ = torch.linalg.qr(Y.reshape(-1, dim).T)  # (D, q), q = min(J·s, D)
     Z = _in_rows(maps, Q.T.contiguous(), chunk)
     exact = Z.pow(2).sum(dim=(1, 2))
     used = sketch + Q.shape[1]
     if Q.shape[1] == dim:  # the sketch spans the space: nothing left to estimate
-        return _Parts(exact, torch.zeros(len(exact), 0, dtype=torch.float64), used)
-    G = torch.randint(0, 2, (probes, dim), generator=gen).to(torch.float64) * 2 - 1
+        none = torch.zeros(len(exact), 0, dtype=torch.float64, device=exact.device)
+        return _Parts(exact, none, used)
+    G = torch.randint(0, 2, (probes, dim), generator=gen, device="cpu")
+    G = G.to(device=device, dtype=torch.float64) * 2 - 1
     G = G - (G @ Q) @ Q.T
     W = _in_rows(maps, G, chunk)
     return _Parts(exact, W.pow(2).sum(dim=2), used + probes)
@@ -185,7 +190,7 @@ def _check_dtype(dtype: object) -> torch.dtype:
 
 
 def _generator(seed: object) -> torch.Generator:
-    return torch.Generator().manual_seed(check_int("seed", seed))
+    return cpu_generator(check_int("seed", seed))
 
 
 def _sqrt_ratio(parts: _Parts, num: int, den: int, what: str) -> tuple[float, float]:
@@ -215,6 +220,7 @@ def frobenius_estimate(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     chunk_size: int = 64,
+    device: DeviceSpec = "cpu",
 ) -> Estimate:
     """Hutch++ estimate of ``‖A‖_F² = tr(AᵀA)`` (``= tr(A²)`` for symmetric ``A``).
 
@@ -231,6 +237,8 @@ def frobenius_estimate(
         dtype: dtype of the vectors handed to ``matvec`` (float32 for a float32 operator);
             the arithmetic here is float64.
         chunk_size: rows per ``matvec`` call.
+        device: where ``matvec`` takes its rows (the operator's device; the random
+            vectors are drawn on the CPU and moved there).
 
     Returns:
         :class:`Estimate` with the standard error ``sd(‖A (I − P) g_i‖²) / √r`` of the
@@ -244,7 +252,7 @@ def frobenius_estimate(
     def maps(V: torch.Tensor) -> torch.Tensor:
         return _checked(matvec(V.to(dtype)), tuple(V.shape), "matvec")[None]
 
-    parts = _hutchpp(maps, 1, D, sketch, probes, _generator(seed), chunk)
+    parts = _hutchpp(maps, 1, D, sketch, probes, _generator(seed), chunk, device)
     se = math.sqrt(float(parts.covariance[0, 0]))
     return Estimate(float(parts.values[0]), se, parts.evaluations, parts.method)
 
@@ -259,6 +267,7 @@ def distance_estimate(
     seed: int = 0,
     chunk_size: int = 64,
     reference: str = "the reference",
+    device: DeviceSpec = "cpu",
 ) -> Estimate:
     """Estimate of ``‖A − B‖_F / ‖R‖_F`` for symmetric maps given by row products only.
 
@@ -271,7 +280,8 @@ def distance_estimate(
     ``apply_ref`` (then each vector is applied to it once).
 
     ``num_matvecs``: products with *each* map (at least 5; ``s = num_matvecs // 4``
-    sketch, ``2s`` exact, the rest probes). Raises ``ValueError`` for a zero ``R``.
+    sketch, ``2s`` exact, the rest probes). ``device``: where the maps take their rows.
+    Raises ``ValueError`` for a zero ``R``.
     """
     D = check_int("dim", dim, low=1)
     sketch, probes = _budget(num_matvecs, 2, "distance_estimate")
@@ -284,7 +294,7 @@ def distance_estimate(
         A = _checked(apply_a(V), tuple(V.shape), "apply_a")
         return torch.stack([A - B, R])
 
-    parts = _hutchpp(maps, 2, D, sketch, probes, _generator(seed), chunk)
+    parts = _hutchpp(maps, 2, D, sketch, probes, _generator(seed), chunk, device)
     value, se = _sqrt_ratio(parts, 0, 1, reference)
     return Estimate(value, se, parts.evaluations, parts.method)
 
@@ -316,6 +326,7 @@ def inverse_error_estimate(
         seed=seed,
         chunk_size=chunk_size,
         reference="the reference inverse",
+        device=getattr(ref, "device", "cpu"),
     )
 
 
@@ -339,13 +350,15 @@ def inverse_error_any(
     return est.value, est.standard_error, est.method
 
 
-def _block_groups(blocks: Sequence[torch.Tensor], dim: int) -> list[torch.Tensor]:
-    """The blocks as long index tensors, checked disjoint and inside ``[0, dim)``, plus one
-    group of the positions in no block (if any) at the end."""
-    label = torch.full((dim,), -1, dtype=torch.long)
+def _block_groups(
+    blocks: Sequence[torch.Tensor], dim: int, device: DeviceSpec = "cpu"
+) -> list[torch.Tensor]:
+    """The blocks as long index tensors on ``device``, checked disjoint and inside
+    ``[0, dim)``, plus one group of the positions in no block (if any) at the end."""
+    label = torch.full((dim,), -1, dtype=torch.long, device=device)
     groups = []
     for b, idx in enumerate(blocks):
-        idx = torch.as_tensor(idx).long().reshape(-1)
+        idx = torch.as_tensor(idx, device=device).long().reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= dim):
             raise ValueError(f"block {b} has positions outside [0, {dim}).")
         if bool((label[idx] >= 0).any()) or len(idx.unique()) != len(idx):
@@ -367,6 +380,7 @@ def off_block_mass_estimate(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     chunk_size: int = 64,
+    device: DeviceSpec = "cpu",
 ) -> Estimate:
     """Estimate of ``‖C − blockdiag(C)‖_F / ‖C‖_F`` from products with ``C`` only.
 
@@ -392,12 +406,12 @@ def off_block_mass_estimate(
         num_matvecs: products with ``C`` to spend, at least ``5·n_g``; default ``40·n_g``
             (``num_matvecs // n_g`` evaluations: a quarter sketch, half exact, the rest
             probes).
-        seed, dtype, chunk_size: as in :func:`frobenius_estimate` (``chunk_size`` counts
-            rows handed to ``curvature_matvec``).
+        seed, dtype, chunk_size, device: as in :func:`frobenius_estimate` (``chunk_size``
+            counts rows handed to ``curvature_matvec``; ``device``: the curvature's).
     """
     D = check_int("dim", dim, low=1)
     dtype = _check_dtype(dtype)
-    groups = _block_groups(blocks, D)
+    groups = _block_groups(blocks, D, device)
     n_blocks = len(blocks)
     n_g = len(groups)
     m = 40 * n_g if num_matvecs is None else check_int("num_matvecs", num_matvecs, low=1)
@@ -412,7 +426,7 @@ def off_block_mass_estimate(
 
     def maps(V: torch.Tensor) -> torch.Tensor:
         k = len(V)
-        masked = torch.zeros(n_g, k, D, dtype=torch.float64)
+        masked = torch.zeros(n_g, k, D, dtype=torch.float64, device=V.device)
         for g, idx in enumerate(groups):
             masked[g][:, idx] = V[:, idx]
         CM = _checked(
@@ -424,7 +438,7 @@ def off_block_mass_estimate(
             diag[:, idx] = CM[g][:, idx]
         return torch.stack([full - diag, full])
 
-    parts = _hutchpp(maps, 2, D, sketch, probes, _generator(seed), chunk)
+    parts = _hutchpp(maps, 2, D, sketch, probes, _generator(seed), chunk, device)
     value, se = _sqrt_ratio(parts, 0, 1, "C")
     return Estimate(value, se, parts.evaluations * n_g, parts.method)
 
@@ -454,8 +468,8 @@ def top_block_eigenvectors(
     ``"block_ggn"``): its diagonal block is the same, and a block rung's ``matvec`` runs
     one pass per block even where the vector is zero.
     """
-    D = curvature.num_params
-    idx = torch.as_tensor(block_index).long().reshape(-1)
+    D, device = curvature.num_params, curvature.device
+    idx = torch.as_tensor(block_index, device=device).long().reshape(-1)
     if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= D:
         raise ValueError(f"block_index must be non-empty positions in [0, {D}).")
     if len(idx.unique()) != len(idx):
@@ -468,12 +482,18 @@ def top_block_eigenvectors(
         raise ValueError(f"max_iter ({max_iter}) must be >= k ({k}) or None.")
 
     def block_matvec(V: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(len(V), D, dtype=torch.float64)
+        full = torch.zeros(len(V), D, dtype=torch.float64, device=device)
         full[:, idx] = V
         return _checked(curvature.matvec(full), (len(V), D), "curvature.matvec")[:, idx]
 
     U, theta, res, steps = lanczos(
-        block_matvec, d, k, max_iter=max_iter, seed=check_int("seed", seed), progress=progress
+        block_matvec,
+        d,
+        k,
+        max_iter=max_iter,
+        seed=check_int("seed", seed),
+        progress=progress,
+        device=device,
     )
     return RitzPairs(U, theta, res, steps)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from curvinf.devices import DeviceSpec, resolve_device
 from curvinf.validation import check_choice, check_int
 
 EXECUTORS = ("local", "ray")
@@ -204,16 +205,23 @@ def check_executor(executor: str, ray_address: str | None = None) -> None:
 
 
 def make_executor(
-    executor: str, *, ray_address: str | None = None, workers: int = 1, threads: int = 0
+    executor: str,
+    *,
+    ray_address: str | None = None,
+    workers: int = 1,
+    threads: int = 0,
+    device: DeviceSpec = "cpu",
 ) -> Executor:
     """The executor named ``executor`` (checked by :func:`check_executor`): a
     :class:`LocalExecutor` of ``workers`` processes, or a :class:`RayExecutor` at
     ``ray_address`` (None: a local Ray instance) whose tasks each declare and use ``threads``
-    CPUs and torch threads (0: one)."""
+    CPUs and torch threads (0: one) and, when ``device`` is a CUDA device, one GPU
+    (``num_gpus=1``: Ray then gives each task its own GPU, which it sees as ``cuda:0``)."""
     check_executor(executor, ray_address)
     if executor == "local":
         return LocalExecutor(workers, threads)
-    return RayExecutor(ray_address, num_cpus=threads or 1)
+    gpus = 1 if resolve_device(device).type == "cuda" else 0
+    return RayExecutor(ray_address, num_cpus=threads or 1, num_gpus=gpus)
 
 
 __all__ = [

@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from curvinf.data import DataSplit
+from curvinf.devices import DeviceSpec, describe_device, model_on, resolve_device
 from curvinf.executors import Executor, chunk_executor
 from curvinf.gtstore import (
     BASE,
@@ -116,6 +117,7 @@ DEFAULT_MAX_CHUNK = 100
 DEFAULT_FN_CHUNK = 10  # models per chunk for a train_fn: run one by one, saved often
 TrainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], nn.Module]
 MLP_FIELDS = ("depth", "width", "activation", "init", "dtype")
+CPU = torch.device("cpu")
 
 
 class RetrainingWarning(UserWarning):
@@ -234,9 +236,10 @@ class GroundTruthConfig:
         return d
 
     def make_model(self, data: DataSplit) -> nn.Module:
-        """The base model at initialisation."""
+        """The base model at initialisation, on the CPU (:func:`ground_truth` moves it to
+        the device that retrains)."""
         if self.model is not None:
-            return build_model(self.model, self.model_seed)
+            return model_on(build_model(self.model, self.model_seed), torch.device("cpu"))
         return make_mlp(
             data.num_features,
             data.num_outputs,
@@ -441,10 +444,11 @@ def retrain_seed(seed: int, subset: int, replicate: int, purpose: str = "batches
 def retrain_seeds(
     seed: int, num_subsets: int, num_seeds: int, purpose: str = "batches"
 ) -> torch.Tensor:
-    """(M, R) int64 matrix of :func:`retrain_seed`."""
+    """(M, R) int64 matrix of :func:`retrain_seed`, on the CPU."""
     return torch.tensor(
         [[retrain_seed(seed, j, r, purpose) for r in range(num_seeds)] for j in range(num_subsets)],
         dtype=torch.int64,
+        device="cpu",
     )
 
 
@@ -546,6 +550,7 @@ def ground_truth(
     warn_margin: float = 0.1,
     log: Callable[[str], None] | None = None,
     executor: Executor | None = None,
+    device: DeviceSpec = "cpu",
 ) -> GroundTruth:
     """Build, resume or load the LDS ground truth of ``config`` on ``data``.
 
@@ -577,6 +582,14 @@ def ground_truth(
             this process alone writes the store, each chunk as it arrives; a chunk trains
             from its inputs only, so the numbers are the same on every executor whose
             tasks run with the same torch thread count.
+        device: where the models are trained and measured (``"cpu"``, ``"cuda"``,
+            ``"cuda:N"``, ``"auto"``: :func:`curvinf.devices.resolve_device`), in the
+            config's dtype (float32 by default). The request, its hash and the stored
+            tensors do not depend on it (the data and model are hashed, and every file
+            written, on the CPU; the returned :class:`GroundTruth` holds CPU tensors); the
+            manifest records the device type, and a store started on one device type is
+            not resumed on another (CPU and CUDA round differently). A finished store
+            loads on any device.
 
     Returns:
         :class:`GroundTruth`. The manifest's ``summary`` is written by the run that
@@ -592,6 +605,9 @@ def ground_truth(
         StoreBusyError: another process is building the same store.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    target = resolve_device(device)
+    if isinstance(data, DataSplit):
+        data = data.to(device="cpu")  # checked, hashed and stored on the CPU
     data, model, loss = _checked_inputs(
         data, config, models_per_chunk, max_memory_bytes, warn_factor, warn_margin
     )
@@ -614,8 +630,9 @@ def ground_truth(
             lambda: _default_chunk(config, data, config.make_model(data), max_memory_bytes),
             repair,
             say,
+            device=target.type,
         )
-        run = _Run(path, manifest, config, data, model, loss, executor or chunk_executor())
+        run = _Run(path, manifest, config, data, model, loss, executor or chunk_executor(), target)
         return _build(run, progress, repair, warn_factor, warn_margin, say)
 
 
@@ -792,10 +809,12 @@ class _Run:
         model: nn.Module,
         loss: nn.Module,
         executor: Executor,
+        device: torch.device = CPU,
     ) -> None:
         self.path, self.manifest, self.config = path, manifest, config
-        self.data, self.model, self.loss = data, model, loss
+        self.data, self.model, self.loss = data, model, loss  # on the CPU
         self.executor = executor
+        self.device = device  # where models train and are measured
         self.plan = _retraining_plan(config, len(data.X_train))
         self.record: dict[str, Any] = {
             "started": utc_now(),
@@ -806,6 +825,8 @@ class _Run:
         }
         if not executor.in_process:  # in-process runs keep the record they always had
             self.record["executor"] = executor.name
+        if device.type != "cpu":  # CPU runs too
+            self.record["device"] = describe_device(device)
         self.start_time = time.perf_counter()
 
     @property
@@ -824,7 +845,8 @@ class _Run:
     def train_base(self) -> dict[str, Any]:
         """Train the base model once on all the data by the ordinary path (:func:`train`),
         measure it, write ``base.pt`` and record its cost."""
-        config, data, model, loss = self.config, self.data, self.model, self.loss
+        config, loss, device = self.config, self.loss, self.device
+        data, model = self.data.to(device=device), model_on(self.model, device)
         X, y = data.train
         t0 = time.perf_counter()
         if config.train_fn is None:
@@ -833,13 +855,14 @@ class _Run:
         else:
             start = copy.deepcopy(model)  # the train_fn may train it in place
             trained = _call_train_fn(config.train_fn, start, X, y, config.seed, "the base model")
-            params = {k: v[None] for k, v in trained.items()}
-        everything = torch.ones(1, len(X), dtype=torch.bool)
+            params = {k: v[None].to(device) for k, v in trained.items()}
+        everything = torch.ones(1, len(X), dtype=torch.bool, device="cpu")  # masks: CPU
         base = {
             "key": self.manifest["key"],
             "params": {k: v[0].clone() for k, v in params.items()},
             **_metrics(model, loss, params, data, everything, config.measure),
         }
+        base = _on_cpu(base)  # stored on the CPU, whatever the device
         write_blob(self.path / BASE, base)
         self.manifest["cost"]["base_wall_s"] = round(time.perf_counter() - t0, 3)
         self.save()
@@ -870,7 +893,9 @@ class _Run:
         spans = [(c, *chunk_range(manifest, c)) for c in todo]
         with progress_bar(remaining * units, desc, progress) as advance:
             task = functools.partial(_chunk_task, advance=advance)
-            shared = (self.config, self.data, self.model, self.loss, self.plan)
+            # another process (a Ray task given its own GPU) trains on its current device
+            device = self.device if executor.in_process else torch.device(self.device.type)
+            shared = (self.config, self.data, self.model, self.loss, self.plan, device)
             for (c, a, b), (blob, wall, cpu) in executor.map(
                 task if executor.in_process else _chunk_task, spans, *shared
             ):
@@ -968,15 +993,18 @@ def _chunk_task(
     model: nn.Module,
     loss: nn.Module,
     plan: tuple[torch.Tensor, torch.Tensor, TrainingRecipe],
+    device: torch.device = CPU,
     advance: Callable[[int], None] = lambda n: None,
 ) -> tuple[dict[str, Any], float, float]:
     """Chunk ``span = (index, start, stop)`` trained and measured from its inputs alone (an
-    executor's task; it writes nothing): its blob and its wall and CPU seconds."""
+    executor's task; it writes nothing) on ``device`` (``data`` and ``model`` come on the
+    CPU and are moved there): its blob, on the CPU, and its wall and CPU seconds."""
     _, start, stop = span
     masks, seeds, recipe = plan
     t0, c0 = time.perf_counter(), time.process_time()
+    data, model = data.to(device=device), model_on(model, device)
     blob = _train_chunk(config, data, model, loss, masks, seeds, recipe, start, stop, advance)
-    return blob, time.perf_counter() - t0, time.process_time() - c0
+    return _on_cpu(blob), time.perf_counter() - t0, time.process_time() - c0
 
 
 def _train_chunk(
@@ -992,9 +1020,10 @@ def _train_chunk(
     advance: Callable[[int], None],
 ) -> dict[str, Any]:
     """Train models ``start..stop-1`` together (a ``train_fn``: one after another) and
-    measure them."""
+    measure them, where ``data`` and ``model`` are (``masks`` and ``seeds``: the CPU)."""
     R = config.num_seeds
-    ids = torch.arange(start, stop)
+    device = data.X_train.device
+    ids = torch.arange(start, stop, device="cpu")
     subsets = masks[ids // R]
     if config.train_fn is not None:
         X, y = data.train
@@ -1004,8 +1033,8 @@ def _train_chunk(
             init_model = copy.deepcopy(model)
             if config.vary_init:
                 seed = retrain_seed(config.seed, j, r, "init")
-                init_model = replace(config, model_seed=seed).make_model(data)
-            rows = masks[j].nonzero().squeeze(1)
+                init_model = replace(config, model_seed=seed).make_model(data).to(device)
+            rows = masks[j].nonzero().squeeze(1).to(device)
             what = f"model {i} (subset {j}, seed {r})"
             states.append(
                 _call_train_fn(
@@ -1013,7 +1042,7 @@ def _train_chunk(
                 )
             )
             advance(1)
-        params = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        params = {k: torch.stack([s[k] for s in states]).to(device) for k in states[0]}
         return _metrics(model, loss, params, data, subsets, config.measure)
     init = None
     if config.vary_init:
@@ -1029,6 +1058,7 @@ def _train_chunk(
             seeds=seeds.reshape(-1)[ids],
             init=init,
             on_epoch=advance,
+            device=device,
         )
     except FloatingPointError as err:
         raise FloatingPointError(
@@ -1046,7 +1076,8 @@ def _call_train_fn(
     restored after); the trained parameters and floating buffers, checked to be finite and
     shaped as ``model``'s."""
     want = _state(model)
-    with torch.random.fork_rng(devices=[]):
+    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         trained = train_fn(model, X, y, seed)
     if not isinstance(trained, nn.Module):
@@ -1089,7 +1120,7 @@ def _metrics(
     X, y = data.train
     Xq, yq = data.query
     per_example = losses_many(model, loss, params, X, y)  # (K, N)
-    w = subsets.to(per_example.dtype)
+    w = subsets.to(per_example.device, per_example.dtype)
     return {
         "measurements": measure_many(model, loss, params, Xq, yq, measure),
         "train_loss": (per_example * w).sum(1) / w.sum(1),
@@ -1097,6 +1128,15 @@ def _metrics(
         "query_accuracy": accuracy_many(model, params, Xq, yq)
         if data.task == "classification"
         else None,
+    }
+
+
+def _on_cpu(blob: dict[str, Any]) -> dict[str, Any]:
+    """``blob`` with every tensor (also inside nested dicts) on the CPU: what a store holds
+    and what an executor's task sends back. CPU tensors are kept as they are."""
+    return {
+        k: _on_cpu(v) if isinstance(v, dict) else v.cpu() if torch.is_tensor(v) else v
+        for k, v in blob.items()
     }
 
 

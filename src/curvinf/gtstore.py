@@ -240,11 +240,14 @@ def open_manifest(
     default_chunk: Callable[[], int],
     repair: bool,
     say: Callable[[str], None],
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """The store's manifest: the existing one (``ValueError`` if it is another request's),
+    """The store's manifest: the existing one (``ValueError`` if it is another request's,
+    or was started on another device type than ``device``, :func:`check_device_type`),
     or a new one, written, whose layout is that of the chunk files already on disk (a lost
-    manifest), else ``models_per_chunk``, else ``default_chunk()``. A damaged manifest
-    raises ``CorruptFileError`` unless ``repair``, which rebuilds it."""
+    manifest), else ``models_per_chunk``, else ``default_chunk()``, recording ``device``
+    (the device type that trains it: ``"cpu"`` or ``"cuda"``). A damaged manifest raises
+    ``CorruptFileError`` unless ``repair``, which rebuilds it."""
     file = path / MANIFEST
     if file.exists():
         try:
@@ -264,6 +267,7 @@ def open_manifest(
             say(f"{err} Rebuilding the manifest; chunks that verify are kept, the rest recomputed.")
         else:
             check_request(manifest, request, key, path)
+            check_device_type(manifest, device, path)
             if (
                 models_per_chunk is not None
                 and models_per_chunk != manifest["layout"]["models_per_chunk"]
@@ -283,19 +287,43 @@ def open_manifest(
         models_per_chunk = on_disk
     elif models_per_chunk is None:
         models_per_chunk = default_chunk()
-    manifest = _new_manifest(request, key, num_models, models_per_chunk)
+    manifest = _new_manifest(request, key, num_models, models_per_chunk, device)
     write_manifest(path, manifest)
     return manifest
 
 
+def check_device_type(manifest: dict[str, Any], device: str, path: Path) -> None:
+    """``ValueError`` unless the store was started on the device type ``device`` (a manifest
+    without the field was written before devices existed: ``"cpu"``). Its models then all
+    train on one device type: CPU and CUDA kernels round differently, so a store mixing
+    them would not be reproducible on either."""
+    started = manifest.get("device", "cpu")
+    if started != device:
+        done = manifest.get("progress", {}).get("models_done", 0)
+        total = manifest.get("layout", {}).get("num_models", "?")
+        raise ValueError(
+            f"the store at {path} was started on {started} ({done} of {total} models trained "
+            f"there) and cannot be resumed on {device}: CPU and CUDA round differently, so one "
+            f"store keeps one device type. Resume it with --device {started} "
+            f"(device='{started}'), or build it afresh on {device} in another directory "
+            "(or delete this one)."
+        )
+
+
 def _new_manifest(
-    request: dict[str, Any], key: str, num_models: int, models_per_chunk: int
+    request: dict[str, Any],
+    key: str,
+    num_models: int,
+    models_per_chunk: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """The manifest of a store with nothing trained yet."""
+    """The manifest of a store with nothing trained yet, to be trained on ``device``
+    (a device type, ``"cpu"`` or ``"cuda"``)."""
     return {
         "format": FORMAT,
         "key": key,
         "created": utc_now(),
+        "device": device,
         "request": request,
         "layout": {
             "num_models": num_models,
@@ -321,6 +349,7 @@ __all__ = [
     "BASE",
     "FORMAT",
     "MANIFEST",
+    "check_device_type",
     "check_request",
     "chunk_path",
     "chunk_range",

@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, vmap
 
 from curvinf.curvature.layers import measure_factors
 from curvinf.curvature.operators import InverseOperator, ScoringTask
+from curvinf.devices import model_device
 from curvinf.losses import MEASURES, check_loss, check_targets, example_measure
 from curvinf.params import (
     check_fitted_on,
@@ -90,7 +91,7 @@ def _gradients(
     X = cast_floating(X, dtype)
     y = y.to(dtype) if kind == "mse" else y
     D = sum(p.numel() for p in params.values())
-    out = torch.empty(len(X), D, dtype=dtype)
+    out = torch.empty(len(X), D, dtype=dtype, device=X.device)
     first = slice(0, chunk_size)
     if fast is not False and _outer_product_grads(
         model, kind, measure, X[first], y[first], out[first], verify=fast is None
@@ -183,6 +184,7 @@ def influence_scores(
     check_xy(Xt, yt, name="train", model=model)
     out_shape = check_xy(Xq, yq, name="query", model=model)[1:]
     check_fitted_on(inv, model)
+    check_inverse_device(inv, model)
     model = evaluation_copy(model, torch.float64)
     check_targets(kind, out_shape, yt, "train y")
     check_targets(kind, out_shape, yq, "query y")
@@ -198,12 +200,25 @@ def influence_scores(
         if fast is not None:
             return fast
         P = preconditioned_gradients(inv, gradients(Xq, yq, measure), chunk_size)
-        scores = torch.empty(len(Xq), len(Xt), dtype=torch.float64)
+        scores = torch.empty(len(Xq), len(Xt), dtype=torch.float64, device=Xt.device)
         for a in range(0, len(Xt), chunk_size):
             Gt = gradients(Xt[a : a + chunk_size], yt[a : a + chunk_size], "loss")
             scores[:, a : a + len(Gt)] = P @ Gt.T
             advance(len(Gt))
     return scores
+
+
+def check_inverse_device(inv: InverseOperator, model: nn.Module) -> None:
+    """``ValueError`` unless the inverse lives on the model's device (where scoring runs);
+    an inverse that does not say where it lives is not checked."""
+    where, device = getattr(inv, "device", None), model_device(model)
+    if where is not None and device is not None and where != device:
+        raise ValueError(
+            f"the inverse is on {where} but the model is on {device}; curvinf scores where the "
+            "model's parameters live: fit the curvature on the model where it will score "
+            "(fit_curvature(..., model.to(device), X.to(device), ...)), or load a saved one "
+            "there with load_curvature(path, model=model)."
+        )
 
 
 def preconditioned_gradients(

@@ -32,6 +32,7 @@ import torch
 from scipy.special import ndtr, ndtri
 from scipy.stats import rankdata
 
+from curvinf.devices import cpu_generator
 from curvinf.validation import check_finite
 
 CONSTANT_TRUTH_FRACTION = 0.1
@@ -69,17 +70,18 @@ def make_subsets(
     Row ``j`` is the first ``round(α N)`` entries of the ``j``-th permutation
     drawn from ``torch.Generator().manual_seed(seed)``; every row has the same
     size (so the subsets can be retrained together), and row ``j`` does not
-    depend on ``num_subsets``. Same arguments, same masks.
+    depend on ``num_subsets``. Same arguments, same masks, on the CPU (move them with
+    ``.to(device)``; the draws do not depend on the device).
     """
     if num_subsets < 2:
         raise ValueError(
             f"num_subsets must be >= 2 (a rank correlation needs two subsets), got {num_subsets}."
         )
     size = subset_size(n_train, alpha)
-    generator = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(num_subsets, n_train, dtype=torch.bool)
+    generator = cpu_generator(seed)
+    masks = torch.zeros(num_subsets, n_train, dtype=torch.bool, device="cpu")
     for j in range(num_subsets):
-        masks[j, torch.randperm(n_train, generator=generator)[:size]] = True
+        masks[j, torch.randperm(n_train, generator=generator, device="cpu")[:size]] = True
     return masks
 
 
@@ -220,9 +222,11 @@ def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _check_inputs(
     named_scores: dict[str, torch.Tensor], masks: torch.Tensor, truth: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Shapes, dtypes and finiteness of score matrices (Q, N), masks (M, N), truth (M, Q)."""
-    masks, truth = torch.as_tensor(masks), torch.as_tensor(truth)
-    named_scores = {name: torch.as_tensor(s) for name, s in named_scores.items()}
+    """Shapes, dtypes and finiteness of score matrices (Q, N), masks (M, N), truth (M, Q),
+    returned on the CPU: LDS statistics are computed there (NumPy), whatever device the
+    scores were computed on."""
+    masks, truth = torch.as_tensor(masks, device="cpu"), torch.as_tensor(truth, device="cpu")
+    named_scores = {name: torch.as_tensor(s, device="cpu") for name, s in named_scores.items()}
     if not named_scores:
         raise ValueError("need at least one score matrix.")
     if masks.ndim != 2 or truth.ndim != 2:
@@ -294,7 +298,7 @@ class ResampleRanks:
     """
 
     def __init__(self, x: np.ndarray) -> None:
-        xt = torch.as_tensor(x, dtype=torch.float64)
+        xt = torch.as_tensor(x, dtype=torch.float64, device="cpu")
         M, Q = xt.shape
         below = (xt[:, None, :] < xt[None, :, :]).to(torch.float64)  # (j, i, q)
         ties = (xt[:, None, :] == xt[None, :, :]).to(torch.float64)
@@ -322,7 +326,7 @@ def bootstrap_spearman(
     B = len(rows)
     counts = np.zeros((B, M))
     np.add.at(counts, (np.arange(B)[:, None], rows), 1.0)
-    counts_t = torch.as_tensor(counts)
+    counts_t = torch.as_tensor(counts, device="cpu")
     outs = [np.empty((B, Q)) for _ in preds]
     tol = 1e-9 * M * M  # below it a resampled column is constant (den is 0 or a multiple of 1/4)
     width = max(1, int(RANK_BLOCK // (M * M)))  # queries per block: T is (M, M·width)
@@ -344,7 +348,7 @@ def bootstrap_spearman(
                 ok = den > tol
                 out[a : a + step, cols] = torch.where(
                     ok, num / torch.where(ok, den, 1.0), torch.nan
-                ).numpy()
+                ).numpy(force=True)
     return outs if isinstance(pred, list) else outs[0]
 
 
@@ -481,12 +485,12 @@ def lds_compare(
         raise ValueError(f"method must be one of {BOOTSTRAP_METHODS}, got {method!r}.")
     named, masks, truth = _check_inputs(dict(scores), masks, truth)
     M, Q = truth.shape
-    target = -truth.to(torch.float64).numpy()
+    target = -truth.to(torch.float64).numpy(force=True)
     rows, weights = bootstrap_resamples(M, Q, num_bootstrap, seed)
     settings = {"confidence": confidence, "num_bootstrap": num_bootstrap, "method": method}
 
     per_query, valid, constant, boots, results = {}, {}, {}, {}, {}
-    preds = {name: group_effects(s, masks).numpy() for name, s in named.items()}
+    preds = {name: group_effects(s, masks).numpy(force=True) for name, s in named.items()}
     for name, pred in preds.items():
         rho, constant_truth, constant_pred = _spearman_and_validity(pred, target)
         per_query[name], valid[name] = rho, ~(constant_truth | constant_pred)
@@ -506,7 +510,7 @@ def lds_compare(
                 mean, resampled_means(boots[name], weights, ok), confidence, method
             )
         results[name] = LDSResult(
-            per_query=torch.as_tensor(rho),
+            per_query=torch.as_tensor(rho, device="cpu"),
             mean=mean,
             ci_low=lo,
             ci_high=hi,
@@ -529,7 +533,7 @@ def lds_compare(
             differences[(a, b)] = LDSDifference(
                 a=a,
                 b=b,
-                per_query=torch.as_tensor(diff),
+                per_query=torch.as_tensor(diff, device="cpu"),
                 mean=mean,
                 ci_low=lo,
                 ci_high=hi,

@@ -167,7 +167,7 @@ def _hessian_blocks(kind: str, f: torch.Tensor) -> torch.Tensor:
     if kind == "ce":
         p = torch.softmax(f.reshape(n, T, c), dim=-1)
         return (torch.diag_embed(p) - p[..., :, None] * p[..., None, :]) / T
-    return (2.0 / c) * torch.eye(c, dtype=f.dtype).expand(n, 1, c, c).clone()
+    return (2.0 / c) * torch.eye(c, dtype=f.dtype, device=f.device).expand(n, 1, c, c).clone()
 
 
 def _block_diagonal(B: torch.Tensor) -> torch.Tensor:
@@ -175,7 +175,7 @@ def _block_diagonal(B: torch.Tensor) -> torch.Tensor:
     n, T, c, k = B.shape
     if T == 1:
         return B[:, 0]
-    eye = torch.eye(T, dtype=B.dtype)
+    eye = torch.eye(T, dtype=B.dtype, device=B.device)
     return torch.einsum("ts,ntck->ntcsk", eye, B).reshape(n, T * c, T * k)
 
 
@@ -207,12 +207,16 @@ def output_sqrt(
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}.")
     cols = []
+    # Drawn on the CPU with a CPU ``generator`` and moved to ``f``'s device: the same labels
+    # on every device (curvinf.devices).
     for _ in range(mc_samples):
         if kind == "ce":
-            p = torch.softmax(f, dim=-1).reshape(-1, c)
+            p = torch.softmax(f, dim=-1).reshape(-1, c).cpu()
             y_hat = torch.multinomial(p, 1, generator=generator).reshape(f.shape[:-1])
+            y_hat = y_hat.to(f.device)
         else:
-            noise = torch.randn(f.shape, generator=generator, dtype=f.dtype)
+            noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device="cpu")
+            noise = noise.to(f.device)
             y_hat = f + (c / 2.0) ** 0.5 * noise
         cols.append(output_grad(kind, f, y_hat))
     Q = torch.stack(cols, dim=-1) / mc_samples**0.5

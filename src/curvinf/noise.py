@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from curvinf.devices import device_of
 from curvinf.validation import check_finite
 
 
@@ -105,7 +106,7 @@ def seed_noise(measurements: torch.Tensor) -> SeedNoise:
 
     Needs ``M >= 2``; ``R = 1`` gives NaN statistics with a ``reason``, not an error.
     """
-    measurements = torch.as_tensor(measurements)
+    measurements = torch.as_tensor(measurements, device=device_of(measurements))
     if measurements.ndim != 3:
         raise ValueError(
             f"measurements must be (M subsets, R seeds, Q queries), got shape "
@@ -121,7 +122,7 @@ def seed_noise(measurements: torch.Tensor) -> SeedNoise:
     y = measurements.to(torch.float64)
     truth_var = y.mean(1).var(0)  # (Q,)
     if R < 2:
-        nan = torch.full((Q,), math.nan, dtype=torch.float64)
+        nan = torch.full((Q,), math.nan, dtype=torch.float64, device=y.device)
         return SeedNoise(
             M, R, Q, truth_var, nan, nan, nan, nan, nan, nan,
             _nanmean(truth_var), math.nan, math.nan, math.nan, math.nan,
@@ -131,7 +132,7 @@ def seed_noise(measurements: torch.Tensor) -> SeedNoise:
     noise = seed_var / R  # variance of the seed mean
     signal_var = (truth_var - noise).clamp(min=0.0)
     defined = truth_var > 0
-    nan = torch.tensor(math.nan, dtype=torch.float64)
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=y.device)
     ceiling = torch.where(defined, (signal_var / truth_var.where(defined, 1.0)).sqrt(), nan)
     ceiling_spearman = 6 / math.pi * torch.asin(ceiling / 2)
     dominated = (noise > signal_var)[defined]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from curvinf.devices import model_device
 from curvinf.validation import check_choice
 
 PARTITIONS = ("layer", "tensor")
@@ -56,17 +57,21 @@ def param_offsets(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def param_blocks(model: nn.Module, partition: str = "layer") -> list[ParamBlock]:
-    """Blocks of the flat vector: one per module owning parameters, or one per tensor."""
+    """Blocks of the flat vector: one per module owning parameters, or one per tensor; their
+    ``index`` tensors on the model's device."""
     check_choice("partition", partition, PARTITIONS)
     offsets = param_offsets(model)
+    device = model_device(model)
     if partition == "tensor":
-        return [ParamBlock(n, torch.arange(a, b), (n,)) for n, (a, b) in offsets.items()]
+        return [
+            ParamBlock(n, torch.arange(a, b, device=device), (n,)) for n, (a, b) in offsets.items()
+        ]
     blocks = []
     for mname, module in model.named_modules():
         own = [f"{mname}.{n}" if mname else n for n, _ in module.named_parameters(recurse=False)]
         own = [n for n in own if n in offsets]
         if own:
-            idx = torch.cat([torch.arange(*offsets[n]) for n in own])
+            idx = torch.cat([torch.arange(*offsets[n], device=device) for n in own])
             blocks.append(ParamBlock(mname or "<root>", idx, tuple(own)))
     return blocks
 

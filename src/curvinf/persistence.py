@@ -70,6 +70,7 @@ from curvinf.curvature.operators import (
     KroneckerEigenBlock,
 )
 from curvinf.curvature.regularization import Regularization
+from curvinf.devices import DeviceSpec, model_device, resolve_device
 from curvinf.names import KRONECKER_RUNGS
 from curvinf.params import check_fitted_on
 from curvinf.storage import CorruptFileError, atomic_write, tensor_digest
@@ -280,10 +281,11 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _block_from_record(record: dict[str, Any]) -> EigenBlock:
-    """An eigen block from its dict (``KeyError`` or ``TypeError`` on a malformed one)."""
+def _block_from_record(record: dict[str, Any], device: torch.device) -> EigenBlock:
+    """An eigen block from its dict, its tensors on ``device`` (``KeyError`` or
+    ``TypeError`` on a malformed one)."""
     cls, fields = BLOCK_TYPES[record["type"]]
-    kwargs = {f: record[f] for f in fields}
+    kwargs = {f: record[f].to(device) for f in fields}
     if issubclass(cls, KroneckerEigenBlock):
         kwargs["has_bias"] = bool(record["has_bias"])
     return cls(**kwargs)
@@ -291,9 +293,11 @@ def _block_from_record(record: dict[str, Any]) -> EigenBlock:
 
 def _check_blocks(blocks: list[EigenBlock], num_params: int) -> None:
     """``ValueError`` unless the blocks' positions cover ``0..num_params-1`` once each."""
-    positions = torch.cat([b.index.reshape(-1) for b in blocks]) if blocks else torch.zeros(0)
+    if not blocks:
+        raise ValueError("the file holds no blocks")
+    positions = torch.cat([b.index.reshape(-1) for b in blocks])
     if positions.dtype != torch.int64 or not torch.equal(
-        positions.sort().values, torch.arange(num_params)
+        positions.sort().values, torch.arange(num_params, device=positions.device)
     ):
         raise ValueError(f"the blocks' positions do not cover the {num_params} parameters once")
     for b in blocks:
@@ -301,8 +305,8 @@ def _check_blocks(blocks: list[EigenBlock], num_params: int) -> None:
             raise ValueError("eigenvalues are not float64 tensors")
 
 
-def _curvature_from_record(record: dict[str, Any]) -> LoadedCurvature:
-    blocks = [_block_from_record(b) for b in record["blocks"]]
+def _curvature_from_record(record: dict[str, Any], device: torch.device) -> LoadedCurvature:
+    blocks = [_block_from_record(b, device) for b in record["blocks"]]
     num_params = int(record["num_params"])
     _check_blocks(blocks, num_params)
     return LoadedCurvature(
@@ -315,7 +319,7 @@ def _curvature_from_record(record: dict[str, Any]) -> LoadedCurvature:
 
 
 def _inverse_from_record(curv: LoadedCurvature, record: dict[str, Any]) -> InverseCurvature:
-    inv_evals = list(record["inv_evals"])
+    inv_evals = [t.to(curv.device) for t in record["inv_evals"]]
     blocks = curv.eigen()
     if len(inv_evals) != len(blocks) or any(
         s.shape != b.eigenvalues.shape for s, b in zip(inv_evals, blocks, strict=False)
@@ -330,7 +334,7 @@ def _inverse_from_record(curv: LoadedCurvature, record: dict[str, Any]) -> Inver
 
 
 def load_curvature(
-    path: str | Path, model: nn.Module | None = None
+    path: str | Path, model: nn.Module | None = None, *, device: DeviceSpec | None = None
 ) -> LoadedCurvature | InverseCurvature:
     """Read a file written by :func:`save_curvature`.
 
@@ -341,11 +345,19 @@ def load_curvature(
     With ``model``, raise ``ValueError`` unless it is that model (same parameter
     count and fingerprint). A truncated, altered or foreign file raises
     :class:`~curvinf.storage.CorruptFileError`; a newer format ``ValueError``.
+
+    Files hold CPU tensors; the loaded object's go to ``device``
+    (:func:`curvinf.devices.resolve_device`), by default the ``model``'s device, or the
+    CPU without a model, so it scores where the model lives.
     """
     path = Path(path)
+    if device is not None:
+        target = resolve_device(device)
+    else:
+        target = (model_device(model) if model is not None else None) or torch.device("cpu")
     record = _read_record(path)
     try:
-        curv = _curvature_from_record(record)
+        curv = _curvature_from_record(record, target)
         obj: LoadedCurvature | InverseCurvature = curv
         if record["kind"] == "inverse":
             obj = _inverse_from_record(curv, record["inverse"])

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from curvinf.devices import DeviceSpec, cpu_generator, model_on, resolve_device
 from curvinf.losses import batch_loss, check_loss, example_loss, example_measure
 from curvinf.params import evaluation_copy, trainable_parameters
 from curvinf.training import (
@@ -54,6 +55,7 @@ from curvinf.training import (
     sgd_step_,
     training_model,
 )
+from curvinf.validation import check_device
 
 Params = dict[str, torch.Tensor]
 
@@ -112,8 +114,9 @@ def unstack_model(template: nn.Module, params: Params, k: int) -> nn.Module:
 
 
 def subset_indices(subsets: torch.Tensor) -> torch.Tensor:
-    """(K, n) sorted index rows from a (K, N) boolean mask or (K, n) index matrix."""
-    subsets = torch.as_tensor(subsets)
+    """(K, n) sorted index rows from a (K, N) boolean mask or (K, n) index matrix, on the
+    CPU (bookkeeping: the batch orders drawn from them are drawn on the CPU)."""
+    subsets = torch.as_tensor(subsets, device="cpu")
     if subsets.ndim != 2:
         raise ValueError(
             "subsets must be a 2-D (K, N) mask or (K, n) index matrix, got shape "
@@ -143,6 +146,7 @@ def train_many(
     seeds: list[int] | torch.Tensor,
     init: Params | None = None,
     on_epoch: Callable[[int], None] | None = None,
+    device: DeviceSpec | None = None,
 ) -> ManyResult:
     """Train ``K`` models at once; model ``k`` on rows ``subsets[k]`` with batch seed ``seeds[k]``.
 
@@ -155,14 +159,22 @@ def train_many(
             ``torch.Generator().manual_seed(seeds[k])``.
         init: optional name -> (K, *shape) initial weights, one set per model.
         on_epoch: called with ``K`` after each epoch (progress bars).
+        device: where to train (:func:`curvinf.devices.resolve_device`); ``None``: where
+            the model lives (``X``, ``y`` and ``init`` must be there too). Batch orders are
+            drawn on the CPU and moved, so they are the same on every device.
 
     Returns:
-        :class:`ManyResult` with the (K, ...) trained weights.
+        :class:`ManyResult` with the (K, ...) trained weights, on the training device.
     """
+    if device is not None:
+        target = resolve_device(device)
+        model, X, y = model_on(model, target), X.to(target), y.to(target)
+        if init is not None:
+            init = {k: v.to(target) for k, v in init.items()}
     kind, model = training_model(model, loss, X, y)
     idx = subset_indices(subsets)
     K, n = idx.shape
-    seeds = [int(s) for s in torch.as_tensor(seeds).reshape(-1).tolist()]
+    seeds = [int(s) for s in torch.as_tensor(seeds, device="cpu").reshape(-1).tolist()]
     if len(seeds) != K:
         raise ValueError(f"need one seed per model: {K} subsets but {len(seeds)} seeds.")
     if K == 0:
@@ -177,6 +189,8 @@ def train_many(
         }
     else:
         params = {k: v.detach().clone() for k, v in init.items()}
+        for k, v in params.items():
+            check_device(f"init[{k!r}]", v, X.device)
         if any(v.shape[0] != K for v in params.values()):
             raise ValueError(f"init must stack {K} models along dim 0.")
     layers = mlp_layers(model)
@@ -186,15 +200,16 @@ def train_many(
     else:
         trainer = _StackedMLP(layers, kind, params, recipe)
     params = trainer.params
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    losses = torch.empty(K, recipe.epochs, dtype=torch.float64)
+    generators = [cpu_generator(s) for s in seeds]
+    losses = torch.empty(K, recipe.epochs, dtype=torch.float64, device=X.device)
     total_steps = recipe.epochs * math.ceil(n / recipe.batch_size)
     t = 0
     for epoch in range(recipe.epochs):
         per_model = [epoch_batches(idx[k], recipe.batch_size, generators[k]) for k in range(K)]
-        total = torch.zeros(K, dtype=torch.float64)
-        for batch in zip(*per_model, strict=True):
-            b = torch.stack(batch)  # (K, B)
+        order = torch.stack([torch.cat(batches) for batches in per_model]).to(X.device)  # (K, n)
+        total = torch.zeros(K, dtype=torch.float64, device=X.device)
+        for a in range(0, n, recipe.batch_size):
+            b = order[:, a : a + recipe.batch_size]  # (K, B): batch of every model
             lr = recipe.lr_at(t, total_steps)
             total += trainer.step(_rows(X, b), _rows(y, b), lr).double() * b.shape[1]
             t += 1
@@ -219,7 +234,7 @@ def _diverged(params: Params, K: int) -> torch.Tensor:
     """
     sums = torch.stack([p.reshape(K, -1).sum(1) for p in params.values()])
     if bool(sums.isfinite().all()):
-        return torch.zeros(K, dtype=torch.bool)
+        return torch.zeros(K, dtype=torch.bool, device=sums.device)
     return ~torch.stack([p.reshape(K, -1).isfinite().all(1) for p in params.values()]).all(0)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
+from curvinf.devices import DeviceSpec, cpu_generator, model_on, resolve_device
 from curvinf.losses import batch_loss, check_loss, check_targets
 from curvinf.params import evaluation_copy, trainable_parameters
 from curvinf.validation import (
@@ -192,10 +193,16 @@ class TrainingResult:
 
 
 def epoch_batches(
-    indices: torch.Tensor, batch_size: int, generator: torch.Generator
+    indices: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device | None = None,
 ) -> list[torch.Tensor]:
-    """Shuffle ``indices`` with ``generator`` and cut them into minibatches (last may be short)."""
-    perm = indices[torch.randperm(len(indices), generator=generator)]
+    """Shuffle ``indices`` with ``generator`` (a CPU one: the order is the same on every
+    device) and cut them into minibatches (last may be short), moved to ``device`` if given."""
+    perm = indices[torch.randperm(len(indices), generator=generator, device="cpu")]
+    if device is not None:
+        perm = perm.to(device)
     return list(perm.split(batch_size))
 
 
@@ -276,21 +283,31 @@ def train(
     recipe: TrainingRecipe,
     *,
     subset: torch.Tensor | None = None,
+    device: DeviceSpec | None = None,
 ) -> TrainingResult:
     """Train a copy of ``model`` on ``(X, y)`` (or the rows in ``subset``) with ``recipe``.
 
     ``subset``: training indices, or an (N,) boolean mask of the rows to keep.
+    ``device``: where to train (:func:`curvinf.devices.resolve_device`: ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``, ``"auto"``); ``None`` trains where the model lives, and then
+    ``X`` and ``y`` must be there too. The trained model is returned on that device, in
+    the model's dtype (float32 by default: training runs in the dtype it is given).
 
     The input model is left untouched. Same model, data, subset and recipe
-    give the same weights, bit for bit.
+    give the same weights, bit for bit (on one device; minibatch orders are drawn on the
+    CPU, so they are the same on every device).
     """
     if not isinstance(recipe, TrainingRecipe):
         raise TypeError(f"recipe must be a TrainingRecipe, got {type(recipe).__name__}.")
+    target = None if device is None else resolve_device(device)
+    if target is not None:
+        model, X, y = model_on(model, target), X.to(target), y.to(target)
     kind, module = training_model(model, loss, X, y)
+    # Indices stay on the CPU, where the batch orders are drawn (epoch_batches moves them).
     if subset is None:
-        indices = torch.arange(len(X))
+        indices = torch.arange(len(X), device="cpu")
     else:
-        subset = torch.as_tensor(subset)
+        subset = torch.as_tensor(subset, device="cpu")
         if subset.dtype == torch.bool:  # a mask, as curvinf.lds.make_subsets gives
             if subset.shape != (len(X),):
                 raise ValueError(
@@ -310,15 +327,17 @@ def train(
         return batch_loss(kind, functional_call(module, p, (xb,)), yb)
 
     step = grad_and_value(objective)
-    generator = torch.Generator().manual_seed(recipe.seed)
+    generator = cpu_generator(recipe.seed)
     losses: list[float] = []
     total_steps = recipe.epochs * math.ceil(len(indices) / recipe.batch_size)
     t = 0
     for _ in range(recipe.epochs):
-        total = 0.0
-        for b in epoch_batches(indices, recipe.batch_size, generator):
+        # the epoch's mean loss, summed on the device (no synchronisation per step); the
+        # same float64 operations as summing Python floats
+        total = torch.zeros((), dtype=torch.float64, device=X.device)
+        for b in epoch_batches(indices, recipe.batch_size, generator, X.device):
             grads, value = step(params, X[b], y[b])
-            total += float(value) * len(b)
+            total += value.detach().double() * len(b)
             lr = recipe.lr_at(t, total_steps)
             t += 1
             if adam:
@@ -326,7 +345,7 @@ def train(
                 adam_step_(list(params.values()), g, list(bufs.values()), exp_avg_sq, recipe, lr, t)
             else:
                 params, bufs = sgd_step(params, grads, bufs, recipe, lr)
-        losses.append(total / len(indices))
+        losses.append(float(total) / len(indices))
         if not all(bool(torch.isfinite(p).all()) for p in params.values()):
             raise FloatingPointError(
                 f"training diverged (non-finite weights) in epoch {len(losses)}; "

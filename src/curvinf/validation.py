@@ -13,28 +13,36 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-COMPUTE_DEVICE = torch.device("cpu")
+from curvinf.devices import model_device
 
 
-def check_device(name: str, tensor: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless ``tensor`` lives on the device curvinf computes on (the CPU)."""
+def check_device(
+    name: str, tensor: torch.Tensor, device: torch.device | None = None, *, owner: str = "the model"
+) -> None:
+    """Raise ``ValueError`` if ``tensor`` is on the meta device, or (``device`` given) not on
+    ``device``, the device of ``owner``: curvinf computes where the model's parameters live,
+    and its data, queries and inverse must be there too (:mod:`curvinf.devices`)."""
     if tensor.device.type == "meta":
         raise ValueError(
             f"{name} is on the meta device (shapes only, no values); materialise it first, "
             "e.g. model.to_empty(device='cpu') followed by load_state_dict(...)."
         )
-    if tensor.device != COMPUTE_DEVICE:
+    if device is not None and tensor.device != device:
         raise ValueError(
-            f"{name} is on {tensor.device}, but curvinf computes on the CPU; move it with "
-            ".cpu() (model.cpu() for a model)."
+            f"{name} is on {tensor.device} but {owner} is on {device}; curvinf computes where "
+            f"the model's parameters live, so the model, its data and queries must share one "
+            f"device: move it with .to('{device}') (or move everything to {tensor.device})."
         )
 
 
-def check_model_devices(model: nn.Module) -> None:
-    """Every parameter and buffer on the compute device (named in the error if not)."""
+def check_model_devices(model: nn.Module) -> torch.device | None:
+    """Every parameter and buffer materialised (not on the meta device, named in the error
+    if one is) and all on one device, which is returned (``None``: the model holds no
+    tensors)."""
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for pname, t in items:
             check_device(f"model {kind} '{pname}'", t)
+    return model_device(model)
 
 
 def check_model_input(model: nn.Module, X: torch.Tensor, *, name: str = "data") -> torch.Size:
@@ -45,7 +53,7 @@ def check_model_input(model: nn.Module, X: torch.Tensor, *, name: str = "data") 
     deep inside the model into a ``ValueError`` naming the data. The model's
     train/eval flags are restored afterwards and no gradient is recorded.
     """
-    check_model_devices(model)
+    check_device(f"{name} features X", X, check_model_devices(model))
     params = list(model.parameters())
     x = X[:1]
     if params and x.is_floating_point():
@@ -125,8 +133,12 @@ def check_xy(
     """
     check_finite(f"{name} features X", X)
     check_finite(f"{name} targets y", y)
-    check_device(f"{name} features X", X)
-    check_device(f"{name} targets y", y)
+    if model is None:
+        check_device(f"{name} targets y", y, X.device, owner=f"{name} features X")
+    else:
+        device = check_model_devices(model)
+        check_device(f"{name} features X", X, device)
+        check_device(f"{name} targets y", y, device)
     if X.ndim < 2:
         raise ValueError(
             f"{name} features X must have shape (N, ...) with at least one dimension per "

@@ -145,4 +145,5 @@ def _fit(method: str, ctx: FitContext) -> Curvature:
         return fit_kronecker(ctx, method, s.max_dense_bytes, s.kfac_variant)
     if method == "diag_ggn":
         return DiagonalCurvature(method, ggn_diagonal(ctx), s.max_dense_bytes)
-    return DiagonalCurvature(method, torch.ones(D, dtype=torch.float64), s.max_dense_bytes)
+    ones = torch.ones(D, dtype=torch.float64, device=ctx.device)
+    return DiagonalCurvature(method, ones, s.max_dense_bytes)

@@ -62,6 +62,11 @@ class CompositeCurvature:
         self.is_ggn = all(getattr(p.curvature, "is_ggn", True) for p in parts)
         self.dtype = torch.float64
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parts' curvatures live (the fitted model's device)."""
+        return self.parts[0].curvature.device
+
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         V2, vector = as_rows(V, self.num_params, "V")
         out = torch.zeros_like(V2, dtype=torch.float64)
@@ -108,7 +113,7 @@ class CompositeInverse(InverseOperator):
         return out[0] if vector else out
 
     def dense(self) -> torch.Tensor:
-        return self.apply(torch.eye(self.num_params, dtype=torch.float64))
+        return self.apply(torch.eye(self.num_params, dtype=torch.float64, device=self.device))
 
     @property
     def report(self) -> InverseReport:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from curvinf.curvature.operators import DEFAULT_MAX_DENSE_BYTES
+from curvinf.devices import cpu_generator
 from curvinf.losses import FISHER_TYPES, check_loss, check_targets, output_sqrt
 from curvinf.params import (
     PARTITIONS,
@@ -171,6 +172,11 @@ class FitContext:
         return next(iter(self.params.values())).dtype
 
     @property
+    def device(self) -> torch.device:
+        """The compute device: the model's (its data are there too, checked by :meth:`build`)."""
+        return next(iter(self.params.values())).device
+
+    @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
@@ -183,7 +189,8 @@ class FitContext:
 
     def whole(self) -> list[ParamBlock]:
         """One block holding every parameter (the unblocked rungs)."""
-        return [ParamBlock("all", torch.arange(self.num_params), tuple(self.params))]
+        index = torch.arange(self.num_params, device=self.device)
+        return [ParamBlock("all", index, tuple(self.params))]
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for a in range(0, self.n, self.chunk_size):
@@ -204,7 +211,8 @@ class FitContext:
         return f, theta
 
     def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+        """The fit's random draws: a CPU generator whatever the device (:mod:`curvinf.devices`)."""
+        return cpu_generator(self.seed)
 
     def pseudo_grads(
         self,

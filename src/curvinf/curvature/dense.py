@@ -46,6 +46,10 @@ class DenseCurvature(Curvature):
         super().__init__(method, num_params, max_dense_bytes)
         self.blocks = blocks
 
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0][1].device
+
     def _eigen(self) -> list[EigenBlock]:
         out: list[EigenBlock] = []
         for block, C in self.blocks:
@@ -55,13 +59,14 @@ class DenseCurvature(Curvature):
 
     def dense(self) -> torch.Tensor:
         check_dense_budget(self.num_params, self.max_dense_bytes, f"{self.method}.dense()")
-        whole = torch.arange(self.num_params)
+        device = self.device
+        whole = torch.arange(self.num_params, device=device)
         if len(self.blocks) == 1 and torch.equal(self.blocks[0][0].index, whole):
             return self.blocks[0][1].clone()
-        D = torch.zeros(self.num_params, self.num_params, dtype=torch.float64)
+        D = torch.zeros(self.num_params, self.num_params, dtype=torch.float64, device=device)
         for block, C in self.blocks:
             a, b = int(block.index[0]), int(block.index[-1]) + 1
-            if b - a == block.size and torch.equal(block.index, torch.arange(a, b)):
+            if b - a == block.size and torch.equal(block.index, torch.arange(a, b, device=device)):
                 D[a:b, a:b] = C  # a contiguous range: plain slicing, no index scatter
             else:
                 D[block.index[:, None], block.index[None, :]] = C
@@ -79,8 +84,13 @@ class DiagonalCurvature(Curvature):
         super().__init__(method, int(diagonal.numel()), max_dense_bytes)
         self.diagonal = diagonal
 
+    @property
+    def device(self) -> torch.device:
+        return self.diagonal.device
+
     def _eigen(self) -> list[EigenBlock]:
-        return [DiagonalEigenBlock(torch.arange(self.num_params), self.diagonal)]
+        index = torch.arange(self.num_params, device=self.device)
+        return [DiagonalEigenBlock(index, self.diagonal)]
 
 
 def hessian_blocks(
@@ -97,7 +107,7 @@ def hessian_blocks(
     ):
         for block in blocks:
             f, theta = ctx.outputs_fn(block.names)
-            H = torch.zeros(block.size, block.size, dtype=torch.float64)
+            H = torch.zeros(block.size, block.size, dtype=torch.float64, device=ctx.device)
             for xb, yb in ctx.chunks():
                 H += (len(xb) / ctx.n) * _chunk_hessian(
                     ctx.loss_kind, f, theta, xb, yb, basis_chunk
@@ -114,7 +124,7 @@ def _chunk_hessian(kind, f, theta, xb, yb, basis_chunk: int) -> torch.Tensor:
     def hvp(v: torch.Tensor) -> torch.Tensor:
         return jvp(g, (theta,), (v,))[1]
 
-    eye = torch.eye(len(theta), dtype=torch.float64)
+    eye = torch.eye(len(theta), dtype=torch.float64, device=theta.device)
     return torch.cat([vmap(hvp)(eye[a : a + basis_chunk]) for a in range(0, len(eye), basis_chunk)])
 
 
@@ -123,7 +133,7 @@ def ggn_blocks(ctx: FitContext, blocks: list[ParamBlock]) -> list[tuple[ParamBlo
     fast = structured.ggn_blocks(ctx, blocks)
     if fast is not None:
         return fast
-    acc = [torch.zeros(b.size, b.size, dtype=torch.float64) for b in blocks]
+    acc = [torch.zeros(b.size, b.size, dtype=torch.float64, device=ctx.device) for b in blocks]
     gen = ctx.generator()
     with progress_bar(ctx.n, "GGN examples", ctx.progress) as advance:
         for xb, yb in ctx.chunks():
@@ -137,7 +147,7 @@ def ggn_blocks(ctx: FitContext, blocks: list[ParamBlock]) -> list[tuple[ParamBlo
 
 def ggn_diagonal(ctx: FitContext) -> torch.Tensor:
     """``diag(G) = 1/N Σ_rows M²``: (D,)."""
-    diag = torch.zeros(ctx.num_params, dtype=torch.float64)
+    diag = torch.zeros(ctx.num_params, dtype=torch.float64, device=ctx.device)
     gen = ctx.generator()
     for xb, yb in ctx.chunks():
         diag += ctx.pseudo_grads(xb, yb, gen).pow(2).sum(dim=(0, 1))

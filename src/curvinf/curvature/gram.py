@@ -132,7 +132,7 @@ class _LinearRows:
 
     def times(self, b: int, V: torch.Tensor) -> torch.Tensor:
         """``M_b V_bᵀ`` (R, Kv) for rows ``V`` (Kv, D) in the flat order."""
-        Z = torch.zeros(self.N, self.K, len(V), dtype=torch.float64)
+        Z = torch.zeros(self.N, self.K, len(V), dtype=torch.float64, device=V.device)
         for i in self.layers[b]:
             out, n_in, bias = self._shape(i)
             W = layer_matrix(V[:, self.adapters[i].index], out, n_in, bias)  # (Kv, out, in')
@@ -179,7 +179,11 @@ def _linear_rows(ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock]) -> 
     layers = []
     for block in blocks:
         mine = [i for i, ad in enumerate(adapters) if bool(torch.isin(ad.index, block.index).any())]
-        union = torch.cat([adapters[i].index for i in mine]) if mine else torch.empty(0)
+        union = (
+            torch.cat([adapters[i].index for i in mine])
+            if mine
+            else torch.empty(0, device=block.index.device)
+        )
         if not torch.equal(union, block.index):
             return None  # a block that splits a layer (partition="tensor")
         layers.append(mine)
@@ -326,7 +330,8 @@ class GramInverse(InverseOperator):
                 eig.append((s.clamp_min(0.0), U))
                 advance(1)
         # the rule on every block's eigenvalues plus one null-space eigenvalue (global τ)
-        parts = [s for s, _ in eig] + [torch.zeros(1, dtype=torch.float64)]
+        null = torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
+        parts = [s for s, _ in eig] + [null]
         inv = self.reg.inverse_eigenvalues(parts, dim=self.num_params)
         self.null_value = float(inv[-1][0])
         top = max(float(s.max()) for s, _ in eig)
@@ -418,7 +423,7 @@ class GramInverse(InverseOperator):
             )
         Gq, _ = as_rows(Gq, self.num_params, "Gq")
         N, K = sigma.shape
-        out = torch.zeros(N, len(Gq), dtype=torch.float64)
+        out = torch.zeros(N, len(Gq), dtype=torch.float64, device=Gq.device)
         with progress_bar(len(self.param_blocks), "Gram blocks", self.solver.progress) as advance:
             for b in range(len(self.param_blocks)):
                 Z = self.rows.times(b, Gq)

@@ -283,7 +283,7 @@ def kronecker_pairwise_scores(
         rotated(cq, kb, b) * lam.reshape(1, -1)
         for b, kb, lam in zip(blocks, layout, inv_evals, strict=True)
     ]
-    scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64)
+    scores = torch.zeros(len(Xq), len(Xt), dtype=torch.float64, device=Xt.device)
     step = task.chunk_size
     for a in range(0, len(Xt), step):
         xb, yb = Xt[a : a + step], yt[a : a + step]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from curvinf.devices import DeviceSpec, cpu_generator
 from curvinf.progress import progress_bar
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -91,7 +92,11 @@ def _finish(
     if not bool(finite.all()):
         notes.append(f"{int((~finite).sum())} solution(s) non-finite")
     converged = finite & (res <= tol) & ~failed
-    hist = torch.stack(history) if history else torch.zeros(0, len(B), dtype=torch.float64)
+    hist = (
+        torch.stack(history)
+        if history
+        else torch.zeros(0, len(B), dtype=torch.float64, device=B.device)
+    )
     return SolveReport(
         solver="",
         iterations=iterations,
@@ -125,8 +130,8 @@ def block_cg(
     X = torch.zeros_like(B) if x0 is None else x0.clone()
     M = precond if precond is not None else (lambda V: V)
     bnorm = _row_norms(B)
-    iterations = torch.zeros(K, dtype=torch.long)
-    failed = torch.zeros(K, dtype=torch.bool)
+    iterations = torch.zeros(K, dtype=torch.long, device=B.device)
+    failed = torch.zeros(K, dtype=torch.bool, device=B.device)
     done = bnorm == 0
     X[done] = 0.0
     history: list[torch.Tensor] = []
@@ -176,7 +181,7 @@ def block_cg(
                 rz = rz_new
                 iterations[act] += 1
                 total += 1
-                h = torch.full((K,), float("nan"), dtype=torch.float64)
+                h = torch.full((K,), float("nan"), dtype=torch.float64, device=B.device)
                 h[act] = _row_norms(R) / bnorm[act]
                 history.append(h)
                 advance(1)
@@ -275,8 +280,8 @@ def _neumann(
     K = len(B)
     X = P(B)
     bnorm = _row_norms(B).clamp_min(1e-300)
-    iterations = torch.zeros(K, dtype=torch.long)
-    failed = torch.zeros(K, dtype=torch.bool)
+    iterations = torch.zeros(K, dtype=torch.long, device=B.device)
+    failed = torch.zeros(K, dtype=torch.bool, device=B.device)
     active = _row_norms(B) > 0
     history: list[torch.Tensor] = []
     notes: list[str] = []
@@ -290,7 +295,7 @@ def _neumann(
             R = B[act] - op(X[act])
             products += len(act)
             rel = _row_norms(R) / bnorm[act]
-            h = torch.full((K,), float("nan"), dtype=torch.float64)
+            h = torch.full((K,), float("nan"), dtype=torch.float64, device=B.device)
             h[act] = rel
             history.append(h)
             conv = rel <= tol
@@ -311,10 +316,13 @@ def _neumann(
     return X, _finish(A, B, X, iterations, history, tol, products, notes, failed)
 
 
-def power_iteration(A: Operator, dim: int, iterations: int, seed: int = 0) -> float:
-    """Estimate of ``λ_max(A)`` (largest magnitude) from ``iterations`` power steps."""
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(1, dim, generator=gen, dtype=torch.float64)
+def power_iteration(
+    A: Operator, dim: int, iterations: int, seed: int = 0, *, device: DeviceSpec = "cpu"
+) -> float:
+    """Estimate of ``λ_max(A)`` (largest magnitude) from ``iterations`` power steps; ``A``
+    acts on rows on ``device`` (the start vector is drawn on the CPU and moved there)."""
+    gen = cpu_generator(seed)
+    v = torch.randn(1, dim, generator=gen, dtype=torch.float64, device="cpu").to(device)
     v /= _row_norms(v)
     lam = 0.0
     for _ in range(iterations):
@@ -335,9 +343,12 @@ def lanczos(
     max_iter: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    device: DeviceSpec = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Top-``k`` Ritz pairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
+    ``matvec`` acts on rows on ``device``, where the basis lives (random start vectors are
+    drawn on the CPU and moved there, so a seed gives the same start on every device).
     Returns ``(U (D, k), θ (k,) descending, residuals (k,), steps)`` with
     residual ``|β_m s_{m,i}| = ‖C u_i - θ_i u_i‖``. On an invariant subspace it
     restarts from a random vector orthogonal to the basis (so repeated eigenvalues
@@ -345,9 +356,9 @@ def lanczos(
     """
     m = min(dim, max_iter if max_iter is not None else 2 * k + 20)
     k = min(k, m)
-    gen = torch.Generator().manual_seed(seed)
-    Qb = torch.zeros(m + 1, dim, dtype=torch.float64)
-    q = torch.randn(dim, generator=gen, dtype=torch.float64)
+    gen = cpu_generator(seed)
+    Qb = torch.zeros(m + 1, dim, dtype=torch.float64, device=device)
+    q = torch.randn(dim, generator=gen, dtype=torch.float64, device="cpu").to(device)
     Qb[0] = q / torch.linalg.vector_norm(q)
     alphas, betas = [], []
     beta_last = 0.0
@@ -382,9 +393,9 @@ def lanczos(
                 continue
             betas.append(beta)
             Qb[j + 1] = w / beta
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64, device=Qb.device))
     if betas:
-        off = torch.tensor(betas[: steps - 1], dtype=torch.float64)
+        off = torch.tensor(betas[: steps - 1], dtype=torch.float64, device=Qb.device)
         T += torch.diag(off, 1) + torch.diag(off, -1)
     theta, S = torch.linalg.eigh(T)
     order = torch.argsort(theta, descending=True)[: min(k, steps)]
@@ -395,7 +406,7 @@ def lanczos(
 
 def _orthogonal_start(Q: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
     """A random unit vector orthogonal to the rows of ``Q`` (k, D); ``None`` if they span."""
-    q = torch.randn(Q.shape[1], generator=gen, dtype=torch.float64)
+    q = torch.randn(Q.shape[1], generator=gen, dtype=torch.float64, device="cpu").to(Q.device)
     q = q / torch.linalg.vector_norm(q)
     for _ in range(2):
         q = q - Q.T @ (Q @ q)

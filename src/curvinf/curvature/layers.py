@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from curvinf.curvature.context import FitContext
+from curvinf.devices import cpu_generator
 from curvinf.losses import example_measure, output_sqrt
 from curvinf.params import ParamBlock, count_trainable, param_offsets
 from curvinf.validation import check_choice
@@ -74,7 +75,7 @@ class LayerAdapter:
                 "need them adjacent. Use method='block_ggn' or 'ggn'."
             )
         stop = offsets[prefix + "bias"][1] if self.has_bias else b
-        self.index = torch.arange(a, stop)
+        self.index = torch.arange(a, stop, device=module.weight.device)
         if sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad) != len(
             self.index
         ):
@@ -219,7 +220,8 @@ def layer_coverage(
             prefix = f"{name}." if name else ""
             own = [prefix + n for n, _ in module.named_parameters(recurse=False)]
             own = [n for n in own if n in offsets]
-            index = torch.cat([torch.arange(*offsets[n]) for n in own])
+            device = next(module.parameters(recurse=False)).device
+            index = torch.cat([torch.arange(*offsets[n], device=device) for n in own])
             rest.append(ParamBlock(name or "<root>", index, tuple(own)))
     return adapters, rest
 
@@ -349,8 +351,8 @@ def _check_factorisation(
     when a layer's parameters are also used outside its own calls (weight tying with a
     functional op, a custom ``forward``), which the hooks cannot see.
     """
-    gen = torch.Generator().manual_seed(0)
-    r = torch.randn(f.shape, generator=gen, dtype=f.dtype)
+    gen = cpu_generator(0)
+    r = torch.randn(f.shape, generator=gen, dtype=f.dtype, device="cpu").to(f.device)
     params = []
     for ad in adapters:
         params += [ad.module.weight] + ([ad.module.bias] if ad.has_bias else [])

@@ -87,6 +87,10 @@ class MatrixFreeCurvature(Curvature):
     def dtype(self) -> torch.dtype:
         return self.ctx.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
     def matvec(self, V: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of ``V`` (K, D) (or a (D,) vector) times ``C`` -> float64, same shape.
 
@@ -94,7 +98,12 @@ class MatrixFreeCurvature(Curvature):
         that subset instead, normalised by its size (stochastic solvers).
         """
         V2, vector = as_rows(V, self.num_params, "V")
-        idx = torch.arange(self.ctx.n) if rows is None else torch.as_tensor(rows).long()
+        device = self.device
+        idx = (
+            torch.arange(self.ctx.n, device=device)
+            if rows is None
+            else torch.as_tensor(rows, device=device).long()
+        )
         if idx.numel() == 0:
             raise ValueError("rows is empty; pass at least one training index.")
         out = torch.zeros_like(V2)
@@ -119,7 +128,7 @@ class MatrixFreeCurvature(Curvature):
     def _products(self, block: ParamBlock, V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         f, theta = self.ctx.outputs_fn(block.names)
         kind = self.ctx.loss_kind
-        acc = torch.zeros(V.shape, dtype=torch.float64)
+        acc = torch.zeros(V.shape, dtype=torch.float64, device=V.device)
         for rows in idx.split(self.ctx.chunk_size):
             xb, yb = self.ctx.X[rows], self.ctx.y[rows]
             if self.output_roots is None:
@@ -143,7 +152,7 @@ class MatrixFreeCurvature(Curvature):
     def dense(self) -> torch.Tensor:
         """``C`` (D, D) float64 from D products with the identity (small models only)."""
         check_dense_budget(self.num_params, self.max_dense_bytes, f"{self.method}.dense()")
-        C = self.matvec(torch.eye(self.num_params, dtype=torch.float64))
+        C = self.matvec(torch.eye(self.num_params, dtype=torch.float64, device=self.device))
         return 0.5 * (C + C.T)
 
     def _eigen(self) -> list[EigenBlock]:

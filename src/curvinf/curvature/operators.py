@@ -92,8 +92,10 @@ class DiagonalEigenBlock(EigenBlock):
         return V * s
 
     def eigenvectors(self, positions: torch.Tensor) -> torch.Tensor:
-        rows = torch.zeros(len(positions), len(self.index), dtype=torch.float64)
-        rows[torch.arange(len(positions)), positions] = 1.0
+        rows = torch.zeros(
+            len(positions), len(self.index), dtype=torch.float64, device=self.evals.device
+        )
+        rows[torch.arange(len(positions), device=rows.device), positions] = 1.0
         return rows
 
     def coefficients(self, V: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -207,6 +209,11 @@ class Curvature(ABC):
     def _eigen(self) -> list[EigenBlock]:
         """Eigendecomposition in blocks (computed once, then cached)."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the curvature's tensors live: the device of the model it was fitted on."""
+        return self.eigen()[0].index.device
+
     def eigen(self) -> list[EigenBlock]:
         if self._eigen_cache is None:
             self._eigen_cache = self._eigen()
@@ -226,7 +233,7 @@ class Curvature(ABC):
     def dense(self) -> torch.Tensor:
         """``C`` as a (D, D) float64 matrix in the flat parameter order."""
         check_dense_budget(self.num_params, self.max_dense_bytes, f"{self.method}.dense()")
-        return self.matvec(torch.eye(self.num_params, dtype=torch.float64))
+        return self.matvec(torch.eye(self.num_params, dtype=torch.float64, device=self.device))
 
     def inverse(
         self, reg: Regularization | None = None, solver: InverseSolver | None = None
@@ -336,6 +343,11 @@ class InverseOperator(ABC):
         return self.curvature.num_params
 
     @property
+    def device(self) -> torch.device:
+        """Where the inverse applies: its curvature's device (the fitted model's)."""
+        return self.curvature.device
+
+    @property
     def model_fingerprint(self) -> str | None:
         """The fingerprint of the model its curvature was fitted on (``None``: unknown)."""
         return getattr(self.curvature, "model_fingerprint", None)
@@ -349,7 +361,7 @@ class InverseOperator(ABC):
         check_dense_budget(
             self.num_params, self.curvature.max_dense_bytes, f"{self.curvature.method} inverse"
         )
-        return self.apply(torch.eye(self.num_params, dtype=torch.float64))
+        return self.apply(torch.eye(self.num_params, dtype=torch.float64, device=self.device))
 
     @property
     @abstractmethod

@@ -62,6 +62,7 @@ from curvinf.curvature.krylov import (
 from curvinf.curvature.matfree import MatrixFreeCurvature
 from curvinf.curvature.operators import Curvature, InverseOperator, InverseReport, as_rows
 from curvinf.curvature.regularization import Regularization
+from curvinf.devices import cpu_generator
 from curvinf.names import PRECONDITIONERS, PSD_METHODS
 from curvinf.validation import check_choice
 
@@ -165,7 +166,7 @@ class LiSSA(_Settings):
         A = inverse.damped_matvec
         if inverse.lissa_scale is None:
             inverse.lissa_scale = self.scale or 1.1 * power_iteration(
-                A, inverse.num_params, self.power_iterations, self.seed
+                A, inverse.num_params, self.power_iterations, self.seed, device=B.device
             )
         sampler = None
         if self.batch_size is not None:
@@ -176,10 +177,11 @@ class LiSSA(_Settings):
                     "(curvinf.curvature.matfree.matrix_free); use batch_size=None here."
                 )
             n = curvature.ctx.n
-            gen = torch.Generator().manual_seed(self.seed)
+            gen = cpu_generator(self.seed)
 
             def sampler() -> Operator:
-                rows = torch.randperm(n, generator=gen)[: self.batch_size]
+                # drawn on the CPU (the same rows on every device); matvec moves them
+                rows = torch.randperm(n, generator=gen, device="cpu")[: self.batch_size]
                 return lambda V: curvature.matvec(V, rows=rows) + damping * V
 
         return lissa(
@@ -407,10 +409,12 @@ class LanczosInverse(InverseOperator):
             max_iter=solver.max_iter,
             seed=solver.seed,
             progress=solver.progress,
+            device=curvature.device,
         )
         self.U, self.ritz_values, self.ritz_residuals = U, theta, res
         full = len(theta) == curvature.num_params  # the whole space: no complement
-        parts = [theta] if full else [theta, torch.zeros(1, dtype=torch.float64)]
+        null = torch.zeros(1, dtype=torch.float64, device=theta.device)
+        parts = [theta] if full else [theta, null]
         inv = reg.inverse_eigenvalues(parts, dim=curvature.num_params)
         self.inv_values = inv[0]
         zero_c = full or solver.complement == "zero"
@@ -419,10 +423,10 @@ class LanczosInverse(InverseOperator):
         rel = res / scale
         self.eigen_report = SolveReport(
             solver="lanczos",
-            iterations=torch.full((len(theta),), steps),
+            iterations=torch.full((len(theta),), steps, device=theta.device),
             residual=rel,
             converged=rel <= solver.tol,
-            solution_norm=torch.full((len(theta),), float("nan")),
+            solution_norm=torch.full((len(theta),), float("nan"), device=theta.device),
             products=steps,
             seconds=time.perf_counter() - t0,
             notes=""

@@ -43,6 +43,8 @@ needs; callers then take the generic route.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.func import jvp
@@ -84,8 +86,9 @@ def _flat_to_aug(ad: LayerAdapter) -> torch.Tensor:
     """Position in the augmented (out, in') layout of each local flat position."""
     out, n_in = ad.module.weight.shape
     width = n_in + int(ad.has_bias)
-    o = torch.arange(out)[:, None] * width
-    perm = (o + torch.arange(n_in)[None, :]).reshape(-1)
+    device = ad.index.device
+    o = torch.arange(out, device=device)[:, None] * width
+    perm = (o + torch.arange(n_in, device=device)[None, :]).reshape(-1)
     if ad.has_bias:
         perm = torch.cat([perm, o[:, 0] + n_in])
     return perm
@@ -93,7 +96,8 @@ def _flat_to_aug(ad: LayerAdapter) -> torch.Tensor:
 
 def _covers(adapters: list[LayerAdapter], blocks: list[ParamBlock]) -> list[list[int]] | None:
     """Per block, the layers it touches; ``None`` if a block holds only part of the union."""
-    owner = torch.full((sum(ad.index.numel() for ad in adapters),), -1, dtype=torch.long)
+    size = sum(ad.index.numel() for ad in adapters)
+    owner = torch.full((size,), -1, dtype=torch.long, device=blocks[0].index.device)
     for i, ad in enumerate(adapters):
         owner[ad.index] = i
     out = []
@@ -124,10 +128,13 @@ class _Acc:
         self.B: Pairs = {}
         for m, lo in pairs:
             (om, im), (ol, il) = _aug_shape(adapters[m]), _aug_shape(adapters[lo])
-            self.A[(m, lo)] = torch.zeros(om * ol, im * il, dtype=torch.float64)
+            device = adapters[m].index.device
+            self.A[(m, lo)] = torch.zeros(om * ol, im * il, dtype=torch.float64, device=device)
             if bilinear and lo < m:
                 im_w = adapters[m].module.weight.shape[1]
-                self.B[(m, lo)] = torch.zeros(im_w * ol, om * il, dtype=torch.float64)
+                self.B[(m, lo)] = torch.zeros(
+                    im_w * ol, om * il, dtype=torch.float64, device=device
+                )
 
     def add_a(self, m: int, lo: int, Bn: torch.Tensor, a_m: torch.Tensor, a_l: torch.Tensor):
         """``A[o, p, j, i] += Σ_n Bn[n, o, p] a_m[n, j] a_l[n, i]``: one GEMM over n."""
@@ -182,9 +189,9 @@ def _assemble(
     sizes = [ad.index.numel() for ad in adapters]
     out = []
     for block, cover in zip(blocks, covers, strict=True):
-        offs = torch.tensor([0, *[sizes[i] for i in cover]]).cumsum(0).tolist()
+        offs = list(itertools.accumulate([0, *[sizes[i] for i in cover]]))
         d = offs[-1]
-        C = torch.empty(d, d, dtype=torch.float64)
+        C = torch.empty(d, d, dtype=torch.float64, device=block.index.device)
         for a, m in enumerate(cover):
             for b, lo in enumerate(cover[: a + 1]):
                 blk = C[offs[a] : offs[a + 1], offs[b] : offs[b + 1]]
@@ -316,7 +323,8 @@ def hessian_blocks(
             # per l: P = ∂z_m/∂z_l for m = l, l+1, ...; B_n = M_m P (G-like part),
             # F = σ'(z_{m-1}) ⊙ ∂z_{m-1}/∂z_l (bilinear part)
             for lo, ms in by_l.items():
-                P = torch.eye(linears[lo].out_features, dtype=torch.float64).expand(n, -1, -1)
+                eye = torch.eye(linears[lo].out_features, dtype=torch.float64, device=ctx.device)
+                P = eye.expand(n, -1, -1)
                 for m in range(lo, max(ms) + 1):
                     if m > lo:
                         F = d1[m - 1][:, :, None] * P
