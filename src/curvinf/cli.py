@@ -31,6 +31,8 @@ import typer
 from curvinf.storage import StoreBusyError
 
 if TYPE_CHECKING:
+    import torch
+
     from curvinf.data import DataSplit
     from curvinf.groundtruth import GroundTruth, GroundTruthConfig
     from curvinf.study.sweep import SweepSettings
@@ -47,6 +49,7 @@ WORK_ERRORS: tuple[type[Exception], ...] = (
     StoreBusyError,
 )
 """Failures of the work a user can act on; anything else is a bug and keeps its traceback."""
+DEVICE_HELP = "where to compute: cpu, cuda, cuda:N or auto (CUDA when available, else the CPU)"
 
 app = typer.Typer(
     add_completion=False,
@@ -84,8 +87,10 @@ def demo(
     width: int = typer.Option(32, help="hidden units per layer"),
     epochs: int = typer.Option(50, help="training epochs"),
     seed: int = typer.Option(0, help="seed for split, init and batches"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Train an MLP on UCI digits, score with every rung, print how the rungs agree."""
+    from curvinf.devices import resolve_device
     from curvinf.validation import check_int
 
     with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
@@ -93,10 +98,11 @@ def demo(
         check_int("--width", width, low=1)
         check_int("--epochs", epochs, low=1)
         check_int("--seed", seed, low=0)
+        where = resolve_device(device)
     from curvinf.demo import run_demo
 
     with exit_on(FAILED, WORK_ERRORS):
-        run_demo(depth=depth, width=width, epochs=epochs, seed=seed)
+        run_demo(depth=depth, width=width, epochs=epochs, seed=seed, device=where)
 
 
 @app.command()
@@ -134,6 +140,9 @@ def groundtruth(
     ray_address: str = typer.Option(
         "", help="Ray cluster address with --executor ray (default: start a local Ray instance)"
     ),
+    device: str = typer.Option(
+        "cpu", help=DEVICE_HELP + "; a store is resumed on the device type it was started on"
+    ),
 ) -> None:
     """Build or resume the LDS ground truth (M subsets x R seeds retrained); print its store."""
     options = dict(locals())
@@ -157,6 +166,7 @@ class GroundTruthJob:
     progress: bool
     executor: str = "local"
     ray_address: str | None = None
+    device: torch.device | None = None  # None: the CPU
 
 
 def groundtruth_job(
@@ -187,6 +197,7 @@ def groundtruth_job(
     progress: bool,
     executor: str = "local",
     ray_address: str = "",
+    device: str = "cpu",
 ) -> GroundTruthJob:
     """Check every ``curvinf groundtruth`` option (before any work) and return the job.
 
@@ -194,6 +205,7 @@ def groundtruth_job(
     ``out`` is (or lies under) a file.
     """
     from curvinf.data import load_dataset
+    from curvinf.devices import resolve_device
     from curvinf.executors import check_executor
     from curvinf.groundtruth import GroundTruthConfig, check_fraction, take_queries
     from curvinf.storage import check_directory
@@ -216,6 +228,7 @@ def groundtruth_job(
     check_fraction("--alpha", alpha)
     check_number("--memory-gib", memory_gib, low=0.0, strict_low=True)
     check_executor(executor, ray_address or None)
+    where = resolve_device(device)
     out_dir = check_directory(out, name="--out")
     data = take_queries(load_dataset(dataset, seed=seed), queries, name="--queries")
     config = GroundTruthConfig(
@@ -251,6 +264,7 @@ def groundtruth_job(
         progress=progress,
         executor=executor,
         ray_address=ray_address or None,
+        device=where,
     )
 
 
@@ -266,8 +280,11 @@ def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
     console = Console(stderr=True)
     if job.threads:
         torch.set_num_threads(job.threads)
+    device = job.device or torch.device("cpu")
     with (
-        make_executor(job.executor, ray_address=job.ray_address, threads=job.threads) as executor,
+        make_executor(
+            job.executor, ray_address=job.ray_address, threads=job.threads, device=device
+        ) as executor,
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore", RetrainingWarning)  # printed below instead
@@ -281,6 +298,7 @@ def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
             repair=job.repair,
             log=lambda msg: console.print(msg, style="yellow"),
             executor=executor,
+            device=device,
         )
     summary = gt.summary()["retrained_median"]
     console.print(

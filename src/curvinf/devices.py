@@ -50,7 +50,7 @@ def resolve_device(spec: DeviceSpec | None = "cpu") -> torch.device:
     if isinstance(spec, str):
         text = spec.strip().lower()
         if text == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            text = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             device = torch.device(text)
         except RuntimeError as err:

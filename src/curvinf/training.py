@@ -34,7 +34,6 @@ from curvinf.validation import (
     check_choice,
     check_int,
     check_model_finite,
-    check_model_input,
     check_number,
     check_xy,
 )
@@ -87,8 +86,7 @@ def training_model(
             f"the model's parameters are {names} but X is {str(X.dtype).removeprefix('torch.')}; "
             f"convert one to match, e.g. model.to(X.dtype) or X.to({names})."
         )
-    check_xy(X, y, name="training data")
-    out_shape = check_model_input(model, X, name="training data")
+    out_shape = check_xy(X, y, name="training data", model=model)  # also on its device
     check_targets(kind, out_shape[1:], y)
     moded = mode_dependent_modules(model)
     if moded:
