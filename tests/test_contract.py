@@ -45,7 +45,7 @@ from curvinf.curvature import (
 )
 
 EXACT = ("hessian", "ggn", "block_hessian", "block_ggn")  # also the matrix-free rungs
-GGN_TYPE = ("ggn", "block_ggn", "ekfac", "kfac", "diag_ggn")  # the rungs ``fisher`` applies to
+GGN_TYPE = ("ggn", "block_ggn", "unshared_ggn", "ekfac", "kfac", "diag_ggn")  # ``fisher`` applies
 FISHERS = ("type2", "empirical")
 # influence_scores' chunk of training examples: 12 make two full chunks and a partial one. The
 # fits use one chunk (matrix-free products cost per chunk, not per vector, on these sizes).
@@ -213,7 +213,9 @@ def reference_curvature(kind: str, method: str, fisher: str | None) -> torch.Ten
         C = ref_ggn(model, kind, X, y, fisher)
     if method == "diag_ggn":
         return torch.diag(torch.diag(C))
-    return block_diag_of(C, layer_slices(model)) if method.startswith("block") else C
+    # unshared_ggn: an MLP has no weight sharing, so it is the block-GGN (tests/test_weight_sharing)
+    per_layer = method.startswith("block") or method == "unshared_ggn"
+    return block_diag_of(C, layer_slices(model)) if per_layer else C
 
 
 @functools.cache

@@ -26,7 +26,7 @@ from curvinf.params import model_fingerprint
 from curvinf.persistence import FORMAT_VERSION, LoadedCurvature
 from curvinf.storage import CorruptFileError
 
-DENSE_RUNGS = ("hessian", "ggn", "block_hessian", "block_ggn")
+DENSE_RUNGS = ("hessian", "ggn", "block_hessian", "block_ggn", "unshared_ggn")
 REG = Regularization(damping=1e-3, eps=1e-8)
 
 

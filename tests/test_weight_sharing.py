@@ -220,22 +220,30 @@ def test_conv2d_factors_match_unfolded_patches(conv, variant):
     assert rel(curv.dense()[s, s][perm][:, perm], torch.kron(S, A)) < 1e-10
 
 
-@pytest.mark.parametrize("variant", ["expand", "reduce"])
-def test_sequence_linear_factors(variant):
+def sequence_case():
+    """:class:`SeqNet` on 4 sequences with the references of its first layer:
+    ``(model, X, y, calls, H)`` (module doc)."""
     model = seeded(SeqNet())
     X, y = data((5, 3), 4, out_shape=(5,))
     with torch.no_grad():
         z = model.inp(X)
     J = torch.stack([jacrev(lambda zn: model.post(zn[None])[0].reshape(-1))(zn) for zn in z])
     H = output_hessians(CE, model(X).detach(), y)
-    A, S = ref_factors([(with_ones(X), J)], H, variant)
+    return model, X, y, [(with_ones(X), J)], H
+
+
+@pytest.mark.parametrize("variant", ["expand", "reduce"])
+def test_sequence_linear_factors(variant):
+    model, X, y, calls, H = sequence_case()
+    A, S = ref_factors(calls, H, variant)
     curv = fit_curvature("kfac", model, CE, X, y, kfac_variant=variant)
     assert rel(curv.factors[0].A, A) < 1e-10
     assert rel(curv.factors[0].S, S) < 1e-10
 
 
-@pytest.mark.parametrize("variant", ["expand", "reduce"])
-def test_linear_called_twice_has_the_positions_of_both_calls(variant):
+def shared_case():
+    """:class:`SharedNet` on 5 examples with the references of its twice-called layer:
+    ``(model, X, y, calls, H)``, ``calls`` one ``(ã, J)`` per call (module doc)."""
     model = seeded(SharedNet())
     X, y = data((4,), 5)
     lin, head = model.inp, model.head
@@ -248,7 +256,12 @@ def test_linear_called_twice_has_the_positions_of_both_calls(variant):
     J1 = torch.stack([J1(z1[n]) for n in range(len(X))])[:, :, None]  # (N, F, 1, out)
     J2 = torch.stack([J2(z2[n]) for n in range(len(X))])[:, :, None]
     H = output_hessians(CE, model(X).detach(), y)
-    calls = [(with_ones(X)[:, None], J1), (with_ones(h)[:, None], J2)]
+    return model, X, y, [(with_ones(X)[:, None], J1), (with_ones(h)[:, None], J2)], H
+
+
+@pytest.mark.parametrize("variant", ["expand", "reduce"])
+def test_linear_called_twice_has_the_positions_of_both_calls(variant):
+    model, X, y, calls, H = shared_case()
     A, S = ref_factors(calls, H, variant)
     curv = fit_curvature("kfac", model, CE, X, y, kfac_variant=variant)
     assert rel(curv.factors[0].A, A) < 1e-10
@@ -455,3 +468,98 @@ def test_an_exact_uncovered_block_over_the_memory_budget_is_refused():
     model, X, y = token_case()
     with pytest.raises(ValueError, match="uncovered='diagonal'"):
         fit_curvature("kfac", model, CE, X, y, uncovered="exact", max_dense_bytes=100)
+
+
+# ---------------------------------------------------------------- the unshared GGN
+
+
+def ref_unshared(calls, H: torch.Tensor, variant: str) -> torch.Tensor:
+    """The matrix K-FAC factorises (curvinf.curvature.sharing), in ``[W | b]`` matrix order:
+    expand ``1/N Σ_{n,t} (J_ntᵀ H_n J_nt) ⊗ ã_nt ã_ntᵀ``, reduce ``1/N Σ_n (J̄_nᵀ H_n J̄_n) ⊗
+    ā_n ā_nᵀ``, positions of all uses together."""
+    a = torch.cat([c[0] for c in calls], dim=1)
+    J = torch.cat([c[1] for c in calls], dim=2)
+    if variant == "reduce":
+        a, J = a.mean(1, keepdim=True), J.sum(2, keepdim=True)
+    S = torch.einsum("nfto,nfg,ngtp->ntop", J, H, J)
+    G = torch.einsum("ntop,nti,ntj->oipj", S, a, a) / len(a)
+    d = G.shape[0] * G.shape[1]
+    return G.reshape(d, d).detach()
+
+
+def unshared_block(model, X, y, variant: str, index: int = 0) -> torch.Tensor:
+    """Module ``index``'s block of curvinf's unshared GGN, in ``[W | b]`` matrix order."""
+    curv = fit_curvature("unshared_ggn", model, CE, X, y, kfac_variant=variant)
+    assert curv.variant == variant
+    s = module_slices(model)[index]
+    weight = list(model.modules())[1 + index].weight  # the module's own weight
+    perm = matrix_perm(weight.shape[0], weight[0].numel(), True)
+    return curv.dense()[s, s][perm][:, perm]
+
+
+@pytest.mark.parametrize("variant", ["expand", "reduce"])
+def test_unshared_ggn_of_a_conv2d_from_unfolded_patches(variant):
+    model = conv_net(stride=2, padding=1)
+    X, y = data((2, 5, 5), 4)
+    with torch.no_grad():
+        z = model.conv(X)
+    patches = F.unfold(X, 3, padding=1, stride=2).transpose(1, 2)
+
+    def post(zz):
+        return model.head(torch.tanh(zz).flatten(1))
+
+    H = output_hessians(CE, model(X).detach(), y)
+    want = ref_unshared([(with_ones(patches), conv_jacobian(post, z))], H, variant)
+    assert rel(unshared_block(model, X, y, variant), want) < 1e-10
+
+
+@pytest.mark.parametrize("variant", ["expand", "reduce"])
+def test_unshared_ggn_of_sequence_and_twice_called_linears(variant):
+    for model, X, y, calls, H in (sequence_case(), shared_case()):
+        want = ref_unshared(calls, H, variant)
+        assert rel(unshared_block(model, X, y, variant), want) < 1e-10
+
+
+@pytest.mark.parametrize("variant", ["expand", "reduce"])
+def test_unshared_ggn_is_the_block_ggn_without_weight_sharing(variant):
+    """One position per example (an MLP): the weight-sharing step is exact, per layer
+    (joint bias) or per tensor (separate bias)."""
+    model = seeded(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    X, y = data((4,), 6)
+    B = ref_block_ggn(model, CE, X, y)
+    got = fit_curvature("unshared_ggn", model, CE, X, y, kfac_variant=variant).dense()
+    assert rel(got, B) < 1e-12
+    tensors = fit_curvature("block_ggn", model, CE, X, y, partition="tensor").dense()
+    sep = fit_curvature("unshared_ggn", model, CE, X, y, kfac_variant=variant, bias="separate")
+    assert rel(sep.dense(), tensors) < 1e-12
+    kfac = fit_curvature("kfac", model, CE, X, y, kfac_variant=variant).dense()
+    assert rel(kfac, B) > 1e-3  # the factorisation step is not exact here
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["sequence", "conv"])
+@pytest.mark.parametrize(
+    ("pool", "exact", "other"),
+    [(False, "expand", "reduce"), (True, "reduce", "expand")],
+    ids=["per-position-loss:expand", "pooled:reduce"],
+)
+def test_unshared_ggn_of_the_exact_variant_is_the_block_ggn(conv, pool, exact, other):
+    """Where a K-FAC variant is exact (deep linear, MSE), so is its weight-sharing step."""
+    model, X, y = linear_case(conv, pool)
+    B = ref_block_ggn(model, MSE, X, y)
+    got = fit_curvature("unshared_ggn", model, MSE, X, y, kfac_variant=exact).dense()
+    assert rel(got, B) < 1e-10
+    wrong = fit_curvature("unshared_ggn", model, MSE, X, y, kfac_variant=other).dense()
+    assert rel(wrong, B) > 1e-3
+
+
+@pytest.mark.parametrize("policy", ["exact", "diagonal"])
+def test_unshared_ggn_treats_uncovered_parameters_as_kfac_does(policy):
+    model, X, y = token_case()
+    with pytest.raises(TypeError, match="uncovered="):
+        fit_curvature("unshared_ggn", model, CE, X, y)
+    got = fit_curvature("unshared_ggn", model, CE, X, y, uncovered=policy)
+    kfac = fit_curvature("kfac", model, CE, X, y, uncovered=policy)
+    assert got.uncovered == kfac.uncovered
+    emb, norm, _ = module_slices(model)
+    both = slice(emb.start, norm.stop)
+    assert rel(got.dense()[both, both], kfac.dense()[both, both]) < 1e-12

@@ -329,12 +329,16 @@ def layer_basis_overlap(
     ``kronecker``'s basis ``U_S ⊗ U_A`` ordered by its own eigenvalues (K-FAC or EK-FAC).
 
     Blocks are matched by their positions in θ; returns ``{layer: {k: overlap}}``, with
-    ``ks`` default :func:`overlap_ks` of the layer size.
+    ``ks`` default :func:`overlap_ks` of the layer size. Blocks of parameters no adapter
+    covers (``uncovered``) have no Kronecker basis and are left out.
     """
     names = getattr(kronecker, "kblocks", None)
     out: dict[str, dict[int, float]] = {}
     ref_blocks = {tuple(b.index.tolist()): b for b in reference.eigen()}
-    for i, kb in enumerate(kronecker.eigen()):
+    blocks = kronecker.eigen()
+    if names is not None:  # the Kronecker blocks come first; uncovered parameters' after
+        blocks = blocks[: len(names)]
+    for i, kb in enumerate(blocks):
         key = tuple(kb.index.tolist())
         if key not in ref_blocks:
             raise ValueError(

@@ -12,6 +12,7 @@ METHODS: tuple[str, ...] = (
     "ggn",
     "block_hessian",
     "block_ggn",
+    "unshared_ggn",
     "ekfac",
     "kfac",
     "diag_ggn",
@@ -25,7 +26,15 @@ LADDER: tuple[str, ...] = ("hessian", "ggn", "block_ggn", "ekfac", "kfac")
 MATRIX_FREE_METHODS: tuple[str, ...] = ("hessian", "ggn", "block_hessian", "block_ggn")
 """The exact rungs, also available as products only (:func:`curvinf.curvature.matrix_free`)."""
 
-PSD_METHODS: tuple[str, ...] = ("ggn", "block_ggn", "ekfac", "kfac", "diag_ggn", "identity")
+PSD_METHODS: tuple[str, ...] = (
+    "ggn",
+    "block_ggn",
+    "unshared_ggn",
+    "ekfac",
+    "kfac",
+    "diag_ggn",
+    "identity",
+)
 """Rungs that are positive semi-definite by construction: a truncation ``eps < damping``
 drops nothing of them, so a solver of ``(C + λI)⁻¹`` computes the same inverse."""
 
@@ -52,15 +61,48 @@ Kronecker basis and keeps the exact diagonal in it; ``kronecker_eigenvalues``
 Together they are the Kronecker factorisation, block-GGN → K-FAC.
 """
 
+SHARING_METHODS: tuple[str, ...] = ("unshared_ggn", "ekfac", "kfac")
+"""Rungs that approximate weight sharing, by ``kfac_variant`` (``expand`` / ``reduce``)."""
+
+REDUCE = "_reduce"
+"""Suffix of a study rung fitted with ``kfac_variant="reduce"`` (``kfac_reduce``)."""
+
+STUDY_RUNGS: tuple[str, ...] = METHODS + tuple(m + REDUCE for m in SHARING_METHODS)
+"""Rungs a study configuration can list: every method, and the ``reduce`` variants."""
+
+
+def rung_method(rung: str) -> tuple[str, str]:
+    """``(method, kfac_variant)`` of a study rung: ``kfac_reduce`` -> ``("kfac", "reduce")``,
+    any other -> ``(rung, "expand")``."""
+    if rung.endswith(REDUCE) and rung[: -len(REDUCE)] in SHARING_METHODS:
+        return rung[: -len(REDUCE)], "reduce"
+    return rung, "expand"
+
+
+def sharing_steps(variant: str) -> tuple[tuple[str, str, str], ...]:
+    """The split of block-GGN → K-FAC for layers with weight sharing, as ``(name, from,
+    to)``: ``weight_sharing`` (block-GGN → unshared GGN of ``variant``), then
+    ``kronecker_factorisation`` (unshared GGN → K-FAC of the same variant)."""
+    suffix = "" if variant == "expand" else REDUCE
+    return (
+        ("weight_sharing", "block_ggn", "unshared_ggn" + suffix),
+        ("kronecker_factorisation", "unshared_ggn" + suffix, "kfac" + suffix),
+    )
+
+
 RUNG_COLORS: dict[str, str] = {
     "hessian": "#222222",
     "ggn": "#1f77b4",
     "block_hessian": "#9467bd",
     "block_ggn": "#2ca02c",
+    "unshared_ggn": "#17becf",
     "ekfac": "#ff7f0e",
     "kfac": "#d62728",
     "diag_ggn": "#8c564b",
     "identity": "#7f7f7f",
+    "unshared_ggn_reduce": "#0b6e7a",
+    "ekfac_reduce": "#b35806",
+    "kfac_reduce": "#8b1a1a",
 }
 """One colour per rung in every figure."""
 
@@ -68,4 +110,4 @@ MARKERS: dict[str, str] = {"hessian": "o", "ggn": "s", "block_ggn": "D", "ekfac"
 """One marker per ladder rung in every figure."""
 
 assert set(LADDER) <= set(METHODS) and set(MATRIX_FREE_METHODS) <= set(METHODS)
-assert set(RUNG_COLORS) == set(METHODS) and set(MARKERS) == set(LADDER)
+assert set(RUNG_COLORS) == set(STUDY_RUNGS) and set(MARKERS) == set(LADDER)

@@ -7,6 +7,8 @@ hessian         ∇²_θ of the mean loss                               dense
 ggn             1/N Σ J_nᵀ Q_n Q_nᵀ J_n  (``fisher`` picks Q)       dense
 block_hessian   Hessian, cross-block entries dropped                per block
 block_ggn       GGN, cross-block entries dropped                    per block
+unshared_ggn    per-layer GGN blocks with K-FAC's weight-sharing    per layer
+                approximation (``kfac_variant``), unfactorised
 ekfac           Kronecker basis of K-FAC, exact diagonal in it      per layer
 kfac            S ⊗ A per layer                                     per layer
 diag_ggn        diagonal of the GGN                                 diagonal
@@ -47,6 +49,7 @@ from curvinf.curvature.operators import (
     InverseOperator,
 )
 from curvinf.curvature.regularization import Regularization
+from curvinf.curvature.sharing import fit_unshared
 from curvinf.curvature.solvers import (
     CG,
     ConvergenceError,
@@ -143,6 +146,8 @@ def _fit(method: str, ctx: FitContext) -> Curvature:
         return DenseCurvature(method, D, compute(ctx, blocks), s.max_dense_bytes)
     if method in ("kfac", "ekfac"):
         return fit_kronecker(ctx, method, s.max_dense_bytes, s.kfac_variant)
+    if method == "unshared_ggn":
+        return fit_unshared(ctx, s.max_dense_bytes)
     if method == "diag_ggn":
         return DiagonalCurvature(method, ggn_diagonal(ctx), s.max_dense_bytes)
     ones = torch.ones(D, dtype=torch.float64, device=ctx.device)

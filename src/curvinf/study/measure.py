@@ -52,15 +52,43 @@ from curvinf.estimators import (
 )
 from curvinf.groundtruth import GroundTruth
 from curvinf.influence import influence_scores
-from curvinf.names import DENSE_RUNGS, KRONECKER_RUNGS, LADDER, LADDER_STEPS
+from curvinf.names import (
+    DENSE_RUNGS,
+    KRONECKER_RUNGS,
+    LADDER,
+    LADDER_STEPS,
+    REDUCE,
+    SHARING_METHODS,
+    rung_method,
+    sharing_steps,
+)
 from curvinf.params import param_blocks
 from curvinf.study.rungs import EXACT, UNAVAILABLE, RungCache
 from curvinf.study.specs import RunConfig, reg_label
 
-PREVIOUS = {to: frm for _, frm, to in LADDER_STEPS}
-"""The rung one step up the ladder from each rung (towards the Hessian)."""
+PREVIOUS = {
+    **{to: frm for _, frm, to in LADDER_STEPS},
+    "unshared_ggn": "block_ggn",
+    "unshared_ggn" + REDUCE: "block_ggn",
+    "ekfac" + REDUCE: "block_ggn",
+    "kfac" + REDUCE: "ekfac" + REDUCE,
+}
+"""The rung one step up the ladder from each rung (towards the Hessian); the ``reduce``
+rungs and the unshared GGNs hang off the block-GGN as their variant's chain does."""
 
-STEP_ENDING = {to: name for name, _, to in LADDER_STEPS}
+STEP_ENDING = {
+    **{to: name for name, _, to in LADDER_STEPS},
+    "unshared_ggn": "weight_sharing",
+    "unshared_ggn" + REDUCE: "weight_sharing",
+}
+
+ORDER = (
+    *LADDER[:3],
+    "unshared_ggn",
+    *LADDER[3:],
+    *(m + REDUCE for m in SHARING_METHODS),
+)
+"""The order rungs are measured in: each rung after the rung it is compared with."""
 
 SHARE_RANGE = (-0.10, 1.10)
 """Shares outside this range flag a decomposition as ill-conditioned."""
@@ -73,7 +101,7 @@ def rung_order(config: RunConfig) -> list[str]:
     """The reference first, then the rungs in ladder order (each step's source comes first)."""
     rest = sorted(
         (r for r in config.rungs if r != config.reference),
-        key=lambda r: LADDER.index(r) if r in LADDER else len(LADDER),
+        key=lambda r: ORDER.index(r) if r in ORDER else len(ORDER),
     )
     return [config.reference] + rest
 
@@ -212,7 +240,8 @@ def _basis_overlap(cache: RungCache, kron: Curvature) -> dict[str, dict[int, flo
     ggn = matrix_free("ggn", cache.model, cache.loss, *cache.data.train, **cache.options("ggn"))
     names = getattr(kron, "kblocks", None)
     out = {}
-    for i, kb in enumerate(kron.eigen()):
+    blocks = kron.eigen() if names is None else kron.eigen()[: len(names)]  # no uncovered
+    for i, kb in enumerate(blocks):
         k = min(OVERLAP_K, len(kb.index))
         ritz = top_block_eigenvectors(ggn, kb.index, k, seed=cache.config.seed, progress=False)
         ks = [j for j in (1, 2, 5, 10, 20, 50) if j <= k]
@@ -303,19 +332,43 @@ def rung_result(
             entry.update(adjacent_inverse=value, adjacent_inverse_se=se)
         entry["score_seconds"] = time.perf_counter() - t0
         out["per_reg"][label] = entry
-    if rung in KRONECKER_RUNGS:
+    method, variant = rung_method(rung)
+    if method in SHARING_METHODS and "block_ggn" in config.rungs:
+        out["weight_sharing"] = _sharing_distances(cache, rung, method, variant)
+    if method in KRONECKER_RUNGS:
         curves = _basis_overlap(cache, curv)
         if curves is not None:
             out["basis_overlap"] = {name: dict(c) for name, c in curves.items()}
         block = cache.get("block_ggn")
         if block is not None and cache.route_of("block_ggn") == "dense":
             out["spectrum_mismatch"] = spectrum_mismatch(out["spectrum"], block.eigenvalues())
-    if rung == "kfac":
-        ekfac = cache.get("ekfac")
+    if method == "kfac":
+        ekfac = cache.get("ekfac" + ("" if variant == "expand" else REDUCE))
         if ekfac is not None:  # same basis: compare eigenvalue by eigenvalue
             a = torch.cat([b.eigenvalues.reshape(-1) for b in curv.eigen()])
             e = torch.cat([b.eigenvalues.reshape(-1) for b in ekfac.eigen()])
             out["eigenvalue_mismatch_vs_ekfac"] = relative_frobenius_error(a, e)
+    return out
+
+
+def _sharing_distances(cache: RungCache, rung: str, method: str, variant: str) -> dict:
+    """A weight-sharing rung's distances to the block-GGN (the exact per-layer curvature it
+    approximates) and, for K-FAC, to its variant's unshared GGN (the factorisation step
+    alone): curvature space, and inverse space under each regulariser."""
+    seed = cache.config.seed
+    targets = {"block_ggn": "to_block_ggn"}
+    unshared = "unshared_ggn" + ("" if variant == "expand" else REDUCE)
+    if method == "kfac" and unshared in cache.config.rungs:
+        targets[unshared] = "to_unshared"
+    out: dict[str, Any] = {"variant": variant}
+    for other, key in targets.items():
+        if cache.get(other) is None:
+            continue
+        value, se = curvature_distance(cache, rung, other, seed)
+        out[key] = {"curvature": value, "curvature_se": se, "inverse": {}}
+        for reg in cache.config.regularizations:
+            v, e, why = inverse_distance(cache, rung, other, reg, seed)
+            out[key]["inverse"][reg_label(reg)] = {"value": v, "se": e, "why": why}
     return out
 
 
@@ -366,6 +419,15 @@ def config_diagnostics(
                 shares[label][f"{measure}_why_nan"] = str(err)
             if measure == "inverse_error":
                 flags[label] = decomposition_flags(errs, shares[label][measure], config.reference)
+            for variant in ("expand", "reduce"):
+                steps = LADDER_STEPS[:2] + sharing_steps(variant)
+                if not all(to in errs for _, _, to in steps):
+                    continue
+                try:
+                    split = error_shares(errs, steps)
+                except ValueError:
+                    split = {name: math.nan for name, _, _ in steps}
+                shares[label][f"{measure}_{variant}_sharing"] = split
     return {
         "config": config.id,
         "shares": shares,
@@ -374,6 +436,7 @@ def config_diagnostics(
         "off_block_mass": {r: b["off_block_mass"] for r, b in ok.items() if "off_block_mass" in b},
         "negative_eigenvalues": {r: b["negative_eigenvalues"] for r, b in ok.items()},
         "basis_overlap": {r: b["basis_overlap"] for r, b in ok.items() if "basis_overlap" in b},
+        "weight_sharing": {r: b["weight_sharing"] for r, b in ok.items() if "weight_sharing" in b},
         "spectrum_mismatch_vs_block_ggn": {
             r: b["spectrum_mismatch"] for r, b in ok.items() if "spectrum_mismatch" in b
         },
@@ -417,6 +480,9 @@ def config_rows(
             )
             share = diagnostics["shares"][label]
             step = STEP_ENDING.get(rung, "")
+            if step == "weight_sharing":  # its share is in its variant's chain
+                chain = f"_{rung_method(rung.replace('unshared_ggn', 'kfac'))[1]}_sharing"
+                share = {m: share.get(m + chain, {}) for m in ("inverse_error", "influence_error")}
             overlap = blob.get("basis_overlap")
             figures = entry.get("figures") or {}
             parts = [

@@ -27,7 +27,7 @@ from typing import Any
 
 from scipy.stats import false_discovery_control
 
-from curvinf.names import LADDER, LADDER_STEPS, METHODS, RUNG_COLORS
+from curvinf.names import LADDER, LADDER_STEPS, RUNG_COLORS, STUDY_RUNGS
 from curvinf.storage import atomic_write, read_blob, read_json
 from curvinf.study.tables import read_table
 
@@ -37,10 +37,12 @@ STEP_LABELS: dict[str, str] = {
     "block_diagonalisation": "block-diagonalisation (GGN → block-GGN)",
     "kronecker_basis": "Kronecker basis (block-GGN → EK-FAC)",
     "kronecker_eigenvalues": "Kronecker eigenvalues (EK-FAC → K-FAC)",
+    "weight_sharing": "weight sharing (block-GGN → unshared GGN)",
+    "kronecker_factorisation": "Kronecker factorisation (unshared GGN → K-FAC)",
 }
 AXES = ("depth", "width", "epochs")
 
-assert set(RUNG_COLORS) == set(METHODS)
+assert set(RUNG_COLORS) == set(STUDY_RUNGS)
 
 
 def _finite(v: Any) -> bool:
@@ -53,7 +55,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _rungs_in(rows: list[dict]) -> list[str]:
     present = {r["rung"] for r in rows}
-    return [m for m in METHODS if m in present]
+    return [m for m in STUDY_RUNGS if m in present]
 
 
 def _configs_in(rows: list[dict]) -> list[str]:

@@ -50,7 +50,7 @@ from curvinf.curvature.matfree import matrix_free
 from curvinf.curvature.operators import InverseOperator
 from curvinf.curvature.solvers import Lanczos, Preconditioned
 from curvinf.data import DataSplit
-from curvinf.names import KRONECKER_RUNGS
+from curvinf.names import KRONECKER_RUNGS, SHARING_METHODS, rung_method
 from curvinf.params import model_fingerprint, param_blocks
 from curvinf.study.specs import RunConfig, reg_label
 
@@ -123,7 +123,7 @@ class RungCache:
     def fits_dense(self, rung: str) -> bool:
         """Whether ``rung``'s dense matrix (or each of its blocks, and their sum) fits the cap."""
         cap = self.config.max_dense_bytes
-        if rung.startswith("block_"):
+        if rung.startswith("block_") or rung_method(rung)[0] == "unshared_ggn":
             sizes = [len(b.index) for b in param_blocks(self.model, self.config.partition)]
             return 8.0 * sum(d * d for d in sizes) <= cap
         D = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -131,7 +131,7 @@ class RungCache:
 
     def route_of(self, rung: str) -> str:
         """The fitting route ``rung`` takes in this configuration (module doc)."""
-        if rung in KRONECKER_RUNGS:
+        if rung_method(rung)[0] in KRONECKER_RUNGS:
             return "kronecker"
         if self.fits_dense(rung):
             return "dense"
@@ -184,14 +184,18 @@ class RungCache:
 
     def options(self, rung: str) -> dict[str, Any]:
         """The fit options of ``rung`` (:class:`~curvinf.curvature.FitSettings`); a matrix-free
-        rung's memory budget is the Gram route's (``gram_bytes``)."""
+        rung's memory budget is the Gram route's (``gram_bytes``). The weight-sharing rungs
+        (K-FAC, EK-FAC, the unshared GGN) take the Kronecker Fisher and their variant."""
         c = self.config
-        kron = rung in KRONECKER_RUNGS
+        method, variant = rung_method(rung)
+        kron = method in SHARING_METHODS
         free = self.route_of(rung) == "matrix-free"
         return {
             "fisher": c.kronecker_fisher if kron else c.fisher,
             "bias": c.kronecker_bias,
             "partition": c.partition,
+            "kfac_variant": variant,
+            "uncovered": c.uncovered,
             "seed": c.seed,
             "max_dense_bytes": c.gram_bytes if free else c.max_dense_bytes,
             "progress": self.progress,
@@ -211,8 +215,9 @@ class RungCache:
                     rung, self.model, self.loss, *self.data.train, **self.options(rung)
                 )
             else:
+                method = rung_method(rung)[0]
                 curv = fit_curvature(
-                    rung, self.model, self.loss, *self.data.train, **self.options(rung)
+                    method, self.model, self.loss, *self.data.train, **self.options(rung)
                 )
                 curv.eigen()  # the decomposition is part of the fit's cost
         except (ValueError, MemoryError) as err:

@@ -19,12 +19,15 @@ from curvinf.curvature.regularization import Regularization
 from curvinf.data import DATASETS
 from curvinf.losses import MEASURES
 from curvinf.models import ACTIVATIONS, INITS
-from curvinf.names import LADDER, METHODS
+from curvinf.names import LADDER, METHODS, REDUCE, SHARING_METHODS, STUDY_RUNGS
 from curvinf.storage import request_hash
 from curvinf.training import TrainingRecipe
 from curvinf.validation import check_choice, check_int, check_number
 
 FISHERS = ("type2", "mc")
+ARCHITECTURES = {"mlp": ("digits", "diabetes"), "cnn": ("digits",), "transformer": ("majority",)}
+"""Each model family and the datasets it takes (:mod:`curvinf.architectures`)."""
+UNCOVERED = ("error", "exact", "diagonal")
 BIAS_LAYOUTS = ("joint", "separate")
 PARTITIONS = ("layer", "tensor")
 
@@ -121,6 +124,8 @@ _NEW_DEFAULTS = {
     "solver_max_iter": 300,
     "estimate_matvecs": 60,
     "gram_bytes": 14 * 2**30,
+    "architecture": "mlp",
+    "uncovered": "error",
 }
 """Settings added after the first grids ran: left out of :meth:`RunConfig.to_dict` at these
 values, so the ids of those configurations stay valid."""
@@ -147,6 +152,13 @@ class RunConfig:
     ``solver_tol`` / ``solver_max_iter`` for its CG, ``estimate_matvecs`` products per
     randomised error estimate, ``gram_bytes`` the memory the Gram route may hold (its
     sample-space factorisations).
+
+    Architecture: ``mlp`` (the default, above), ``cnn`` (``depth`` 3x3 convolutions of
+    ``width`` channels on the digits images) or ``transformer`` (``depth`` blocks of width
+    ``width`` on the ``majority`` sequences), :mod:`curvinf.architectures`. ``uncovered``:
+    what the Kronecker rungs do with parameters no layer adapter covers (the transformer's
+    embeddings), :class:`~curvinf.curvature.FitSettings`. Rungs may include the
+    ``reduce`` variants of the weight-sharing rungs (``kfac_reduce``, ...).
     """
 
     depth: int
@@ -172,9 +184,19 @@ class RunConfig:
     solver_max_iter: int = 300
     estimate_matvecs: int = 60
     gram_bytes: float = 14 * 2**30
+    architecture: str = "mlp"
+    uncovered: str = "error"
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
+        check_choice("architecture", self.architecture, ARCHITECTURES)
+        check_choice("uncovered", self.uncovered, UNCOVERED)
+        if self.dataset not in ARCHITECTURES[self.architecture]:
+            raise ValueError(
+                f"architecture={self.architecture!r} takes dataset "
+                f"{' or '.join(map(repr, ARCHITECTURES[self.architecture]))}, got "
+                f"{self.dataset!r}."
+            )
         check_choice("reference", self.reference, METHODS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("init", self.init, INITS)
@@ -183,7 +205,8 @@ class RunConfig:
         check_choice("kronecker_bias", self.kronecker_bias, BIAS_LAYOUTS)
         check_choice("partition", self.partition, PARTITIONS)
         _check_ints("depth", (self.depth,), 0)
-        _check_ints("width/epochs", (self.width, self.epochs), 1)
+        _check_ints("width", (self.width,), 1)
+        _check_ints("epochs", (self.epochs,), 1)
         check_int("seed", self.seed, low=0)
         check_int("lanczos_k", self.lanczos_k, low=1)
         check_int("solver_max_iter", self.solver_max_iter, low=1)
@@ -195,7 +218,7 @@ class RunConfig:
         if not self.rungs or len(set(self.rungs)) != len(self.rungs):
             raise ValueError(f"rungs must be non-empty and distinct, got {self.rungs}.")
         for r in self.rungs:
-            check_choice("rung", r, METHODS)
+            check_choice("rung", r, STUDY_RUNGS)
         if not self.regularizations or not all(
             isinstance(r, Regularization) for r in self.regularizations
         ):
@@ -243,12 +266,22 @@ class RunConfig:
 
     @property
     def num_params(self) -> int:
-        """D of the MLP (digits: 64 inputs, 10 outputs; diabetes: 10 inputs, 1 output)."""
+        """D of the model (an MLP on digits: 64 inputs, 10 outputs; diabetes: 10 inputs, 1
+        output)."""
         return sum(self.layer_sizes)
 
     @property
     def layer_sizes(self) -> list[int]:
-        """Parameters per layer (weight and bias), the block-GGN's block sizes."""
+        """Parameters per module (weight and bias), the block-GGN's block sizes."""
+        if self.architecture != "mlp":
+            from curvinf.study.truth import model_factory  # torch: only where needed
+
+            model = model_factory(self)()
+            sizes: dict[str, int] = {}
+            for name, p in model.named_parameters():
+                owner = name.rpartition(".")[0]
+                sizes[owner] = sizes.get(owner, 0) + p.numel()
+            return list(sizes.values())
         n_in, n_out = (64, 10) if self.dataset == "digits" else (10, 1)
         fans = [n_in] + [self.width] * self.depth
         outs = [self.width] * self.depth + [n_out]
@@ -256,8 +289,8 @@ class RunConfig:
 
     @property
     def loss_name(self) -> str:
-        """``ce`` for classification (digits), ``mse`` for regression (diabetes)."""
-        return "ce" if self.dataset == "digits" else "mse"
+        """``ce`` for classification (digits, majority), ``mse`` for regression (diabetes)."""
+        return "mse" if self.dataset == "diabetes" else "ce"
 
     def cost(self) -> float:
         """Rough seconds on 2 busy cores, for running cheap configurations first: retraining
@@ -307,6 +340,8 @@ class Preset:
     solver_max_iter: int = 300
     estimate_matvecs: int = 60
     gram_bytes: float = 14 * 2**30
+    architecture: str = "mlp"
+    uncovered: str = "error"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -354,6 +389,17 @@ certified at every size (GGN-preconditioned CG). It is 2–10% of the largest ei
 The library default (``δ = 1e-3, ε = 1e-4``) truncates the Hessian's ~10³ eigenvalues
 below ``ε − δ``, which no matrix-free route can find at D = 10⁵."""
 
+SHARING_LADDER = (*LADDER[:3], "unshared_ggn", *LADDER[3:], *(m + REDUCE for m in SHARING_METHODS))
+"""The ladder of the weight-sharing presets: the paper's five rungs, the ``reduce`` K-FAC
+and EK-FAC, and each variant's unshared GGN (block-GGN → unshared GGN is the weight-sharing
+step, unshared GGN → K-FAC the Kronecker factorisation; :mod:`curvinf.curvature.sharing`)."""
+
+SHARING_DAMPED = Regularization(damping=0.1, eps=1e-4)
+"""The damped rule of the weight-sharing presets: damping 0.1 as in the paper presets, with
+the summary's truncation after it, since the CNN and transformer Hessians keep eigenvalues
+below −0.1 (60 of 1,370 for the smallest CNN after 3 epochs), where pure damping has no
+inverse."""
+
 PAPER_GRID = {"depths": (1, 4, 8), "widths": (32, 64, 128), "epochs": (10, 100, 1000)}
 
 PRESETS: dict[str, Preset] = {
@@ -397,6 +443,50 @@ PRESETS: dict[str, Preset] = {
             "mass, damping 1e-4 with truncation 1e-6 (and the summary's eps = 1e-4, and the "
             "damping 0.1 of the paper preset); LDS "
             "with 100 subsets of alpha = 0.5, one retraining each (time), matched steps."
+        ),
+    ),
+    "cnn": Preset(
+        name="cnn",
+        depths=(1, 2),
+        widths=(8, 16),
+        epochs=(50,),
+        architecture="cnn",
+        rungs=SHARING_LADDER,
+        regularizations=(Regularization.paper(), SHARING_DAMPED),
+        lds=LDSSettings(num_subsets=100, alpha=0.5, num_seeds=3, matched_steps=True),
+        recipe=TrainingRecipe(lr=0.01, schedule="cosine"),
+        max_dense_bytes=1.5 * 2**30,
+        description=(
+            "Weight sharing in convolutions: CNNs of 1 or 2 3x3 convolutions of 8 or 16 "
+            "channels (the last with stride 2) and a linear head on the UCI digits images "
+            "(80/20 split, the MLPs' split), trained 50 epochs (SGD, momentum 0.9, lr 0.01, "
+            "cosine, batch 64); the ladder with both K-FAC variants (expand, reduce) and "
+            "their unshared GGNs (the weight-sharing step alone), type-2 Fisher, per-layer "
+            "blocks; eps = 1e-4, and damping 0.1 then eps = 1e-4; LDS with 100 subsets of alpha = 0.5, 3 "
+            "retrainings each, matched steps."
+        ),
+    ),
+    "transformer": Preset(
+        name="transformer",
+        depths=(1, 2),
+        widths=(16,),
+        epochs=(50,),
+        dataset="majority",
+        architecture="transformer",
+        uncovered="exact",
+        rungs=SHARING_LADDER,
+        regularizations=(Regularization.paper(), SHARING_DAMPED),
+        lds=LDSSettings(num_subsets=100, alpha=0.5, num_seeds=3, matched_steps=True),
+        recipe=TrainingRecipe(optimizer="adamw", lr=3e-3, schedule="cosine"),
+        max_dense_bytes=1.5 * 2**30,
+        description=(
+            "Weight sharing over sequence positions: transformers of 1 or 2 blocks "
+            "(single-head attention written with matrix products, a ReLU MLP, width 16) on "
+            "the majority task (1,000 sequences of 8 tokens, 80/20 split), trained 50 epochs "
+            "(AdamW, lr 3e-3, cosine, batch 64); the ladder with both K-FAC variants and "
+            "their unshared GGNs, the embeddings (which no K-FAC adapter covers) as exact "
+            "GGN blocks in every Kronecker rung; eps = 1e-4, and damping 0.1 then eps = 1e-4; LDS with 100 "
+            "subsets of alpha = 0.5, 3 retrainings each, matched steps."
         ),
     ),
     "quick": Preset(

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from curvinf.data import DataSplit, load_dataset
+from torch import nn
+
+from curvinf.architectures import make_cnn, make_transformer
+from curvinf.data import MAJORITY, DataSplit, load_dataset
 from curvinf.groundtruth import (
     GroundTruth,
     GroundTruthConfig,
@@ -30,13 +34,47 @@ def config_data(config: RunConfig) -> DataSplit:
     return take_queries(data, config.lds.num_queries)
 
 
+def model_factory(config: RunConfig) -> Callable[[], nn.Module]:
+    """A function building ``config``'s CNN or transformer at initialisation (seeded by
+    ``config.seed``); the MLP is built by :class:`GroundTruthConfig` itself."""
+    if config.architecture == "cnn":
+        return partial(
+            make_cnn,
+            64,
+            10,
+            depth=config.depth,
+            width=config.width,
+            activation=config.activation,
+            seed=config.seed,
+        )
+    if config.architecture == "transformer":
+        vocab, length = MAJORITY["vocab"], MAJORITY["length"]
+        return partial(
+            make_transformer,
+            vocab,
+            length,
+            vocab,
+            depth=config.depth,
+            width=config.width,
+            seed=config.seed,
+        )
+    raise ValueError(f"the {config.architecture} is built by GroundTruthConfig, not a factory.")
+
+
 def groundtruth_config(config: RunConfig) -> GroundTruthConfig:
-    """The :class:`GroundTruthConfig` of ``config``: its model, recipe, loss and LDS settings."""
+    """The :class:`GroundTruthConfig` of ``config``: its model, recipe, loss and LDS settings
+    (the MLP from its fields, other architectures through :func:`model_factory`)."""
+    if config.architecture == "mlp":
+        model = {
+            "depth": config.depth,
+            "width": config.width,
+            "activation": config.activation,
+            "init": config.init,
+        }
+    else:
+        model = {"model": model_factory(config)}
     return GroundTruthConfig(
-        depth=config.depth,
-        width=config.width,
-        activation=config.activation,
-        init=config.init,
+        **model,
         model_seed=config.seed,
         recipe=config.recipe_used,
         loss=config.loss_name,
@@ -78,4 +116,4 @@ def config_ground_truth(
             ) from err
 
 
-__all__ = ["config_data", "config_ground_truth", "groundtruth_config"]
+__all__ = ["config_data", "config_ground_truth", "groundtruth_config", "model_factory"]
