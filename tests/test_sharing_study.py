@@ -15,7 +15,8 @@ from curvinf import Regularization, TrainingRecipe
 from curvinf.architectures import make_cnn, make_transformer
 from curvinf.data import load_dataset
 from curvinf.names import sharing_steps
-from curvinf.study import LDSSettings, RunConfig, get_preset, run_config
+from curvinf.study import LDSSettings, Preset, RunConfig, get_preset, run_grid
+from curvinf.study.report import write_report
 from curvinf.study.specs import SHARING_LADDER
 from curvinf.study.tables import run_dir
 
@@ -23,13 +24,14 @@ TINY_LDS = LDSSettings(num_subsets=4, alpha=0.5, num_seeds=1, num_bootstrap=20)
 RULES = (Regularization.paper(), Regularization(damping=0.1, eps=1e-4))
 
 
-def tiny(architecture: str) -> RunConfig:
+def tiny(architecture: str) -> Preset:
     dataset = "majority" if architecture == "transformer" else "digits"
     recipe = TrainingRecipe(optimizer="adamw", lr=3e-3) if dataset == "majority" else None
-    return RunConfig(
-        depth=1,
-        width=2 if architecture == "cnn" else 4,
-        epochs=2,
+    return Preset(
+        name=f"tiny-{architecture}",
+        depths=(1,),
+        widths=(2,) if architecture == "cnn" else (4,),
+        epochs=(2,),
         dataset=dataset,
         architecture=architecture,
         uncovered="exact" if architecture == "transformer" else "error",
@@ -80,8 +82,9 @@ def test_presets_build_the_models_they_describe():
 def test_weight_sharing_configuration_runs_every_rung_and_splits_the_kronecker_step(
     architecture, tmp_path
 ):
-    config = tiny(architecture)
-    rows = run_config(config, tmp_path)
+    preset = tiny(architecture)
+    (config,) = preset.configs()
+    rows = run_grid(preset, tmp_path, progress=False).rows
     assert {(r["rung"], r["reg"]) for r in rows} == {
         (rung, label) for rung in SHARING_LADDER for label in ("eps1e-04", "damp1e-01+eps1e-04")
     }
@@ -109,3 +112,9 @@ def test_weight_sharing_configuration_runs_every_rung_and_splits_the_kronecker_s
         to_block = diag["weight_sharing"]["unshared_ggn" + suffix]["to_block_ggn"]["curvature"]
         assert row["adjacent_curvature"] == pytest.approx(to_block)
         assert to_block > 1e-6  # convolutions / sequences share weights: not exact
+    # the report's weight-sharing tables carry these numbers
+    text = write_report(tmp_path).read_text()
+    assert "### Weight sharing: block-GGN → K-FAC in two steps" in text
+    assert "### Expand or reduce" in text
+    step = diag["weight_sharing"]["unshared_ggn_reduce"]["to_block_ggn"]["curvature"]
+    assert f"| d1 w{config.width} e2 | reduce |" in text and f"{step:.3f}" in text

@@ -518,7 +518,17 @@ def tally_table(comparisons: list[dict], reg: str, level: float = 0.05) -> str:
     )
 
 
-SHORT = {"hessian": "H", "ggn": "GGN", "block_ggn": "BGGN", "ekfac": "EKFAC", "kfac": "KFAC"}
+SHORT = {
+    "hessian": "H",
+    "ggn": "GGN",
+    "block_ggn": "BGGN",
+    "ekfac": "EKFAC",
+    "kfac": "KFAC",
+    "unshared_ggn": "UGGN",
+    "unshared_ggn_reduce": "UGGN-r",
+    "ekfac_reduce": "EKFAC-r",
+    "kfac_reduce": "KFAC-r",
+}
 
 
 def _paired(comps: list[dict], a: str, b: str) -> tuple[float, float] | None:
@@ -727,6 +737,107 @@ def diagnostics_table(rows: list[dict], diagnostics: dict[str, dict]) -> str:
     return _table(header, body)
 
 
+def _pm(v: Any, se: Any, digits: int = 3) -> str:
+    """``value`` or ``value ± se`` (an estimate), ``–`` when missing."""
+    if not _finite(v):
+        return "–"
+    return _fmt(v, digits) + (f" ± {_fmt(se, 1)}" if _finite(se) and se > 0 else "")
+
+
+def _paired_cell(comps: list[dict], a: str, b: str) -> str:
+    """``LDS(a) − LDS(b) [95% interval]`` with ``*`` where it excludes 0, ``–`` if absent."""
+    for c in comps:
+        if {c["rung_a"], c["rung_b"]} != {a, b} or not _finite(c.get("difference")):
+            continue
+        sign = 1.0 if c["rung_a"] == a else -1.0
+        if not (_finite(c["ci_low"]) and _finite(c["ci_high"])):
+            return f"{sign * c['difference']:+.3f}"
+        lo, hi = sorted((sign * c["ci_low"], sign * c["ci_high"]))
+        star = "*" if lo > 0 or hi < 0 else ""
+        return f"{sign * c['difference']:+.3f} [{lo:+.2f}, {hi:+.2f}]{star}"
+    return "–"
+
+
+def weight_sharing_table(rows: list[dict], diagnostics: dict[str, dict], reg: str) -> str:
+    """Markdown: per configuration and K-FAC variant, block-GGN → K-FAC split into the
+    weight-sharing step (block-GGN → unshared GGN) and the Kronecker factorisation (unshared
+    GGN → K-FAC): each step's share of the H → K-FAC inverse-error gap, and the distance it
+    moves the curvature (``‖C_a − C_b‖_F / ‖H‖_F``) and the inverse (``/ ‖H⁺‖_F``)."""
+    body = []
+    for c in _configs_in(rows):
+        diag = diagnostics.get(c, {})
+        first = next(r for r in rows if r["config"] == c)
+        for variant, suffix in (("expand", ""), ("reduce", "_reduce")):
+            shares = diag.get("shares", {}).get(reg, {}).get(f"inverse_error_{variant}_sharing")
+            ws = diag.get("weight_sharing", {})
+            step = ws.get("unshared_ggn" + suffix, {}).get("to_block_ggn", {})
+            fact = ws.get("kfac" + suffix, {}).get("to_unshared", {})
+            total = ws.get("kfac" + suffix, {}).get("to_block_ggn", {})
+            if not (shares or step or fact):
+                continue
+
+            def inv(d: dict) -> str:
+                e = d.get("inverse", {}).get(reg, {})
+                return _pm(e.get("value"), e.get("se"))
+
+            body.append(
+                [
+                    f"d{first['depth']} w{first['width']} e{first['epochs']}",
+                    variant,
+                    _fmt((shares or {}).get("weight_sharing"), 2),
+                    _fmt((shares or {}).get("kronecker_factorisation"), 2),
+                    _pm(step.get("curvature"), step.get("curvature_se")),
+                    _pm(fact.get("curvature"), fact.get("curvature_se")),
+                    _pm(total.get("curvature"), total.get("curvature_se")),
+                    inv(step),
+                    inv(fact),
+                    inv(total),
+                ]
+            )
+    header = [
+        "configuration",
+        "variant",
+        "share: weight sharing",
+        "share: factorisation",
+        "curvature: BGGN→UGGN",
+        "curvature: UGGN→KFAC",
+        "curvature: BGGN→KFAC",
+        "inverse: BGGN→UGGN",
+        "inverse: UGGN→KFAC",
+        "inverse: BGGN→KFAC",
+    ]
+    return _table(header, body)
+
+
+def expand_reduce_table(rows: list[dict], comps: list[dict], reg: str) -> str:
+    """Markdown: per configuration, expand against reduce: each variant's LDS and inverse
+    error against H, and the paired LDS difference (expand − reduce) of K-FAC, EK-FAC and
+    the unshared GGN."""
+    rows = [r for r in rows if r["reg"] == reg]
+    comps = [c for c in comps if c["reg"] == reg]
+    body = []
+    for c in _configs_in(rows):
+        sel = {r["rung"]: r for r in rows if r["config"] == c}
+        mine = [x for x in comps if x["config"] == c]
+        first = next(iter(sel.values()))
+        cells = [f"d{first['depth']} w{first['width']} e{first['epochs']}"]
+        for rung in ("kfac", "ekfac", "unshared_ggn"):
+            e, r = sel.get(rung), sel.get(rung + "_reduce")
+            if e is None or r is None:
+                cells += ["–", "–"]
+                continue
+            cells.append(
+                f"{_fmt(e['lds'])} / {_fmt(r['lds'])} "
+                f"({_fmt(e['inverse_error'], 2)} / {_fmt(r['inverse_error'], 2)})"
+            )
+            cells.append(_paired_cell(mine, rung, rung + "_reduce"))
+        body.append(cells)
+    header = ["configuration"]
+    for name in ("K-FAC", "EK-FAC", "unshared GGN"):
+        header += [f"{name}: LDS expand / reduce (inverse error)", f"{name}: expand − reduce"]
+    return _table(header, body)
+
+
 # ---------------------------------------------------------------------------------------
 # The report.
 
@@ -844,6 +955,27 @@ def write_report(
             eigenvalue_share_table(sub, reg),
             "",
         ]
+        if any(r["rung"] in ("unshared_ggn", "kfac_reduce") for r in sub):
+            lines += [
+                "### Weight sharing: block-GGN → K-FAC in two steps",
+                "",
+                "Block-GGN → unshared GGN (the K-FAC variant's treatment of the positions "
+                "that share a weight, no factorisation) and unshared GGN → K-FAC (the "
+                "Kronecker factorisation alone). Shares of the H → K-FAC inverse-error gap "
+                "along H → GGN → block-GGN → unshared GGN → K-FAC; distances relative to "
+                "‖H‖_F (curvature) and ‖H⁺‖_F (inverse), ± a standard error where estimated.",
+                "",
+                weight_sharing_table(sub, diags, reg),
+                "",
+                "### Expand or reduce",
+                "",
+                "LDS of each variant (its inverse error against H in brackets) and the "
+                "paired LDS difference expand − reduce [95% interval]; `*`: the interval "
+                "excludes 0.",
+                "",
+                expand_reduce_table(sub, comparisons, reg),
+                "",
+            ]
     if against:
         results = {_preset_name(out): (rows, comparisons)}
         for other in map(Path, against):
@@ -918,6 +1050,7 @@ __all__ = [
     "diagnostics_table",
     "eigenvalue_share_table",
     "error_table",
+    "expand_reduce_table",
     "inversions",
     "ladder_order",
     "lds_table",
@@ -931,5 +1064,6 @@ __all__ = [
     "protocol_table",
     "shares_table",
     "tally_table",
+    "weight_sharing_table",
     "write_report",
 ]
