@@ -1,30 +1,22 @@
 """The factored GGN and the chain Hessian (curvature/chain.py) against torch.func references.
 
-References are built here from ``torch.func`` alone on the flat parameter vector, float64:
-``hessian`` of the mean loss, per-example ``jacrev`` Jacobians for the GGN.
+References (tests/test_any_model.py) are ``torch.func`` alone on the flat parameter vector,
+float64: ``hessian`` of the mean loss, per-example ``jacrev`` Jacobians for the GGN.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from references import flat_fn
+from references import block_diag_of
+from test_any_model import TinyCNN, ref_ggn, ref_hessian, seeded
 from torch import nn
-from torch.func import hessian, jacrev
 
 from curvinf import fit_curvature
 from curvinf.curvature import chain
 from curvinf.curvature.context import FitContext, FitSettings
 
 CE, MSE = nn.CrossEntropyLoss(), nn.MSELoss()
-
-
-def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.5)
-    return model.double().eval()
 
 
 def chains() -> dict[str, nn.Sequential]:
@@ -72,29 +64,6 @@ def data(name: str, kind: str, n: int = 7):
     return X, torch.randn(n, 3, dtype=torch.float64, generator=g)
 
 
-def ref_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, y) if kind == "ce" else ((out - y) ** 2).mean()
-
-
-def ref_hessian(model, kind, X, y) -> torch.Tensor:
-    f, theta = flat_fn(model)
-    return hessian(lambda t: ref_loss(kind, f(t, X), y))(theta)
-
-
-def ref_ggn(model, kind, X, y) -> torch.Tensor:
-    """``1/N Σ J_nᵀ (∂²ℓ_n/∂f²) J_n``, ℓ_n the example's loss (mean over its outputs)."""
-    f, theta = flat_fn(model)
-    G = torch.zeros(len(theta), len(theta), dtype=torch.float64)
-    for n in range(len(X)):
-        out = f(theta, X[n : n + 1]).detach()
-        J = jacrev(lambda t, n=n: f(t, X[n : n + 1]).reshape(-1))(theta)
-        Hout = hessian(lambda o, n=n, s=out.shape: ref_loss(kind, o.reshape(s), y[n : n + 1]))(
-            out.reshape(-1)
-        )
-        G += J.T @ Hout @ J
-    return G / len(X)
-
-
 def module_blocks(model: nn.Module, partition: str) -> list[slice]:
     out, start = [], 0
     for m in model.modules():
@@ -106,13 +75,6 @@ def module_blocks(model: nn.Module, partition: str) -> list[slice]:
         elif sizes:
             out.append(slice(start, start + sum(sizes)))
             start += sum(sizes)
-    return out
-
-
-def block_diag(C: torch.Tensor, slices: list[slice]) -> torch.Tensor:
-    out = torch.zeros_like(C)
-    for s in slices:
-        out[s, s] = C[s, s]
     return out
 
 
@@ -141,13 +103,13 @@ def test_chain_hessian_equals_torch_func(name, kind):
     model = seeded(chains()[name])
     X, y = data(name, kind)
     loss = CE if kind == "ce" else MSE
-    H = ref_hessian(model, kind, X, y)
+    H = ref_hessian(model, loss, X, y)
     got = route("hessian", model, loss, X, y, chunk_size=3)
     assert got is not None, "the chain route refused a chain it describes"
     assert rel(got, H) < 1e-10
     assert rel(fit_curvature("hessian", model, loss, X, y, chunk_size=3).dense(), H) < 1e-10
     for partition in ("layer", "tensor"):
-        want = block_diag(H, module_blocks(model, partition))
+        want = block_diag_of(H, module_blocks(model, partition))
         got = route("block_hessian", model, loss, X, y, partition=partition)
         assert got is not None and rel(got, want) < 1e-10
 
@@ -159,38 +121,28 @@ def test_chain_hessian_with_a_conv_output_and_mse():
     X = torch.randn(5, 1, 8, 8, dtype=torch.float64, generator=g)
     y = torch.randn(5, 2, 2, 2, dtype=torch.float64, generator=g)
     got = route("hessian", model, MSE, X, y)
-    assert got is not None and rel(got, ref_hessian(model, "mse", X, y)) < 1e-10
-
-
-class CustomCNN(nn.Module):
-    """Not a Sequential, tanh between the layers: the GGN route takes it, the Hessian not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3, stride=2)
-        self.head = nn.Linear(18, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.conv(x)).flatten(1))
+    assert got is not None and rel(got, ref_hessian(model, MSE, X, y)) < 1e-10
 
 
 @pytest.mark.parametrize("kind", ["ce", "mse"])
 def test_factored_ggn_equals_torch_func(kind):
+    """TinyCNN: not a Sequential, tanh between its layers: the GGN route takes it, the
+    Hessian route not."""
     X, y = data("cnn", kind)
     loss = CE if kind == "ce" else MSE
-    for model in (seeded(CustomCNN()), seeded(chains()["cnn"])):
-        G = ref_ggn(model, kind, X, y)
+    for model in (seeded(TinyCNN()), seeded(chains()["cnn"])):
+        G = ref_ggn(model, loss, X, y)
         got = route("ggn", model, loss, X, y, chunk_size=4)
         assert got is not None and rel(got, G) < 1e-10
-        want = block_diag(G, module_blocks(model, "layer"))
+        want = block_diag_of(G, module_blocks(model, "layer"))
         assert rel(route("block_ggn", model, loss, X, y), want) < 1e-10
     assert route("hessian", model, loss, X, y) is not None
-    assert route("hessian", seeded(CustomCNN()), loss, X, y) is None
+    assert route("hessian", seeded(TinyCNN()), loss, X, y) is None
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 def test_factored_ggn_fisher_variants_equal_the_generic_route(monkeypatch, fisher):
-    model = seeded(CustomCNN())
+    model = seeded(TinyCNN())
     X, y = data("cnn", "ce")
     kw = {"fisher": fisher, "mc_samples": 3, "seed": 4, "chunk_size": 3}
     fast = fit_curvature("ggn", model, CE, X, y, **kw).dense()
@@ -238,7 +190,7 @@ def test_the_probe_catches_glue_the_route_misdescribes(monkeypatch):
     model = seeded(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)))
     X, y = data("cnn", "ce", n=4)
     assert route("hessian", model, CE, X, y) is None
-    H = ref_hessian(model, "ce", X, y)
+    H = ref_hessian(model, CE, X, y)
     assert rel(fit_curvature("hessian", model, CE, X, y).dense(), H) < 1e-10
 
 

@@ -10,7 +10,13 @@ Models whose parameters all sit in ``nn.Linear`` layers on (N, features)
 inputs (MLPs; for the Hessian: an ``nn.Sequential`` of ``Linear`` and
 elementwise activations) take the exact, cheaper Kronecker-structured route
 of :mod:`curvinf.curvature.structured` (same matrices, ``K``-fold and ~6-fold
-fewer flops); every other model takes the generic route above.
+fewer flops). Models whose parameters all sit in layers with an adapter
+(``Conv2d``, ``Linear`` over positions) take the factored routes of
+:mod:`curvinf.curvature.chain`: ``M`` from per-layer factors (GGN) and, for
+``nn.Sequential`` chains with piecewise-linear glue (ReLU, pooling), the Hessian
+as the type-2 GGN plus the bilinear layer-pair terms. Every other model takes the
+generic route above; ``MᵀM`` is summed on its lower block triangle
+(:func:`curvinf.curvature.chain.add_gram`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, jvp, vmap
 
-from curvinf.curvature import structured
+from curvinf.curvature import chain, structured
 from curvinf.curvature.context import FitContext
 from curvinf.curvature.operators import (
     Curvature,
@@ -98,6 +104,8 @@ def hessian_blocks(
 ) -> list[tuple[ParamBlock, torch.Tensor]]:
     """Exact Hessian of the mean loss restricted to each block: list of (d_b, d_b)."""
     fast = structured.hessian_blocks(ctx, blocks)
+    if fast is None:
+        fast = chain.hessian_blocks(ctx, blocks)
     if fast is not None:
         return fast
     out = []
@@ -131,18 +139,17 @@ def _chunk_hessian(kind, f, theta, xb, yb, basis_chunk: int) -> torch.Tensor:
 def ggn_blocks(ctx: FitContext, blocks: list[ParamBlock]) -> list[tuple[ParamBlock, torch.Tensor]]:
     """GGN blocks ``1/N M[:, b]ᵀ M[:, b]`` accumulated over data chunks."""
     fast = structured.ggn_blocks(ctx, blocks)
+    if fast is None:
+        fast = chain.ggn_blocks(ctx, blocks)
     if fast is not None:
         return fast
-    acc = [torch.zeros(b.size, b.size, dtype=torch.float64, device=ctx.device) for b in blocks]
+    acc, add = chain.gram_accumulators(blocks, ctx.num_params, ctx.device)
     gen = ctx.generator()
     with progress_bar(ctx.n, "GGN examples", ctx.progress) as advance:
         for xb, yb in ctx.chunks():
-            M = ctx.pseudo_grads(xb, yb, gen).reshape(-1, ctx.num_params)
-            for i, b in enumerate(blocks):
-                Mb = M if b.size == ctx.num_params else M[:, b.index]
-                acc[i].addmm_(Mb.T, Mb)
+            add(ctx.pseudo_grads(xb, yb, gen).reshape(-1, ctx.num_params))
             advance(len(xb))
-    return [(b, C / ctx.n) for b, C in zip(blocks, acc, strict=True)]
+    return [(b, chain.mirror_gram(C).div_(ctx.n)) for b, C in zip(blocks, acc, strict=True)]
 
 
 def ggn_diagonal(ctx: FitContext) -> torch.Tensor:

@@ -256,9 +256,11 @@ def capture_layer_factors(
     outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(adapters))}
 
     def hook(i: int):
-        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             inputs[i].append(args[0].detach())
             outputs[i].append(out)
+            return out.clone()  # the layer output stays as it was: an in-place ReLU after
+            # the layer (nn.ReLU(inplace=True)) modifies the copy, not the captured output
 
         return fn
 
