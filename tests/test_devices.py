@@ -43,15 +43,10 @@ from curvinf.retrain import train_many
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "curvinf"
 CE = nn.CrossEntropyLoss()
-pytestmark = pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def tiny() -> tuple:
@@ -259,6 +254,20 @@ def test_a_store_is_resumed_on_its_own_device_type(monkeypatch, tmp_path):
     file.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="started on cuda .* cannot be resumed on cpu"):
         ground_truth(data, config, tmp_path, progress=False)
+
+
+def test_ray_tasks_declare_a_gpu_for_cuda(monkeypatch):
+    """``make_executor("ray", device=...)``: one GPU per task for CUDA, none for the CPU
+    (Ray itself not started: the executor class is replaced by a recorder)."""
+    from curvinf import executors
+
+    made = []
+    monkeypatch.setattr(executors, "ray_available", lambda: True)
+    monkeypatch.setattr(executors, "RayExecutor", lambda *a, **kw: made.append(kw) or kw)
+    executors.make_executor("ray", threads=2)
+    with simulated_cuda(monkeypatch):
+        executors.make_executor("ray", device="cuda")
+    assert made == [{"num_cpus": 2, "num_gpus": 0}, {"num_cpus": 1, "num_gpus": 1}]
 
 
 # ------------------------------------------------------------------------------ the CLI
