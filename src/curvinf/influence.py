@@ -168,7 +168,9 @@ def influence_scores(
 
     The model is evaluated in eval mode (docs/conventions.md). If the inverse
     records the model it was fitted on (``inv.model_fingerprint``, set by
-    :func:`curvinf.fit_curvature`), a different model is refused.
+    :func:`curvinf.fit_curvature`), a different model is refused. Scoring runs on the
+    device of the model's parameters: ``train``, ``query`` and the inverse must be there
+    too (else ``ValueError`` naming which), and the scores are returned there.
     """
     if not callable(getattr(inv, "apply", None)) or not hasattr(inv, "pairwise_scores"):
         raise TypeError(

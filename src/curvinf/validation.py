@@ -123,7 +123,8 @@ def check_model_finite(model: nn.Module) -> None:
 def check_xy(
     X: torch.Tensor, y: torch.Tensor, *, name: str = "data", model: nn.Module | None = None
 ) -> torch.Size | None:
-    """Validate a feature matrix and its targets: types, matching lengths, finiteness.
+    """Validate a feature matrix and its targets: types, matching lengths, finiteness, and
+    one device (the model's when given, else ``X``'s; :func:`check_device`).
 
     ``X``: (N, ...) inputs of any shape and dtype. ``y``: integer classes or float targets
     (their shape is checked against the model's output by

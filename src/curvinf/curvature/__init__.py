@@ -119,7 +119,10 @@ def fit_curvature(
 
     The model is differentiated in eval mode, with respect to its trainable
     parameters (docs/conventions.md); the returned curvature records the model's
-    fingerprint, so scoring another model with its inverse is refused.
+    fingerprint, so scoring another model with its inverse is refused. The fit runs on
+    the device of the model's parameters (``X`` and ``y`` must be there too, else
+    ``ValueError`` naming the tensor) and the curvature stays there
+    (:mod:`curvinf.devices`).
 
     Returns:
         A :class:`Curvature`: ``.dense()``, ``.matvec(V)``, ``.inverse(reg)``.
