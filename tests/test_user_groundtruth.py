@@ -159,12 +159,15 @@ def committed_manifests() -> list[Path]:
 
 @pytest.mark.skipif(not committed_manifests(), reason="no stored ground truth in results/")
 def test_existing_store_keys_are_unchanged():
-    """The library's MLP stores under results/ (read only) keep their request, key and name."""
+    """The library's MLP stores under results/ (read only) keep their request, key and name
+    (the CNN and transformer studies' stores are keyed by their models, tested elsewhere)."""
     seen = set()
     for file in committed_manifests():
         manifest = json.loads(file.read_text())
         req = manifest["request"]
         m, sub, rt = req["model"], req["subsets"], req["retraining"]
+        if "depth" not in m:  # a CNN / transformer study's store: a user model, not an MLP
+            continue
         config = GroundTruthConfig(
             depth=m["depth"], width=m["width"], activation=m["activation"],
             init=m.get("init", "torch"), model_seed=m["seed"], dtype=m["dtype"],
@@ -321,3 +324,34 @@ def test_refused_before_any_work(tmp_path):
                             num_seeds=1)  # fmt: skip
     with pytest.raises(TypeError, match="must return the trained nn.Module"):
         ground_truth(data, bad, tmp_path, progress=False)
+
+
+def test_train_fn_runs_in_parallel_processes_with_the_same_numbers(tmp_path):
+    """``executor=LocalExecutor(workers=2)``: the chunks of a user's ``train_fn`` train in two
+    spawned processes (one torch thread each), and the store equals the sequential one."""
+    from curvinf.executors import LocalExecutor
+
+    data = tiny_data()
+    one = ground_truth(data, fn_config(), tmp_path / "one", progress=False, models_per_chunk=2)
+    two = ground_truth(
+        data,
+        fn_config(),
+        tmp_path / "two",
+        progress=False,
+        models_per_chunk=2,
+        executor=LocalExecutor(workers=2, threads=1),
+    )
+    assert two.manifest["layout"]["num_chunks"] == 3
+    assert torch.equal(one.measurements, two.measurements)
+
+
+def test_a_train_fn_worker_processes_cannot_import_is_refused_before_any_work(tmp_path):
+    from curvinf.executors import LocalExecutor
+
+    def local_loop(model, X, y, seed):
+        return model
+
+    config = GroundTruthConfig(model=factory, train_fn=local_loop, num_subsets=3, num_seeds=1)
+    with pytest.raises(ValueError, match="train_fn=.*local_loop cannot be sent.*module level"):
+        ground_truth(tiny_data(), config, tmp_path, executor=LocalExecutor(workers=2))
+    assert not any(tmp_path.iterdir())

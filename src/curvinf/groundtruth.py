@@ -59,6 +59,7 @@ import hashlib
 import inspect
 import json
 import math
+import pickle
 import re
 import sys
 import time
@@ -611,6 +612,8 @@ def ground_truth(
     data, model, loss = _checked_inputs(
         data, config, models_per_chunk, max_memory_bytes, warn_factor, warn_margin
     )
+    executor = executor or chunk_executor()
+    _check_shippable(config, executor)
     request = store_request(config, data)
     key = request_hash(request)
     path = store_path(check_directory(store_dir, name="store_dir"), store_name(config, data))
@@ -632,8 +635,28 @@ def ground_truth(
             say,
             device=target.type,
         )
-        run = _Run(path, manifest, config, data, model, loss, executor or chunk_executor(), target)
+        run = _Run(path, manifest, config, data, model, loss, executor, target)
         return _build(run, progress, repair, warn_factor, warn_margin, say)
+
+
+def _check_shippable(config: GroundTruthConfig, executor: Executor) -> None:
+    """A user's ``train_fn`` / model factory must reach spawned worker processes, which
+    import it by name: refuse one ``pickle`` cannot send (a lambda, a function defined
+    inside another) before any work. Ray pickles by value and takes both."""
+    if executor.in_process or executor.name == "ray":
+        return
+    for name in ("train_fn", "model"):
+        obj = getattr(config, name)
+        if obj is None:
+            continue
+        try:
+            pickle.dumps(obj)
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            raise ValueError(
+                f"{name}={_name(obj)} cannot be sent to the executor's worker processes "
+                f"({err}); define it at module level in an importable module, or train in "
+                "this process (LocalExecutor(workers=1))."
+            ) from None
 
 
 def _checked_inputs(
