@@ -46,6 +46,13 @@ from curvinf import (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="digits")
+    p.add_argument(
+        "--arch",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="mlp: make_mlp(depth, width); cnn: bench_models.small_cnn on (N, 1, 8, 8)\n"
+        "digits images (--depth and --width ignored)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=None, help="first N training points (all)")
     p.add_argument("--n-query", type=int, default=None, help="first Q query points (all)")
@@ -58,6 +65,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kron-methods", default="kfac,ekfac")
     p.add_argument("--fisher", default="type2", help="GGN output curvature in part (a)")
     p.add_argument("--damping", type=float, default=1e-3, help="absolute damping, part (b)")
+    p.add_argument(
+        "--kf-dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="part (b), kronfluence: float32 = its defaults (float32 covariances, Lambda,\n"
+        "per-sample gradients and scores; float64 eigendecomposition); float64 = model,\n"
+        "data and every one of those in float64, curvinf's precision",
+    )
     p.add_argument("--repeat", type=int, default=5, help="part (b): best of this many runs")
     p.add_argument(
         "--eigh",
@@ -112,14 +127,22 @@ def setup(args):
     Xq, yq = data.query
     Xt, yt = Xt[: args.n_train], yt[: args.n_train]
     Xq, yq = Xq[: args.n_query], yq[: args.n_query]
-    model = make_mlp(
-        data.num_features, data.num_outputs, depth=args.depth, width=args.width, seed=args.seed
-    )
+    if args.arch == "cnn":
+        from bench_models import small_cnn
+
+        Xt, Xq = Xt.reshape(-1, 1, 8, 8), Xq.reshape(-1, 1, 8, 8)
+        torch.manual_seed(args.seed)
+        model = small_cnn(classes=data.num_outputs)
+    else:
+        model = make_mlp(
+            data.num_features, data.num_outputs, depth=args.depth, width=args.width, seed=args.seed
+        )
     recipe = TrainingRecipe(epochs=args.epochs, lr=args.lr, seed=args.seed)
     t, res = timed(lambda: train(model, nn.CrossEntropyLoss(), Xt, yt, recipe))
     D = sum(p.numel() for p in model.parameters())
+    arch = "small_cnn" if args.arch == "cnn" else f"depth {args.depth}, width {args.width}"
     print(
-        f"model: depth {args.depth}, width {args.width}, D = {D:,}; train {len(Xt)}, "
+        f"model: {arch}, D = {D:,}; train {len(Xt)}, "
         f"query {len(Xq)}; trained {args.epochs} epochs in {t:.1f}s, final loss "
         f"{res.final_loss:.4f}",
         flush=True,
@@ -200,7 +223,14 @@ def curvinf_scores(method, model, train_data, query_data, damping, batch) -> tor
     return influence_scores(model, loss, inv, train=train_data, query=query_data, chunk_size=bs)
 
 
-def kronfluence_scores(method, model, train_data, query_data, damping, batch, workdir):
+def precision(dtype: torch.dtype, *names: str) -> dict[str, torch.dtype]:
+    """kronfluence's ``<name>_dtype`` arguments, all ``dtype`` (none for float32: its defaults)."""
+    return {} if dtype == torch.float32 else {f"{n}_dtype": dtype for n in names}
+
+
+def kronfluence_scores(
+    method, model, train_data, query_data, damping, batch, workdir, dtype=torch.float32
+):
     import torch.nn.functional as F
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -223,7 +253,12 @@ def kronfluence_scores(method, model, train_data, query_data, damping, batch, wo
             return F.cross_entropy(model(x), t, reduction="sum")
 
     task = SummedCE()
-    wrapped = prepare_model(copy.deepcopy(model), task)
+    model = copy.deepcopy(model)
+    if dtype == torch.float64:
+        model = model.double()
+        train_data = (train_data[0].double(), train_data[1])
+        query_data = (query_data[0].double(), query_data[1])
+    wrapped = prepare_model(model, task)
     analyzer = Analyzer(
         analysis_name="bench",
         model=wrapped,
@@ -240,7 +275,12 @@ def kronfluence_scores(method, model, train_data, query_data, damping, batch, wo
         factors_name=method,
         dataset=train_ds,
         per_device_batch_size=bs,
-        factor_args=FactorArguments(strategy=method, use_empirical_fisher=True),
+        factor_args=FactorArguments(
+            strategy=method,
+            use_empirical_fisher=True,
+            **precision(dtype, "activation_covariance", "gradient_covariance")
+            | precision(dtype, "per_sample_gradient", "lambda"),
+        ),
         overwrite_output_dir=True,
     )
     analyzer.compute_pairwise_scores(
@@ -250,7 +290,11 @@ def kronfluence_scores(method, model, train_data, query_data, damping, batch, wo
         train_dataset=train_ds,
         per_device_query_batch_size=len(query_ds),
         per_device_train_batch_size=bs,
-        score_args=ScoreArguments(damping_factor=damping),
+        score_args=ScoreArguments(
+            damping_factor=damping,
+            **precision(dtype, "query_gradient_svd", "per_sample_gradient")
+            | precision(dtype, "precondition", "score"),
+        ),
         overwrite_output_dir=True,
     )
     return analyzer.load_pairwise_scores(f"{method}_scores")["all_modules"]
@@ -275,7 +319,14 @@ def part_kron(args, model, train_data, query_data) -> list[dict]:
                 with tempfile.TemporaryDirectory() as tmp:
                     t, S_kf = timed(
                         lambda m=method, tmp=tmp: kronfluence_scores(
-                            m, model, train_data, query_data, args.damping, args.batch, tmp
+                            m,
+                            model,
+                            train_data,
+                            query_data,
+                            args.damping,
+                            args.batch,
+                            tmp,
+                            getattr(torch, args.kf_dtype),
                         ),
                         key="kf",
                     )
