@@ -270,6 +270,18 @@ def test_ray_tasks_declare_a_gpu_for_cuda(monkeypatch):
     assert made == [{"num_cpus": 2, "num_gpus": 0}, {"num_cpus": 1, "num_gpus": 1}]
 
 
+def test_cuda_ground_truth_refuses_ray_tasks_without_a_gpu(monkeypatch, tmp_path):
+    from curvinf.executors import LocalExecutor
+
+    class NoGPU(LocalExecutor):
+        num_gpus = 0.0
+
+    data, _ = tiny()
+    with simulated_cuda(monkeypatch), pytest.raises(ValueError, match="declare no GPU"):
+        ground_truth(data, GroundTruthConfig(), tmp_path, executor=NoGPU(), device="cuda")
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 

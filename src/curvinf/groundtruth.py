@@ -614,6 +614,12 @@ def ground_truth(
     )
     executor = executor or chunk_executor()
     _check_shippable(config, executor)
+    if target.type == "cuda" and getattr(executor, "num_gpus", None) == 0:
+        raise ValueError(
+            f"device={str(device)!r} with Ray tasks that declare no GPU (num_gpus=0): Ray hides "
+            "every GPU from such a task. Use RayExecutor(..., num_gpus=1), or "
+            "make_executor('ray', device='cuda') (CLI: --executor ray --device cuda)."
+        )
     request = store_request(config, data)
     key = request_hash(request)
     path = store_path(check_directory(store_dir, name="store_dir"), store_name(config, data))
