@@ -300,6 +300,47 @@ def kronfluence_scores(
     return analyzer.load_pairwise_scores(f"{method}_scores")["all_modules"]
 
 
+def gemm_rate(dtype: torch.dtype = torch.float64, n: int = 1024, repeat: int = 5) -> float:
+    """Best GEMM rate (flop/s) of an (n, n) @ (n, n) product at the current thread count."""
+    a = torch.randn(n, n, dtype=dtype)
+    best = min(timed(lambda: a @ a)[0] for _ in range(repeat))
+    return 2 * n**3 / best
+
+
+def kron_flops(method: str, model: nn.Module, train_data, query_data) -> dict[str, float]:
+    """Matmul flops of curvinf's K-FAC / EK-FAC fit plus all-pairs scores, empirical Fisher,
+    every set in one chunk. Per layer ``(T, in', out)`` (positions, inputs with the bias 1,
+    outputs), forward ``F = Σ 2 T in' out`` per example; ``F_in`` the input-gradient GEMMs
+    (every layer but the first). Passes: the fit capture (N), the query (Q) and train (N)
+    score captures, each with a backward to the layer outputs and, being one chunk, the
+    factorisation check (a backward with parameter gradients). Factors ``2 N T (in'² +
+    out²)``, ``eigh`` ``9 (in'³ + out³)``, EK-FAC correction and score rotations ``2 T (in'² +
+    out² + in' out)`` per example, score GEMM ``2 Q N D``. Element-wise work not counted."""
+    from curvinf.curvature.layers import factored_layers, measure_captures
+
+    m64 = copy.deepcopy(model).double().eval()
+    ads = factored_layers(m64, "flops")
+    x1, y1 = train_data[0][:2].double(), train_data[1][:2]
+    caps = measure_captures(m64, ads, "ce", "loss", x1, y1)
+    pairs = zip(caps.inputs, caps.grads, strict=True)
+    shapes = [(a.shape[1], a.shape[2], g.shape[-1]) for a, g in pairs]  # (T, in', out)
+    N, Q = len(train_data[0]), len(query_data[0])
+    D = sum(i * o for _, i, o in shapes)
+    fwd = sum(2 * T * i * o for T, i, o in shapes)
+    fwd_in = fwd - 2 * shapes[0][0] * shapes[0][1] * shapes[0][2]
+    rot = sum(2 * T * (i * i + o * o + i * o) for T, i, o in shapes)
+    out = {
+        "passes": (2 * N + Q) * (fwd + fwd_in + fwd_in + fwd),
+        "factors": N * sum(2 * T * (i * i + o * o) for T, i, o in shapes),
+        "eigh": sum(9 * (i**3 + o**3) for _, i, o in shapes),
+        "ekfac_correction": N * rot if method == "ekfac" else 0,
+        "score_rotations": (N + Q) * rot,
+        "score_gemm": 2 * Q * N * D,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
 def part_kron(args, model, train_data, query_data) -> list[dict]:
     """curvinf and kronfluence runs alternate (best of ``--repeat`` each), so that load
     from other processes hits both sides alike."""
@@ -334,6 +375,15 @@ def part_kron(args, model, train_data, query_data) -> list[dict]:
                     t_kf, c_kf = t, CPU["kf"]
         row = {"method": method, "curvinf_s": t_ci, "curvinf_cpu_s": c_ci}
         print(f"[kron] {method}: curvinf fit + scores {t_ci:.2f}s (CPU {c_ci:.1f}s)", flush=True)
+        flops, rate = kron_flops(method, model, train_data, query_data), gemm_rate()
+        row |= {"flops": flops, "gemm_rate": rate, "floor_s": flops["total"] / rate}
+        print(
+            f"[kron] {method}: {flops['total'] / 1e9:.2f} GFLOP of matmuls ("
+            + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items() if k != "total")
+            + f"); float64 GEMM here {rate / 1e9:.1f} GFLOP/s: floor {row['floor_s']:.3f}s, "
+            f"curvinf at {t_ci / row['floor_s']:.1f}x the floor",
+            flush=True,
+        )
         if not args.no_peers:
             rho = spearman(S, S_kf)
             rel = float((S - S_kf.double()).norm() / S_kf.double().norm())

@@ -289,9 +289,7 @@ def capture_layer_factors(
                 )
                 for k in range(R.shape[2])
             ]
-            a_tilde = [
-                torch.cat([ad.inputs(a) for a in inputs[i]], dim=1) for i, ad in enumerate(adapters)
-            ]
+            a_tilde = [_joined([ad.inputs(a) for a in inputs[i]]) for i, ad in enumerate(adapters)]
             if verify:
                 _check_factorisation(f, calls, adapters, a_tilde)
     finally:
@@ -309,14 +307,20 @@ def capture_layer_factors(
                 "per-layer factors assume; use method='block_ggn' or 'ggn'."
             )
     s = [
-        torch.stack([_positions(ad, gk[i]) for gk in per_k], dim=1) for i, ad in enumerate(adapters)
+        _joined([_positions(ad, gk[i]).unsqueeze(1) for gk in per_k])
+        for i, ad in enumerate(adapters)
     ]
     return Captures(a_tilde, s)
 
 
 def _positions(ad: LayerAdapter, grads: list[torch.Tensor]) -> torch.Tensor:
     """A layer's output gradients of every call -> (n, T, out), calls concatenated."""
-    return torch.cat([ad.output_grads(g) for g in grads], dim=1)
+    return _joined([ad.output_grads(g) for g in grads])
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, dim=1)``, without a copy when there is one part (one call, K = 1)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class _Calls:
