@@ -55,13 +55,13 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from curvinf.curvature.context import FitContext
+from curvinf.curvature.gram import thin_roots
 from curvinf.curvature.layers import (
     Captures,
     LayerAdapter,
     UnfactorableModelError,
     capture_layer_factors,
     factored_layers,
-    fit_captures,
 )
 from curvinf.curvature.structured import _has_hooks
 from curvinf.devices import cpu_generator
@@ -158,6 +158,27 @@ def gram_accumulators(
     return accs, add
 
 
+def _thin(Q: torch.Tensor) -> torch.Tensor:
+    """Type-2 roots (n, F, F) without the directions null for every example (:func:`thin_roots`:
+    ``K = C - 1`` for cross-entropy, the same ``Q Qᵀ``); as they are if the GGN is zero."""
+    try:
+        return thin_roots(Q)
+    except ValueError:
+        return Q
+
+
+def _fit_roots(ctx: FitContext, yb: torch.Tensor, gen: torch.Generator):
+    """The cotangents of a fit chunk: the ``fisher``'s output roots (type-2 thinned)."""
+
+    def roots(out: torch.Tensor) -> torch.Tensor:
+        Q = output_sqrt(
+            ctx.loss_kind, ctx.fisher, out, yb, mc_samples=ctx.mc_samples, generator=gen
+        )
+        return _thin(Q) if ctx.fisher == "type2" else Q
+
+    return roots
+
+
 def ggn_blocks(
     ctx: FitContext, blocks: list[ParamBlock]
 ) -> list[tuple[ParamBlock, torch.Tensor]] | None:
@@ -171,7 +192,9 @@ def ggn_blocks(
     with progress_bar(ctx.n, "GGN examples", ctx.progress) as advance:
         for c, (xb, yb) in enumerate(ctx.chunks()):
             try:
-                caps = fit_captures(ctx, adapters, xb, yb, gen, verify=c == 0)
+                caps = capture_layer_factors(
+                    ctx.model, adapters, xb, _fit_roots(ctx, yb, gen), verify=c == 0
+                )
             except UnfactorableModelError:
                 return None
             add(pseudo_grad_rows(adapters, caps.grads, caps.inputs))
@@ -273,9 +296,7 @@ def _to_layout(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def _tangent_inputs(ad: LayerAdapter, x: torch.Tensor) -> torch.Tensor:
     """The layer's input patches of tangents ``x`` (V, n, ...) -> (V, n, T, in), no bias column."""
     V, n = x.shape[:2]
-    a = ad.inputs(x.reshape(V * n, *x.shape[2:]))
-    if ad.has_bias:
-        a = a[..., :-1]
+    a = ad.inputs(x.reshape(V * n, *x.shape[2:]), bias=False)
     return a.reshape(V, n, *a.shape[1:])
 
 
@@ -408,7 +429,7 @@ def _hessian_chunk(
     kind = ctx.loss_kind
 
     def roots_and_grad(out: torch.Tensor) -> torch.Tensor:
-        Q = output_sqrt(kind, "type2", out, yb)
+        Q = _thin(output_sqrt(kind, "type2", out, yb))
         return torch.cat([Q, output_grad(kind, out, yb)[:, :, None]], dim=2)
 
     try:

@@ -95,8 +95,9 @@ class LayerAdapter:
         weight = self.module.weight
         return weight.shape[0], weight[0].numel()
 
-    def inputs(self, a: torch.Tensor) -> torch.Tensor:
-        """Layer input -> ``ã`` (N, T, in + has_bias)."""
+    def inputs(self, a: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
+        """Layer input -> ``ã`` (N, T, in + has_bias); ``bias=False``: without the column of
+        ones (the patches alone, e.g. of a tangent of the input)."""
         raise NotImplementedError
 
     def output_grads(self, g: torch.Tensor) -> torch.Tensor:
@@ -107,9 +108,9 @@ class LayerAdapter:
 class LinearAdapter(LayerAdapter):
     """``nn.Linear`` on (N, in) or (N, ..., in) inputs (leading dims after N shared: T)."""
 
-    def inputs(self, a: torch.Tensor) -> torch.Tensor:
+    def inputs(self, a: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
         a = a.reshape(a.shape[0], -1, a.shape[-1])
-        if self.has_bias:
+        if self.has_bias and bias:
             a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
         return a
 
@@ -147,7 +148,7 @@ class Conv2dAdapter(LayerAdapter):
         ph, pw = m.padding
         return (pw, pw, ph, ph)
 
-    def inputs(self, a: torch.Tensor) -> torch.Tensor:
+    def inputs(self, a: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
         if a.ndim != 4:
             raise UnfactorableModelError(
                 f"{self.label} is called on a {a.ndim}-D input; per-layer factors need "
@@ -159,7 +160,7 @@ class Conv2dAdapter(LayerAdapter):
             a = F.pad(a, pads, mode=mode)
         patches = F.unfold(a, m.kernel_size, dilation=m.dilation, stride=m.stride)
         patches = patches.transpose(1, 2)  # (N, T, C_in·kh·kw)
-        if self.has_bias:
+        if self.has_bias and bias:
             patches = torch.cat([patches, patches.new_ones(*patches.shape[:2], 1)], dim=2)
         return patches
 
