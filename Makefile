@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install test test-all lint run bench bench-install clean
+.PHONY: install test test-all lint run bench bench-models bench-install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench-install: $(BVENV)/.installed
 # Curvature ladder vs curvlinops and kronfluence (docs/benchmarks.md). ~10 min on 2 cores.
 bench: bench-install
 	$(BVENV)/bin/python benchmarks/bench_curvature.py $(BENCH_ARGS)
+
+# Exact rungs of an MLP, a CNN and a transformer at equal D (docs/benchmarks.md, issue 12,
+# item 5). ~3 min on 2 cores, most of it the transformer's Hessian.
+bench-models: install
+	$(PY) benchmarks/bench_models.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BVENV) build *.egg-info src/*.egg-info

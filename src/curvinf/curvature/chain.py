@@ -63,7 +63,6 @@ from curvinf.curvature.layers import (
     capture_layer_factors,
     factored_layers,
 )
-from curvinf.curvature.structured import _has_hooks
 from curvinf.devices import cpu_generator
 from curvinf.losses import batch_loss, output_grad, output_sqrt
 from curvinf.params import ParamBlock
@@ -268,7 +267,7 @@ def sequential_chain(model: nn.Module, adapters: list[LayerAdapter]) -> _Chain |
     :func:`hessian_blocks` also checks the chain's output and a Hessian-vector product.
     """
     modules = _flatten_sequential(model)
-    if modules is None or _has_hooks(model) or not adapters:
+    if modules is None or any(_has_hooks_here(m) for m in model.modules()) or not adapters:
         return None
     ids = [id(m) for m in modules]
     if any(ids.count(id(ad.module)) != 1 for ad in adapters):
