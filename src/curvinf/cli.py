@@ -316,7 +316,9 @@ def run_groundtruth(job: GroundTruthJob) -> GroundTruth:
 @app.command()
 def reproduce(
     preset: str = typer.Option(
-        "quick", help="quick (minutes), paper or paper-code (the full grid, two protocols)"
+        "quick",
+        help="quick (minutes), paper or paper-code (the full grid, two protocols), cnn or "
+        "transformer (weight sharing)",
     ),
     out: str = typer.Option("", help="result directory (default: results/<preset>)"),
     workers: int = typer.Option(1, help="configurations run in parallel processes"),
@@ -344,6 +346,9 @@ def reproduce(
     ray_address: str = typer.Option(
         "", help="Ray cluster address with --executor ray (default: start a local Ray instance)"
     ),
+    device: str = typer.Option(
+        "cpu", help=DEVICE_HELP + "; retraining, fits and scores (configuration ids unchanged)"
+    ),
 ) -> None:
     """Run the study's grid (resuming finished work) and write report.md with figures."""
     from rich.console import Console
@@ -368,6 +373,7 @@ def reproduce(
             groundtruth_only=groundtruth_only,
             executor=executor,
             ray_address=ray_address or None,
+            device=device,
         )
     with exit_on(FAILED, WORK_ERRORS):
         result, path = run_plan(plan, progress=progress, log=Console(stderr=True).print)

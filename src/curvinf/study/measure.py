@@ -132,6 +132,7 @@ def _curvature_distance(cache: RungCache, a: str, b: str, seed: int) -> tuple[fl
         cr.num_params,  # type: ignore[union-attr]
         cache.config.estimate_matvecs,
         seed=seed,
+        device=cache.device,
     )
     return est.value, est.standard_error
 
@@ -171,6 +172,7 @@ def reference_inverse_norm(cache: RungCache, reg, seed: int) -> tuple[float, flo
                 inv.num_params,  # type: ignore[union-attr]
                 cache.config.estimate_matvecs,
                 seed=seed,
+                device=cache.device,
             )
             norm = math.sqrt(max(est.value, 0.0))
             cache.distances[key] = (norm, est.standard_error / (2 * norm) if norm else math.nan)
@@ -199,6 +201,7 @@ def _inverse_distance(cache: RungCache, a: str, b: str, reg, seed: int) -> tuple
             ir.num_params,  # type: ignore[union-attr]
             cache.config.estimate_matvecs,
             seed=seed,
+            device=cache.device,
         )
         return est.value, est.standard_error, ""
     norm, norm_se = reference_inverse_norm(cache, reg, seed)
@@ -213,6 +216,7 @@ def _inverse_distance(cache: RungCache, a: str, b: str, reg, seed: int) -> tuple
             ir.num_params,  # type: ignore[union-attr]
             cache.config.estimate_matvecs,
             seed=seed,
+            device=cache.device,
         )
         dist = math.sqrt(max(est.value, 0.0))
         dist_se = est.standard_error / (2 * dist) if dist else math.sqrt(est.standard_error)
@@ -226,7 +230,9 @@ def _off_block(cache: RungCache, rung: str, curv: Curvature) -> tuple[float, flo
     blocks = [b.index for b in param_blocks(cache.model, cache.config.partition)]
     if cache.route_of(rung) == "dense":
         return off_block_mass(curv.dense(), blocks), 0.0
-    est = off_block_mass_estimate(curv.matvec, blocks, curv.num_params, seed=cache.config.seed)
+    est = off_block_mass_estimate(
+        curv.matvec, blocks, curv.num_params, seed=cache.config.seed, device=cache.device
+    )
     return est.value, est.standard_error
 
 
@@ -274,7 +280,7 @@ def rung_result(
     }
     if route in ("dense", "kronecker"):
         evals = curv.eigenvalues()
-        out["spectrum"] = evals.to(torch.float64)
+        out["spectrum"] = evals.to("cpu", torch.float64)  # blobs are stored from the CPU
         out["negative_eigenvalues"] = negative_eigenvalues(evals)
     if rung in DENSE_RUNGS:
         out["off_block_mass"], out["off_block_mass_se"] = _off_block(cache, rung, curv)
@@ -300,7 +306,7 @@ def rung_result(
             continue
         scores = influence_scores(
             model, loss, ri.inverse, train=data.train, query=data.query, measure=config.lds.measure
-        )
+        ).cpu()  # compared with the stored scores of other rungs, which are on the CPU
         ri.settle()
         entry.update(status=ri.status, reason=ri.reason, figures=dict(ri.figures))
         res = gt.lds(scores, num_bootstrap=0)  # intervals: one paired bootstrap, compare.py
@@ -341,7 +347,7 @@ def rung_result(
             out["basis_overlap"] = {name: dict(c) for name, c in curves.items()}
         block = cache.get("block_ggn")
         if block is not None and cache.route_of("block_ggn") == "dense":
-            out["spectrum_mismatch"] = spectrum_mismatch(out["spectrum"], block.eigenvalues())
+            out["spectrum_mismatch"] = spectrum_mismatch(out["spectrum"], block.eigenvalues().cpu())
     if method == "kfac":
         ekfac = cache.get("ekfac" + ("" if variant == "expand" else REDUCE))
         if ekfac is not None:  # same basis: compare eigenvalue by eigenvalue

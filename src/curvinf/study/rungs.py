@@ -50,6 +50,7 @@ from curvinf.curvature.matfree import matrix_free
 from curvinf.curvature.operators import InverseOperator
 from curvinf.curvature.solvers import Lanczos, Preconditioned
 from curvinf.data import DataSplit
+from curvinf.devices import model_device
 from curvinf.names import KRONECKER_RUNGS, SHARING_METHODS, rung_method
 from curvinf.params import model_fingerprint, param_blocks
 from curvinf.study.specs import RunConfig, reg_label
@@ -105,6 +106,8 @@ class RungCache:
         progress: bool = False,
     ) -> None:
         self.config, self.model, self.loss, self.data = config, model, loss, data
+        self.device = model_device(model)
+        """Where the rungs are fitted and applied: the model's device (its data are there)."""
         self.say = say or (lambda msg: None)
         self.progress = progress
         self.fitted: dict[str, Curvature] = {}
@@ -268,6 +271,7 @@ class RungCache:
                 max_iter=min(curv.num_params, 120),
                 seed=self.config.seed,
                 progress=self.progress,
+                device=self.device,
             )
             self._lambda_min = (-float(theta[0]), float(res[0]))
         return self._lambda_min

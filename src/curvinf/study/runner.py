@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from curvinf.devices import DeviceSpec, model_on, resolve_device
 from curvinf.executors import Executor, LocalExecutor, check_executor, chunks_on, make_executor
 from curvinf.groundtruth import GroundTruth
 from curvinf.models import num_params
@@ -75,8 +76,10 @@ def run_config(
     *,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    device: DeviceSpec = "cpu",
 ) -> list[dict[str, Any]]:
-    """Run (or resume, or load) one configuration; return its rows of the results table.
+    """Run (or resume, or load) one configuration on ``device`` (retraining, fits, scores;
+    what is stored is written from the CPU); return its rows of the results table.
 
     Every rung scores the ground-truth store's base model (:meth:`GroundTruth.base_model`),
     so a resume with another thread count scores the model the ground truth was built
@@ -96,7 +99,7 @@ def run_config(
     with _config_lock(config, rdir):
         if done_file.exists():  # finished by another process since we looked
             return read_json(done_file)
-        return _run_locked_config(config, Path(out), rdir, progress, say)
+        return _run_locked_config(config, Path(out), rdir, progress, say, resolve_device(device))
 
 
 @contextmanager
@@ -118,15 +121,23 @@ def _config_lock(config: RunConfig, rdir: Path) -> Iterator[None]:
 
 
 def _run_locked_config(
-    config: RunConfig, out: Path, rdir: Path, progress: bool, say: Callable[[str], None]
+    config: RunConfig,
+    out: Path,
+    rdir: Path,
+    progress: bool,
+    say: Callable[[str], None],
+    device: torch.device,
 ) -> list[dict[str, Any]]:
     """:func:`run_config`'s work, once this process holds the configuration's lock."""
     write_json(rdir / "config.json", config.to_dict())
     t_start = time.perf_counter()
     data = config_data(config)
-    gt = config_ground_truth(config, out / "groundtruth", data=data, progress=progress, log=say)
+    gt = config_ground_truth(
+        config, out / "groundtruth", data=data, progress=progress, log=say, device=device
+    )
     loss = torch.nn.CrossEntropyLoss() if config.loss_name == "ce" else torch.nn.MSELoss()
     model, stale = _scored_model(gt, data, rdir, say)
+    model, data = model_on(model, device), data.to(device=device)
     cache = RungCache(config, model, loss, data, say, progress=progress)
 
     def load(rung: str) -> dict[str, Any] | None:
@@ -197,9 +208,10 @@ def _worker(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     groundtruth_only: bool = False,
+    device: DeviceSpec = "cpu",
 ) -> dict:
-    """Run one configuration (in this or a worker process), or only build its ground
-    truth; never raises."""
+    """Run one configuration (in this or a worker process) on ``device``, or only build
+    its ground truth; never raises."""
     if threads:
         torch.set_num_threads(threads)
     finished = Path(out) / "runs" / config.id / "rows.json"
@@ -209,14 +221,14 @@ def _worker(
     try:
         if groundtruth_only:
             store = Path(out) / "groundtruth"
-            gt = config_ground_truth(config, store, progress=progress, log=log)
+            gt = config_ground_truth(config, store, progress=progress, log=log, device=device)
             return {
                 "config": config.id,
                 "state": GROUND_TRUTH_DONE,
                 "seconds": time.perf_counter() - t0,
                 "store": str(gt.path),
             }
-        rows = run_config(config, out, progress=progress, log=log)
+        rows = run_config(config, out, progress=progress, log=log, device=device)
     except StoreBusyError as err:  # another run owns it: not a failure of this one
         return {
             "config": config.id,
@@ -286,6 +298,7 @@ def run_grid(
     log: Callable[[str], None] | None = None,
     groundtruth_only: bool = False,
     executor: Executor | None = None,
+    device: DeviceSpec = "cpu",
 ) -> GridRun:
     """Run every configuration of ``preset`` into ``out`` (skipping finished ones), then write
     the results table.
@@ -301,6 +314,9 @@ def run_grid(
         executor: run the ground-truth chunks and the configurations as this executor's
             tasks (e.g. :class:`~curvinf.executors.RayExecutor`), this process alone
             writing ``out`` (module doc); default: this process, or ``workers`` processes.
+        device: where retraining, fits and scores run (``cpu``, ``cuda``, ``cuda:N``,
+            ``auto``; :func:`curvinf.devices.resolve_device`); results are the same up to
+            rounding, so a configuration's id does not depend on it.
 
     A configuration another process is running (its lock is held, e.g. a second
     ``reproduce`` into the same ``out``) is skipped with state :data:`BUSY`.
@@ -308,6 +324,7 @@ def run_grid(
     say = log or (lambda msg: None)
     check_int("workers", workers, low=1)
     _check_max_minutes(max_minutes)
+    device = str(resolve_device(device))
     configs = select_configs(preset, only)
     out = check_directory(out, writable=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,13 +349,17 @@ def run_grid(
             say(entry["error"])
 
     if executor is not None:
-        entries = _driver_writes(configs, out, executor, deadline, groundtruth_only, progress, say)
+        entries = _driver_writes(
+            configs, out, executor, deadline, groundtruth_only, progress, say, device
+        )
     elif workers == 1:  # in this process: the ground truth's progress bar, rung-by-rung log
         started = iter(range(1, n + 1))
 
         def one(config: RunConfig) -> dict[str, Any]:
             say(f"[{next(started)}/{n}] {config.id}: running")
-            return _worker(config, str(out), deadline, threads, progress, say, groundtruth_only)
+            return _worker(
+                config, str(out), deadline, threads, progress, say, groundtruth_only, device
+            )
 
         entries = (entry for _, entry in LocalExecutor().map(one, configs))
     else:
@@ -346,7 +367,15 @@ def run_grid(
         entries = (
             entry
             for _, entry in local.map(
-                _worker, configs, str(out), deadline, threads, False, None, groundtruth_only
+                _worker,
+                configs,
+                str(out),
+                deadline,
+                threads,
+                False,
+                None,
+                groundtruth_only,
+                device,
             )
         )
     for i, entry in enumerate(entries, 1):
@@ -378,6 +407,7 @@ def _driver_writes(
     groundtruth_only: bool,
     progress: bool,
     say: Callable[[str], None],
+    device: str = "cpu",
 ) -> Iterator[dict[str, Any]]:
     """:func:`run_grid`'s entries on ``executor``, this process alone writing ``out``: each
     unfinished configuration's ground truth built here with its chunks as tasks, then the
@@ -388,14 +418,16 @@ def _driver_writes(
             yield _worker(config, str(out), deadline, 0)  # finished: its rows, read here
             continue
         with chunks_on(executor):
-            entry = _worker(config, str(out), deadline, 0, progress, say, groundtruth_only=True)
+            entry = _worker(
+                config, str(out), deadline, 0, progress, say, groundtruth_only=True, device=device
+            )
         if groundtruth_only or entry["state"] != GROUND_TRUTH_DONE:
             yield entry
             continue
         say(f"{config.id}: ground truth done, running on the {executor.name} executor")
         files = {**_files(out, Path(entry["store"])), **_files(out, run_dir(out, config.id))}
         tasks.append((config, files))
-    for _, (entry, files) in executor.map(_config_task, tasks, deadline):
+    for _, (entry, files) in executor.map(_config_task, tasks, deadline, device):
         for rel in sorted(files, key=lambda rel: rel.endswith("rows.json")):  # rows.json last
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(out / rel, files[rel])
@@ -415,7 +447,7 @@ def _files(root: Path, directory: Path) -> dict[str, bytes]:
 
 
 def _config_task(
-    item: tuple[RunConfig, dict[str, bytes]], deadline: float | None
+    item: tuple[RunConfig, dict[str, bytes]], deadline: float | None, device: str = "cpu"
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Run configuration ``item = (config, files)`` in a temporary directory holding
     ``files`` (its run directory so far and its finished ground-truth store); return its
@@ -426,7 +458,7 @@ def _config_task(
         for rel, data in files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
-        entry = _worker(config, tmp, deadline, 0)
+        entry = _worker(config, tmp, deadline, 0, device=device)
         made = _files(root, run_dir(root, config.id))
     return entry, {rel: data for rel, data in made.items() if files.get(rel) != data}
 
@@ -459,6 +491,7 @@ class ReproducePlan:
     groundtruth_only: bool = False
     executor: str = "local"
     ray_address: str | None = None
+    device: str = "cpu"
 
 
 def reproduce_plan(
@@ -475,6 +508,7 @@ def reproduce_plan(
     groundtruth_only: bool = False,
     executor: str = "local",
     ray_address: str | None = None,
+    device: DeviceSpec = "cpu",
 ) -> ReproducePlan:
     """Check every argument of :func:`reproduce` and return the plan; writes nothing.
 
@@ -482,7 +516,8 @@ def reproduce_plan(
     < 1, negative ``max_minutes``, seeds that are not integers >= 0, ``max_dense_gib`` <= 0,
     a regulariser that does not parse (:func:`~curvinf.study.specs.parse_regularization`),
     ``only`` matching no configuration, an unknown ``executor``, ``ray_address`` without
-    ``executor="ray"``, ``"ray"`` without Ray installed or with ``workers`` > 1),
+    ``executor="ray"``, ``"ray"`` without Ray installed or with ``workers`` > 1, a
+    ``device`` that is unknown or not here: :func:`curvinf.devices.resolve_device`),
     ``NotADirectoryError`` if ``out`` is or lies under a file and ``PermissionError`` if it
     cannot be written.
     """
@@ -495,6 +530,7 @@ def reproduce_plan(
     check_int("workers", workers, low=1)
     _check_max_minutes(max_minutes)
     check_executor(executor, ray_address)
+    target = str(resolve_device(device))
     if executor == "ray" and workers != 1:
         raise ValueError(
             "--workers is for the local executor; on Ray the cluster's CPUs set how many "
@@ -524,6 +560,7 @@ def reproduce_plan(
         groundtruth_only=bool(groundtruth_only),
         executor=executor,
         ray_address=ray_address,
+        device=target,
     )
 
 
@@ -539,7 +576,7 @@ def run_plan(
 
     executor = None
     if plan.executor != "local":
-        executor = make_executor(plan.executor, ray_address=plan.ray_address)
+        executor = make_executor(plan.executor, ray_address=plan.ray_address, device=plan.device)
     try:
         result = run_grid(
             plan.grid,
@@ -551,6 +588,7 @@ def run_plan(
             log=log,
             groundtruth_only=plan.groundtruth_only,
             executor=executor,
+            device=plan.device,
         )
     finally:
         if executor is not None:
@@ -581,6 +619,7 @@ def reproduce(
     log: Callable[[str], None] | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    device: DeviceSpec = "cpu",
 ) -> Path:
     """Run (or resume) the grid, then write the report (:func:`reproduce_plan`, then
     :func:`run_plan`).
@@ -603,6 +642,7 @@ def reproduce(
         regs=regs,
         executor=executor,
         ray_address=ray_address,
+        device=device,
     )
     _, report = run_plan(plan, progress=progress, log=log)
     if report is None:

@@ -462,8 +462,8 @@ PRESETS: dict[str, Preset] = {
             "(80/20 split, the MLPs' split), trained 50 epochs (SGD, momentum 0.9, lr 0.01, "
             "cosine, batch 64); the ladder with both K-FAC variants (expand, reduce) and "
             "their unshared GGNs (the weight-sharing step alone), type-2 Fisher, per-layer "
-            "blocks; eps = 1e-4, and damping 0.1 then eps = 1e-4; LDS with 100 subsets of alpha = 0.5, 3 "
-            "retrainings each, matched steps."
+            "blocks; eps = 1e-4, and damping 0.1 then eps = 1e-4; LDS with 100 subsets "
+            "of alpha = 0.5, 3 retrainings each, matched steps."
         ),
     ),
     "transformer": Preset(
@@ -485,8 +485,8 @@ PRESETS: dict[str, Preset] = {
             "the majority task (1,000 sequences of 8 tokens, 80/20 split), trained 50 epochs "
             "(AdamW, lr 3e-3, cosine, batch 64); the ladder with both K-FAC variants and "
             "their unshared GGNs, the embeddings (which no K-FAC adapter covers) as exact "
-            "GGN blocks in every Kronecker rung; eps = 1e-4, and damping 0.1 then eps = 1e-4; LDS with 100 "
-            "subsets of alpha = 0.5, 3 retrainings each, matched steps."
+            "GGN blocks in every Kronecker rung; eps = 1e-4, and damping 0.1 then eps = "
+            "1e-4; LDS with 100 subsets of alpha = 0.5, 3 retrainings each, matched steps."
         ),
     ),
     "quick": Preset(

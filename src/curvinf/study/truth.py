@@ -17,6 +17,7 @@ from torch import nn
 
 from curvinf.architectures import make_cnn, make_transformer
 from curvinf.data import MAJORITY, DataSplit, load_dataset
+from curvinf.devices import DeviceSpec
 from curvinf.groundtruth import (
     GroundTruth,
     GroundTruthConfig,
@@ -94,8 +95,10 @@ def config_ground_truth(
     data: DataSplit | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    device: DeviceSpec = "cpu",
 ) -> GroundTruth:
-    """Build, resume or load the ground truth of ``config`` under ``store_dir``.
+    """Build, resume or load the ground truth of ``config`` under ``store_dir``, retraining
+    on ``device`` (:func:`curvinf.groundtruth.ground_truth`).
 
     Retraining warnings are not raised here: they stay in ``GroundTruth.warnings`` (and in
     the results table). Raises ``StoreBusyError`` naming the configuration if another
@@ -106,7 +109,12 @@ def config_ground_truth(
         warnings.simplefilter("ignore", RetrainingWarning)
         try:
             return ground_truth(
-                data, groundtruth_config(config), store_dir, progress=progress, log=log
+                data,
+                groundtruth_config(config),
+                store_dir,
+                progress=progress,
+                log=log,
+                device=device,
             )
         except StoreBusyError as err:
             raise StoreBusyError(

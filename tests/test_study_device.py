@@ -1,0 +1,38 @@
+"""The study on a device: ``run_config(..., device=)`` on a simulated GPU gives the CPU
+run's rows (tests/devicesim.py: any CPU tensor meeting a "CUDA" one raises)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from devicesim import simulated_cuda
+
+from curvinf import Regularization
+from curvinf.study import LDSSettings, RunConfig, run_config
+
+LDS = LDSSettings(num_subsets=4, alpha=0.5, num_seeds=2, num_bootstrap=20)
+CNN_RUNGS = ("hessian", "block_ggn", "unshared_ggn_reduce", "ekfac", "kfac_reduce")
+NUMBERS = ("lds", "inverse_error", "curvature_error", "influence_error", "adjacent_inverse")
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "cnn"])
+def test_a_configuration_on_a_simulated_gpu_has_the_cpu_rows(architecture, tmp_path, monkeypatch):
+    config = RunConfig(
+        depth=1,
+        width=2,
+        epochs=2,
+        architecture=architecture,
+        rungs=CNN_RUNGS if architecture == "cnn" else RunConfig(1, 1, 1).rungs,
+        regularizations=(Regularization(damping=0.1, eps=1e-4),),
+        lds=LDS,
+    )
+    cpu = run_config(config, tmp_path / "cpu")
+    with simulated_cuda(monkeypatch):
+        gpu = run_config(config, tmp_path / "gpu", device="cuda")
+    assert len(gpu) == len(cpu)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert (a["rung"], a["reg"], a["status"]) == (b["rung"], b["reg"], b["status"])
+        for key in NUMBERS:
+            same = a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key]))
+            assert same, (a["rung"], a["reg"], key, a[key], b[key])
