@@ -149,12 +149,23 @@ def gram_accumulators(
     """Accumulators per block (lower block triangles, :func:`add_gram`) and the function
     adding a chunk's ``M`` (n·K, D) to them; finish each with :func:`mirror_gram`."""
     accs = [torch.zeros(b.size, b.size, dtype=torch.float64, device=device) for b in blocks]
+    cols = [_columns(b.index) for b in blocks]
 
     def add(M: torch.Tensor) -> None:
-        for acc, b in zip(accs, blocks, strict=True):
-            add_gram(acc, M if b.size == D else M[:, b.index])
+        for acc, c in zip(accs, cols, strict=True):
+            add_gram(acc, M[:, c])
 
     return accs, add
+
+
+def _columns(index: torch.Tensor) -> slice | torch.Tensor:
+    """``index`` as a slice when it is a contiguous range (``M[:, slice]`` is a view, which
+    the GEMMs read in place), else as it is (``M[:, index]`` copies)."""
+    a = int(index[0]) if index.numel() else 0
+    if index.numel() and int(index[-1]) - a + 1 == index.numel():
+        if torch.equal(index, torch.arange(a, a + index.numel(), device=index.device)):
+            return slice(a, a + index.numel())
+    return index
 
 
 def _thin(Q: torch.Tensor) -> torch.Tensor:
