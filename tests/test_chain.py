@@ -190,6 +190,7 @@ def test_the_probe_catches_glue_the_route_misdescribes(monkeypatch):
     model = seeded(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)))
     X, y = data("cnn", "ce", n=4)
     assert route("hessian", model, CE, X, y) is None
+    assert route("block_hessian", model, CE, X, y) is None  # each block is checked
     H = ref_hessian(model, CE, X, y)
     assert rel(fit_curvature("hessian", model, CE, X, y).dense(), H) < 1e-10
 

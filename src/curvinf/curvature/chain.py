@@ -41,9 +41,10 @@ Hessian of such a chain is its block type-2 GGN.
 
 The Hessian route proves itself before it is used: the chain's own forward pass must
 give the model's output, and on up to :data:`PROBE_EXAMPLES` examples of the first chunk
-the product of the assembled Hessian with a random vector must equal a
-forward-over-reverse Hessian-vector product of the model (relative 1e-8). Every function
-returns ``None`` for a model it does not describe; callers then take the generic route.
+each assembled block times a random vector must equal a forward-over-reverse
+Hessian-vector product of the model with only that block free (relative 1e-8). Every
+function returns ``None`` for a model it does not describe; callers then take the generic
+route.
 """
 
 from __future__ import annotations
@@ -479,23 +480,35 @@ def _bilinear_product(
     return out
 
 
-def _probe(ctx: FitContext, chain: _Chain, xb: torch.Tensor, yb: torch.Tensor) -> bool:
-    """Whether the route's Hessian of ``xb`` times a random vector equals the model's
-    forward-over-reverse Hessian-vector product (relative 1e-8)."""
-    L = len(chain.adapters)
-    pairs = {(m, lo) for m in range(L) for lo in range(m)}
+def _probe(
+    ctx: FitContext,
+    chain: _Chain,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    blocks: list[ParamBlock],
+    pairs: set[tuple[int, int]],
+) -> bool:
+    """Whether the route's Hessian blocks of ``xb`` (the bilinear ``pairs`` the blocks need)
+    times a random vector equal the model's forward-over-reverse Hessian-vector products
+    with only each block free (relative 1e-8 per block)."""
     got = _hessian_chunk(ctx, chain, xb, yb, pairs, verify=False)
     if got is None:
         return False
     M, bil = got
     gen = cpu_generator(0)
     v = torch.randn(ctx.num_params, generator=gen, dtype=M.dtype, device="cpu").to(M.device)
-    Hv = (M.T @ (M @ v) + _bilinear_product(chain, bil, v)) / len(xb)
-    f, theta = ctx.outputs_fn(tuple(ctx.params))
+    bv = _bilinear_product(chain, bil, v)  # rows of a block see only pairs inside it
     with traced(ctx.model, "the Hessian route's check"):
-        gfun = grad(lambda t: batch_loss(ctx.loss_kind, f(t, xb), yb))
-        want = jvp(gfun, (theta,), (v,))[1]
-    return float((Hv - want).norm()) <= 1e-8 * max(float(want.norm()), 1e-300)
+        for b in blocks:
+            cols = _columns(b.index)
+            Mb = M[:, cols]
+            Hv = (Mb.T @ (Mb @ v[cols]) + bv[cols]) / len(xb)
+            f, theta = ctx.outputs_fn(b.names)
+            gfun = grad(lambda t, f=f: batch_loss(ctx.loss_kind, f(t, xb), yb))
+            want = jvp(gfun, (theta,), (v[cols],))[1]
+            if float((Hv - want).norm()) > 1e-8 * max(float(want.norm()), 1e-300):
+                return False
+    return True
 
 
 def hessian_blocks(
@@ -519,7 +532,8 @@ def hessian_blocks(
             got = _hessian_chunk(ctx, chain, xb, yb, pairs, verify=c == 0)
             if got is None:
                 return None
-            if c == 0 and not _probe(ctx, chain, xb[:PROBE_EXAMPLES], yb[:PROBE_EXAMPLES]):
+            probe = xb[:PROBE_EXAMPLES], yb[:PROBE_EXAMPLES]
+            if c == 0 and not _probe(ctx, chain, *probe, blocks, pairs):
                 return None
             M, chunk_bil = got
             add(M)
