@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from sigkill import kill_after_first_chunk
 from torch import nn
 from typer.testing import CliRunner
 
@@ -28,7 +24,6 @@ from curvinf.losses import example_measure
 from curvinf.storage import CorruptFileError
 from curvinf.training import TrainingRecipe, train
 
-TESTS = Path(__file__).parent
 # The tiny setup trains for 2 epochs: its retrains are unconverged on purpose (fast).
 pytestmark = pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")
 
@@ -148,36 +143,8 @@ def test_corrupt_files_are_detected_and_repaired(tmp_path, reference):
         build(tmp_path)
 
 
-CHILD = """
-import sys, time
-sys.path.insert(0, {tests!r})
-import torch
-torch.set_num_threads(1)
-import curvinf.groundtruth as g
-from test_groundtruth import build
-write = g.write_blob
-def write_then_stall(path, obj):
-    write(path, obj)
-    if "chunk-" in str(path):
-        time.sleep(120)  # killed here, after the first chunk is on disk
-g.write_blob = write_then_stall
-build(__import__("pathlib").Path({store!r}))
-"""
-
-
 def test_resume_after_sigkill(tmp_path, reference):
-    code = CHILD.format(tests=str(TESTS), store=str(tmp_path))
-    child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("*/chunk-00000.pt")):
-        assert child.poll() is None, child.stderr.read().decode()
-        assert time.monotonic() < deadline, "the child never wrote its first chunk"
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait(30)
-    child.stderr.close()
-    assert child.returncode == -signal.SIGKILL
-    assert len(list(tmp_path.glob("*/chunk-*.pt"))) == 1
+    kill_after_first_chunk("test_groundtruth", "build", tmp_path)
 
     resumed = build(tmp_path)
     assert resumed.models_trained == 8 - 3  # only the two missing chunks

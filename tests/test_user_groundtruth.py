@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from sigkill import kill_after_first_chunk
 from torch import nn
 
 from curvinf.data import DataSplit, load_dataset
@@ -239,38 +235,10 @@ def test_train_fn_store_is_the_users_training(tmp_path):
         assert torch.equal(gt.base_params[name], p.detach())
 
 
-CHILD = """
-import sys, time, pathlib
-sys.path.insert(0, {tests!r})
-import torch
-torch.set_num_threads(1)
-import curvinf.groundtruth as g
-from test_user_groundtruth import build_fn
-write = g.write_blob
-def write_then_stall(path, obj):
-    write(path, obj)
-    if "chunk-" in str(path):
-        time.sleep(120)  # killed here, after the first chunk is on disk
-g.write_blob = write_then_stall
-build_fn(pathlib.Path({store!r}))
-"""
-
-
 def test_user_model_resumes_after_sigkill_with_identical_numbers(tmp_path):
     reference = build_fn(tmp_path / "uninterrupted")
     store = tmp_path / "killed"
-    code = CHILD.format(tests=str(TESTS), store=str(store))
-    child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list(store.glob("*/chunk-00000.pt")):
-        assert child.poll() is None, child.stderr.read().decode()
-        assert time.monotonic() < deadline, "the child never wrote its first chunk"
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait(30)
-    child.stderr.close()
-    assert child.returncode == -signal.SIGKILL
-    assert len(list(store.glob("*/chunk-*.pt"))) == 1
+    kill_after_first_chunk("test_user_groundtruth", "build_fn", store)
 
     resumed = build_fn(store)
     assert resumed.models_trained == 6 - 2 and resumed.path.name == reference.path.name
