@@ -13,10 +13,13 @@ for a good method.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from curvinf.batches import Batches, is_batches
 from curvinf.curvature.layers import measure_factors
 from curvinf.curvature.operators import InverseOperator, ScoringTask
 from curvinf.devices import model_device
@@ -151,13 +154,16 @@ def influence_scores(
     loss: nn.Module,
     inv: InverseOperator,
     *,
-    train: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[torch.Tensor, torch.Tensor] | Iterable,
     query: tuple[torch.Tensor, torch.Tensor],
     measure: str = "loss",
     chunk_size: int = 256,
     progress: bool = True,
 ) -> torch.Tensor:
     """All-pairs scores ``G_q C⁺ G_trᵀ``: (Q, N) float64 (sign convention in the module doc).
+
+    ``train``: ``(X, y)`` tensors, or a ``DataLoader`` (any re-iterable of ``(X, y)``
+    batches) for training data that do not fit in one tensor (:mod:`curvinf.batches`).
 
     The inverse is asked first for a faster route of its own
     (:meth:`~curvinf.curvature.operators.InverseOperator.pairwise_scores`: per layer
@@ -181,6 +187,9 @@ def influence_scores(
     check_choice("measure", measure, MEASURES)
     check_int("chunk_size", chunk_size, low=1)
     check_model_finite(model)
+    if is_batches(train):
+        return _batched_scores(model, loss, inv, Batches(train, "train"), query, measure,
+                               chunk_size, progress)  # fmt: skip
     (Xt, yt), (Xq, yq) = train, query
     check_batch_statistics(model)
     check_xy(Xt, yt, name="train", model=model)
@@ -208,6 +217,40 @@ def influence_scores(
             scores[:, a : a + len(Gt)] = P @ Gt.T
             advance(len(Gt))
     return scores
+
+
+def _batched_scores(
+    model: nn.Module,
+    loss: nn.Module,
+    inv: InverseOperator,
+    train: Batches,
+    query: tuple[torch.Tensor, torch.Tensor],
+    measure: str,
+    chunk_size: int,
+    progress: bool,
+) -> torch.Tensor:
+    """:func:`influence_scores` with the training data as batches: the score columns of
+    each batch (moved to the model's device), side by side (Q, N). The query side is
+    preconditioned once per batch, so large batches amortise it."""
+    device = model_device(model)
+    cols = []
+    with progress_bar(train.n, "influence scores", progress) as advance:
+        for X, y in train:
+            X, y = X.to(device or X.device), y.to(device or y.device)
+            cols.append(
+                influence_scores(
+                    model,
+                    loss,
+                    inv,
+                    train=(X, y),
+                    query=query,
+                    measure=measure,
+                    chunk_size=chunk_size,
+                    progress=False,
+                )  # fmt: skip
+            )
+            advance(len(X))
+    return torch.cat(cols, dim=1)
 
 
 def check_inverse_device(inv: InverseOperator, model: nn.Module) -> None:

@@ -27,6 +27,7 @@ pseudo-gradients: ``matrix_free("ggn", ...).inverse(reg, solver=Gram())``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -92,8 +93,8 @@ def fit_curvature(
     method: str,
     model: nn.Module,
     loss: nn.Module,
-    X: torch.Tensor,
-    y: torch.Tensor,
+    X: torch.Tensor | Iterable,
+    y: torch.Tensor | None = None,
     *,
     settings: FitSettings | None = None,
     **options: Any,
@@ -109,6 +110,9 @@ def fit_curvature(
         loss: ``nn.CrossEntropyLoss()`` (``y``: (N,) or (N, *P) int labels; an example's
             loss is the mean over its positions) or ``nn.MSELoss()`` (``y``: float, the
             output's shape; mean over every entry), mean reduction.
+        X, y: the training data as tensors, or ``X`` a ``DataLoader`` (any re-iterable of
+            ``(X, y)`` batches) and ``y`` left out, for data that do not fit in one tensor:
+            read batch by batch, moved to the model's device (:mod:`curvinf.batches`).
         settings, options: the fit options, :class:`FitSettings` (``fisher``,
             ``mc_samples``, ``seed``, ``partition``, ``kfac_variant`` (``expand`` /
             ``reduce`` for layers with weight sharing), ``bias``, ``uncovered`` (what

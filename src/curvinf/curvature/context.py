@@ -12,7 +12,7 @@ parameters, output-space square roots, and per-example pseudo-gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
+from curvinf.batches import Batches, is_batches
 from curvinf.curvature.operators import DEFAULT_MAX_DENSE_BYTES
-from curvinf.devices import cpu_generator
+from curvinf.devices import cpu_generator, model_device
 from curvinf.losses import FISHER_TYPES, check_loss, check_targets, output_sqrt
 from curvinf.params import (
     PARTITIONS,
@@ -125,6 +126,9 @@ class FitContext:
     X: torch.Tensor
     y: torch.Tensor
     settings: FitSettings = field(default_factory=FitSettings)
+    source: Batches | None = None
+    """The training batches when the data came as a ``DataLoader`` (:mod:`curvinf.batches`);
+    ``X``, ``y`` are then its first batch, for the checks and structure tests only."""
     params: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,14 +145,28 @@ class FitContext:
         cls,
         model: nn.Module,
         loss: nn.Module,
-        X: torch.Tensor,
-        y: torch.Tensor,
+        X: torch.Tensor | Iterable,
+        y: torch.Tensor | None,
         settings: FitSettings | None = None,
         *,
         dtype: torch.dtype = torch.float64,
     ) -> FitContext:
-        """Validate a fit's inputs (before any work) and copy them to ``dtype``."""
+        """Validate a fit's inputs (before any work) and copy them to ``dtype``; ``X`` may be
+        a ``DataLoader`` of ``(X, y)`` batches with ``y=None`` (:mod:`curvinf.batches`),
+        checked on its first batch and moved to the model's device batch by batch."""
         settings = settings or FitSettings()
+        source = None
+        if is_batches(X):
+            if y is not None:
+                raise TypeError(
+                    "with training data as batches (a DataLoader), the targets come in the "
+                    "batches: leave y out (y=None)."
+                )
+            source = Batches(X)
+            X, y = source.first
+            X, y = X.to(model_device(model) or X.device), y.to(model_device(model) or y.device)
+        elif y is None:
+            raise TypeError("y (the training targets) is missing; pass X and y, or a DataLoader.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         kind = check_loss(loss)
@@ -164,7 +182,7 @@ class FitContext:
         X = cast_floating(X, dtype)
         y = y.to(dtype) if kind == "mse" else y
         check_targets(kind, out_shape[1:], y)
-        return cls(model64, kind, X, y, settings)
+        return cls(model64, kind, X, y, settings, source)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,7 +200,17 @@ class FitContext:
 
     @property
     def n(self) -> int:
-        return len(self.X)
+        return len(self.X) if self.source is None else self.source.n
+
+    def check_in_memory(self, route: str) -> None:
+        """``ValueError`` for a route that revisits examples by index when the data came as
+        batches (:mod:`curvinf.batches`)."""
+        if self.source is not None:
+            raise ValueError(
+                f"{route} revisits training examples by index, so it needs the training data "
+                "as tensors (X, y), not batches; use fit_curvature, whose dense and Kronecker "
+                "routes read the batches as they come."
+            )
 
     def blocks(self, partition: str = "layer") -> list[ParamBlock]:
         return param_blocks(self.model, partition)
@@ -193,8 +221,17 @@ class FitContext:
         return [ParamBlock("all", index, tuple(self.params))]
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for a in range(0, self.n, self.chunk_size):
-            yield self.X[a : a + self.chunk_size], self.y[a : a + self.chunk_size]
+        """The training data in chunks of at most ``chunk_size`` examples, in ``dtype`` on
+        the model's device (batches are split, never merged)."""
+        if self.source is None:
+            for a in range(0, self.n, self.chunk_size):
+                yield self.X[a : a + self.chunk_size], self.y[a : a + self.chunk_size]
+            return
+        for X, y in self.source:
+            X = cast_floating(X, self.dtype).to(self.device)
+            y = (y.to(self.dtype) if self.loss_kind == "mse" else y).to(self.device)
+            for a in range(0, len(X), self.chunk_size):
+                yield X[a : a + self.chunk_size], y[a : a + self.chunk_size]
 
     def outputs_fn(self, names: tuple[str, ...]) -> tuple[Callable, torch.Tensor]:
         """``(f, θ_sub)``: ``f(θ_sub, X)`` is the model's output with only ``names`` free."""

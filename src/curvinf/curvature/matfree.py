@@ -218,6 +218,7 @@ def matrix_free(
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
     ctx = FitContext.build(model, loss, X, y, settings, dtype=dtype)
+    ctx.check_in_memory("matrix_free (products and the Gram route)")
     blocks = ctx.whole() if method in ("hessian", "ggn") else ctx.blocks(settings.partition)
     curv = MatrixFreeCurvature(
         method,
