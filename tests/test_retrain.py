@@ -24,14 +24,7 @@ from curvinf.retrain import (
 )
 from curvinf.training import TrainingRecipe, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: one thread is faster, and far faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is faster
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,10 @@ from curvinf.training import TrainingRecipe, epoch_batches, train
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
-pytestmark = pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 class SmallNet(nn.Module):
