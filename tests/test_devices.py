@@ -293,7 +293,15 @@ TINY_GT = ("--subsets", 2, "--seeds", 1, "--epochs", 1, "--depth", 0, "--queries
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-@pytest.mark.parametrize("command", ["groundtruth --out {out}", "demo", "reproduce --out {out}"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "groundtruth --out {out}",
+        "demo",
+        "reproduce --out {out}",
+        "sweep-regularization --out {out}",
+    ],
+)
 def test_cli_device_cuda_without_cuda_is_a_clear_argument_error(tmp_path, command):
     result = _invoke(*command.format(out=tmp_path / "out").split(), "--device", "cuda")
     assert result.exit_code == 2, result.output

@@ -36,3 +36,25 @@ def test_a_configuration_on_a_simulated_gpu_has_the_cpu_rows(architecture, tmp_p
         for key in NUMBERS:
             same = a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key]))
             assert same, (a["rung"], a["reg"], key, a[key], b[key])
+
+
+def test_the_sweep_on_a_simulated_gpu_has_the_cpu_rows(tmp_path, monkeypatch):
+    from test_sweep import TINY
+
+    from curvinf.study.sweep import SweepSettings, run_sweep
+
+    settings = SweepSettings(**TINY)
+    cpu = run_sweep(settings, tmp_path / "cpu", progress=False, log=lambda msg: None)
+    with simulated_cuda(monkeypatch):
+        gpu = run_sweep(
+            settings, tmp_path / "gpu", progress=False, log=lambda msg: None, device="cuda"
+        )
+    assert len(gpu) == len(cpu) > 0
+    for a, b in zip(cpu, gpu, strict=True):
+        for key, value in a.items():
+            if key == "seconds":
+                continue
+            same = value == b[key] or (
+                isinstance(value, float) and math.isnan(value) and math.isnan(b[key])
+            )
+            assert same, (a["rung"], key, value, b[key])

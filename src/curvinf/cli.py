@@ -451,6 +451,7 @@ def sweep_regularization(
     figures: str = typer.Option("", help="figure directory (default: OUT/figures)"),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Sweep damping and truncation for every rung: LDS, error vs the Hessian, pathologies."""
     options = dict(locals())
@@ -469,6 +470,7 @@ class SweepJob:
     figures: Path
     threads: int
     progress: bool
+    device: str = "cpu"
 
 
 def sweep_job(
@@ -494,6 +496,7 @@ def sweep_job(
     figures: str,
     threads: int,
     progress: bool,
+    device: str = "cpu",
 ) -> SweepJob:
     """Check every ``curvinf sweep-regularization`` option (before any work); return the job.
 
@@ -502,6 +505,7 @@ def sweep_job(
     be written.
     """
     from curvinf.data import load_dataset
+    from curvinf.devices import resolve_device
     from curvinf.groundtruth import take_queries
     from curvinf.storage import check_directory
     from curvinf.study.sweep import SweepSettings
@@ -541,6 +545,7 @@ def sweep_job(
         figures=check_directory(figures or Path(out) / "figures", name="--figures", writable=True),
         threads=threads,
         progress=progress,
+        device=str(resolve_device(device)),
     )
 
 
@@ -553,7 +558,7 @@ def run_sweep_cli(job: SweepJob) -> None:
     if job.threads:
         torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
-    rows = run_sweep(job.settings, job.out, progress=job.progress)
+    rows = run_sweep(job.settings, job.out, progress=job.progress, device=job.device)
     figs = plot_sweep(rows, job.figures)
     print(summary_table(rows))
     print(f"{len(rows)} rows in {job.out / 'sweep.csv'}; figures: {', '.join(map(str, figs))}")

@@ -62,6 +62,7 @@ from curvinf.curvature import Regularization
 from curvinf.curvature.matfree import matrix_free
 from curvinf.curvature.solvers import CG
 from curvinf.data import DATASETS
+from curvinf.devices import DeviceSpec, model_on, resolve_device
 from curvinf.diagnostics import influence_error, inverse_error
 from curvinf.influence import gradient_scores, per_example_grads, preconditioned_gradients
 from curvinf.lds import LDSResult
@@ -399,8 +400,10 @@ def run_sweep(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    device: DeviceSpec = "cpu",
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep of ``settings`` into ``out``; return all rows.
+    """Run (or resume) the sweep of ``settings`` into ``out`` on ``device`` (retraining,
+    fits, scores; :func:`curvinf.devices.resolve_device`); return all rows.
 
     Raises ``ValueError`` if ``out`` holds a sweep of a different configuration
     (model, data, recipe, ground truth); a different grid only adds rows.
@@ -408,6 +411,7 @@ def run_sweep(
     if not isinstance(settings, SweepSettings):
         raise TypeError(f"settings must be SweepSettings, got {type(settings).__name__}.")
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    target = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     conf_file = out / "sweep_config.json"
@@ -448,10 +452,13 @@ def run_sweep(
     torch.manual_seed(settings.seed)
     config = settings.run_config()
     data = config_data(config)
-    gt = config_ground_truth(config, out / "groundtruth", data=data, progress=progress, log=say)
+    gt = config_ground_truth(
+        config, out / "groundtruth", data=data, progress=progress, log=say, device=target
+    )
     for w in gt.warnings:
         say(f"ground truth: {w}")
-    model = gt.base_model(data)
+    model = model_on(gt.base_model(data), target)
+    data = data.to(device=target)
     loss = gt.config.make_loss()
     Gq = per_example_grads(model, loss, *data.query, measure=settings.measure)
     Gt = per_example_grads(model, loss, *data.train)
