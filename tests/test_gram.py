@@ -83,6 +83,33 @@ def test_non_linear_models_form_the_rows():
         matrix_free("ggn", model, loss, X, y, max_dense_bytes=100).inverse(reg, solver=Gram())
 
 
+def test_convolutions_form_the_rows_from_layer_factors(monkeypatch):
+    """A CNN (every parameter in an adapted layer, weights shared over positions): the rows
+    come from the captured factors, not per-example Jacobians; same answer as dense."""
+    from curvinf.curvature.context import FitContext
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(12, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    reg = Regularization(damping=1e-2, eps=0.0)
+    loss = nn.CrossEntropyLoss()
+    want = {m: matrix_free(m, model, loss, X, y).inverse(reg).dense() for m in ("ggn", "block_ggn")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("per-example Jacobians were formed")
+
+    monkeypatch.setattr(FitContext, "pseudo_grads", refuse)
+    for method, dense in want.items():
+        mf = matrix_free(method, model, loss, X, y, chunk_size=5)
+        inv = mf.inverse(reg, solver=Gram())
+        assert type(inv.rows).__name__ == "_DenseRows"
+        torch.testing.assert_close(inv.dense(), dense, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("measure", ["loss", "margin"])
 @pytest.mark.parametrize("method", ["ggn", "block_ggn"])
 @pytest.mark.parametrize("reg", REGS[:4], ids=IDS[:4])

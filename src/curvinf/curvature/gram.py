@@ -49,7 +49,12 @@ from dataclasses import dataclass
 import torch
 
 from curvinf.curvature.context import FitContext
-from curvinf.curvature.layers import UnfactorableModelError, capture_layer_factors, linear_layers
+from curvinf.curvature.layers import (
+    UnfactorableModelError,
+    capture_layer_factors,
+    factored_layers,
+    linear_layers,
+)
 from curvinf.curvature.operators import (
     Curvature,
     InverseOperator,
@@ -218,10 +223,25 @@ def _dense_rows(
             f"pseudo-gradient matrix ({format_bytes(need)}), over the memory budget of "
             f"{format_bytes(max_bytes)}; raise max_dense_bytes or use solver=CG(...)."
         )
-    rows = [
-        ctx.pseudo_grads(ctx.X[a : a + ctx.chunk_size], None, None, Q=Q[a : a + ctx.chunk_size])
-        for a in range(0, ctx.n, ctx.chunk_size)
-    ]
+    from curvinf.curvature.chain import pseudo_grad_rows  # chain imports this module
+
+    # Rows from the layer factors (no vmap over examples) when every parameter sits in an
+    # adapted layer (Conv2d, Linear over positions) and the first chunk's capture proves
+    # the factorisation; else (or once the proof fails) from per-example Jacobians.
+    adapters = factored_layers(ctx.model, "the Gram route")
+    rows = []
+    for a in range(0, ctx.n, ctx.chunk_size):
+        xb, Qb = ctx.X[a : a + ctx.chunk_size], Q[a : a + ctx.chunk_size]
+        M = None
+        if adapters is not None:
+            try:
+                caps = capture_layer_factors(
+                    ctx.model, adapters, xb, lambda f, Qb=Qb: Qb, verify=a == 0
+                )
+                M = pseudo_grad_rows(adapters, caps.grads, caps.inputs)
+            except UnfactorableModelError:
+                adapters = None
+        rows.append(M if M is not None else ctx.pseudo_grads(xb, None, None, Q=Qb).reshape(-1, D))
     M = torch.cat(rows).reshape(R, D) / math.sqrt(ctx.n)
     return _DenseRows(M, blocks, Q.shape[2])
 
