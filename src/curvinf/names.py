@@ -79,14 +79,30 @@ def rung_method(rung: str) -> tuple[str, str]:
     return rung, "expand"
 
 
+def variant_rung(method: str, variant: str) -> str:
+    """The study rung of ``method`` fitted with ``variant``: the inverse of :func:`rung_method`
+    (``("kfac", "reduce")`` -> ``kfac_reduce``, ``("kfac", "expand")`` -> ``kfac``)."""
+    return method if variant == "expand" else method + REDUCE
+
+
+SHARING_LADDER: tuple[str, ...] = (
+    *LADDER[:3],
+    "unshared_ggn",
+    *LADDER[3:],
+    *(variant_rung(m, "reduce") for m in SHARING_METHODS),
+)
+"""The ladder of the weight-sharing studies, in measuring order: the paper's five rungs with
+the unshared GGN between block-GGN and EK-FAC, then the ``reduce`` variants."""
+
+
 def sharing_steps(variant: str) -> tuple[tuple[str, str, str], ...]:
     """The split of block-GGN → K-FAC for layers with weight sharing, as ``(name, from,
     to)``: ``weight_sharing`` (block-GGN → unshared GGN of ``variant``), then
     ``kronecker_factorisation`` (unshared GGN → K-FAC of the same variant)."""
-    suffix = "" if variant == "expand" else REDUCE
+    unshared = variant_rung("unshared_ggn", variant)
     return (
-        ("weight_sharing", "block_ggn", "unshared_ggn" + suffix),
-        ("kronecker_factorisation", "unshared_ggn" + suffix, "kfac" + suffix),
+        ("weight_sharing", "block_ggn", unshared),
+        ("kronecker_factorisation", unshared, variant_rung("kfac", variant)),
     )
 
 

@@ -164,7 +164,8 @@ class FitContext:
                 )
             source = Batches(X)
             X, y = source.first
-            X, y = X.to(model_device(model) or X.device), y.to(model_device(model) or y.device)
+            where = model_device(model) or X.device
+            X, y = X.to(where), y.to(where)
         elif y is None:
             raise TypeError("y (the training targets) is missing; pass X and y, or a DataLoader.")
         if not isinstance(model, nn.Module):

@@ -55,12 +55,12 @@ from curvinf.influence import influence_scores
 from curvinf.names import (
     DENSE_RUNGS,
     KRONECKER_RUNGS,
-    LADDER,
     LADDER_STEPS,
-    REDUCE,
+    SHARING_LADDER,
     SHARING_METHODS,
     rung_method,
     sharing_steps,
+    variant_rung,
 )
 from curvinf.params import param_blocks
 from curvinf.study.rungs import EXACT, UNAVAILABLE, RungCache
@@ -69,9 +69,9 @@ from curvinf.study.specs import RunConfig, reg_label
 PREVIOUS = {
     **{to: frm for _, frm, to in LADDER_STEPS},
     "unshared_ggn": "block_ggn",
-    "unshared_ggn" + REDUCE: "block_ggn",
-    "ekfac" + REDUCE: "block_ggn",
-    "kfac" + REDUCE: "ekfac" + REDUCE,
+    variant_rung("unshared_ggn", "reduce"): "block_ggn",
+    variant_rung("ekfac", "reduce"): "block_ggn",
+    variant_rung("kfac", "reduce"): variant_rung("ekfac", "reduce"),
 }
 """The rung one step up the ladder from each rung (towards the Hessian); the ``reduce``
 rungs and the unshared GGNs hang off the block-GGN as their variant's chain does."""
@@ -79,16 +79,9 @@ rungs and the unshared GGNs hang off the block-GGN as their variant's chain does
 STEP_ENDING = {
     **{to: name for name, _, to in LADDER_STEPS},
     "unshared_ggn": "weight_sharing",
-    "unshared_ggn" + REDUCE: "weight_sharing",
+    variant_rung("unshared_ggn", "reduce"): "weight_sharing",
 }
 
-ORDER = (
-    *LADDER[:3],
-    "unshared_ggn",
-    *LADDER[3:],
-    *(m + REDUCE for m in SHARING_METHODS),
-)
-"""The order rungs are measured in: each rung after the rung it is compared with."""
 
 SHARE_RANGE = (-0.10, 1.10)
 """Shares outside this range flag a decomposition as ill-conditioned."""
@@ -101,7 +94,7 @@ def rung_order(config: RunConfig) -> list[str]:
     """The reference first, then the rungs in ladder order (each step's source comes first)."""
     rest = sorted(
         (r for r in config.rungs if r != config.reference),
-        key=lambda r: ORDER.index(r) if r in ORDER else len(ORDER),
+        key=lambda r: SHARING_LADDER.index(r) if r in SHARING_LADDER else len(SHARING_LADDER),
     )
     return [config.reference] + rest
 
@@ -349,7 +342,7 @@ def rung_result(
         if block is not None and cache.route_of("block_ggn") == "dense":
             out["spectrum_mismatch"] = spectrum_mismatch(out["spectrum"], block.eigenvalues().cpu())
     if method == "kfac":
-        ekfac = cache.get("ekfac" + ("" if variant == "expand" else REDUCE))
+        ekfac = cache.get(variant_rung("ekfac", variant))
         if ekfac is not None:  # same basis: compare eigenvalue by eigenvalue
             a = torch.cat([b.eigenvalues.reshape(-1) for b in curv.eigen()])
             e = torch.cat([b.eigenvalues.reshape(-1) for b in ekfac.eigen()])
@@ -363,7 +356,7 @@ def _sharing_distances(cache: RungCache, rung: str, method: str, variant: str) -
     alone): curvature space, and inverse space under each regulariser."""
     seed = cache.config.seed
     targets = {"block_ggn": "to_block_ggn"}
-    unshared = "unshared_ggn" + ("" if variant == "expand" else REDUCE)
+    unshared = variant_rung("unshared_ggn", variant)
     if method == "kfac" and unshared in cache.config.rungs:
         targets[unshared] = "to_unshared"
     out: dict[str, Any] = {"variant": variant}
@@ -487,7 +480,7 @@ def config_rows(
             share = diagnostics["shares"][label]
             step = STEP_ENDING.get(rung, "")
             if step == "weight_sharing":  # its share is in its variant's chain
-                chain = f"_{rung_method(rung.replace('unshared_ggn', 'kfac'))[1]}_sharing"
+                chain = f"_{rung_method(rung)[1]}_sharing"
                 share = {m: share.get(m + chain, {}) for m in ("inverse_error", "influence_error")}
             overlap = blob.get("basis_overlap")
             figures = entry.get("figures") or {}

@@ -443,18 +443,7 @@ def comparison_table(comparisons: list[dict], reg: str) -> str:
     for cid in dict.fromkeys(c["config"] for c in comps):
         sel = [c for c in comps if c["config"] == cid]
         cells = [f"d{sel[0]['depth']} w{sel[0]['width']} e{sel[0]['epochs']}"]
-        for _, frm, to in LADDER_STEPS:
-            c = next((x for x in sel if {x["rung_a"], x["rung_b"]} == {frm, to}), None)
-            if c is None or c["difference"] is None:
-                cells.append("–")
-                continue
-            sign = 1.0 if c["rung_a"] == frm else -1.0
-            if not (_finite(c["ci_low"]) and _finite(c["ci_high"])):
-                cells.append(f"{sign * c['difference']:+.3f}")
-                continue
-            lo, hi = sorted((sign * c["ci_low"], sign * c["ci_high"]))
-            star = "*" if lo > 0 or hi < 0 else ""
-            cells.append(f"{sign * c['difference']:+.3f} [{lo:+.2f}, {hi:+.2f}]{star}")
+        cells += [_paired_cell(sel, frm, to) for _, frm, to in LADDER_STEPS]
         body.append(cells)
     return _table(["configuration", *[f"{f} − {t}" for _, f, t in LADDER_STEPS]], body)
 

@@ -19,7 +19,7 @@ from curvinf.curvature.regularization import Regularization
 from curvinf.data import DATASETS
 from curvinf.losses import MEASURES
 from curvinf.models import ACTIVATIONS, INITS
-from curvinf.names import LADDER, METHODS, REDUCE, SHARING_METHODS, STUDY_RUNGS
+from curvinf.names import LADDER, METHODS, SHARING_LADDER, STUDY_RUNGS
 from curvinf.storage import request_hash
 from curvinf.training import TrainingRecipe
 from curvinf.validation import check_choice, check_int, check_number
@@ -274,14 +274,10 @@ class RunConfig:
     def layer_sizes(self) -> list[int]:
         """Parameters per module (weight and bias), the block-GGN's block sizes."""
         if self.architecture != "mlp":
-            from curvinf.study.truth import model_factory  # torch: only where needed
+            from curvinf.params import param_blocks  # torch: only where needed
+            from curvinf.study.truth import model_factory
 
-            model = model_factory(self)()
-            sizes: dict[str, int] = {}
-            for name, p in model.named_parameters():
-                owner = name.rpartition(".")[0]
-                sizes[owner] = sizes.get(owner, 0) + p.numel()
-            return list(sizes.values())
+            return [b.size for b in param_blocks(model_factory(self)(), "layer")]
         n_in, n_out = (64, 10) if self.dataset == "digits" else (10, 1)
         fans = [n_in] + [self.width] * self.depth
         outs = [self.width] * self.depth + [n_out]
@@ -388,11 +384,6 @@ certified at every size (GGN-preconditioned CG). It is 2–10% of the largest ei
 (1–4), the range where damping beat truncation in docs/benchmarks.md "Default regulariser".
 The library default (``δ = 1e-3, ε = 1e-4``) truncates the Hessian's ~10³ eigenvalues
 below ``ε − δ``, which no matrix-free route can find at D = 10⁵."""
-
-SHARING_LADDER = (*LADDER[:3], "unshared_ggn", *LADDER[3:], *(m + REDUCE for m in SHARING_METHODS))
-"""The ladder of the weight-sharing presets: the paper's five rungs, the ``reduce`` K-FAC
-and EK-FAC, and each variant's unshared GGN (block-GGN → unshared GGN is the weight-sharing
-step, unshared GGN → K-FAC the Kronecker factorisation; :mod:`curvinf.curvature.sharing`)."""
 
 SHARING_DAMPED = Regularization(damping=0.1, eps=1e-4)
 """The damped rule of the weight-sharing presets: damping 0.1 as in the paper presets, with
