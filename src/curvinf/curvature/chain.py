@@ -63,6 +63,7 @@ from curvinf.curvature.layers import (
     UnfactorableModelError,
     capture_layer_factors,
     factored_layers,
+    pseudo_grad_rows,
 )
 from curvinf.devices import cpu_generator
 from curvinf.losses import batch_loss, output_grad, output_sqrt
@@ -120,28 +121,6 @@ def mirror_gram(acc: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- GGN rows
-
-
-def pseudo_grad_rows(
-    adapters: list[LayerAdapter], grads: list[torch.Tensor], inputs: list[torch.Tensor]
-) -> torch.Tensor:
-    """``M`` (n·K, D): per example and root the layers' ``Σ_t s ãᵀ`` in θ's flat order.
-
-    ``grads[l]``: ``s`` (n, K, T, out); ``inputs[l]``: ``ã`` (n, T, in'). A layer's flat order
-    is its weight row-major (out, in), then its bias (out).
-    """
-    n, K = grads[0].shape[:2]
-    D = sum(ad.index.numel() for ad in adapters)
-    M = torch.empty(n * K, D, dtype=grads[0].dtype, device=grads[0].device)
-    for ad, s, a in zip(adapters, grads, inputs, strict=True):
-        G = torch.einsum("nkto,nti->nkoi", s, a)  # (n, K, out, in')
-        out, width = G.shape[2:]
-        n_in = width - int(ad.has_bias)
-        start = int(ad.index[0])
-        M[:, start : start + out * n_in] = G[..., :n_in].reshape(n * K, out * n_in)
-        if ad.has_bias:
-            M[:, start + out * n_in : start + out * width] = G[..., n_in].reshape(n * K, out)
-    return M
 
 
 def gram_accumulators(

@@ -54,6 +54,7 @@ from curvinf.curvature.layers import (
     capture_layer_factors,
     factored_layers,
     linear_layers,
+    pseudo_grad_rows,
 )
 from curvinf.curvature.operators import (
     Curvature,
@@ -223,8 +224,6 @@ def _dense_rows(
             f"pseudo-gradient matrix ({format_bytes(need)}), over the memory budget of "
             f"{format_bytes(max_bytes)}; raise max_dense_bytes or use solver=CG(...)."
         )
-    from curvinf.curvature.chain import pseudo_grad_rows  # chain imports this module
-
     # Rows from the layer factors (no vmap over examples) when every parameter sits in an
     # adapted layer (Conv2d, Linear over positions) and the first chunk's capture proves
     # the factorisation; else (or once the proof fails) from per-example Jacobians.

@@ -417,6 +417,28 @@ class Captures:
         return [a[:, 0] for a in self.inputs], [s[:, :, 0] for s in self.grads]
 
 
+def pseudo_grad_rows(
+    adapters: list[LayerAdapter], grads: list[torch.Tensor], inputs: list[torch.Tensor]
+) -> torch.Tensor:
+    """``M`` (n·K, D): per example and root the layers' ``Σ_t s ãᵀ`` in θ's flat order.
+
+    ``grads[l]``: ``s`` (n, K, T, out); ``inputs[l]``: ``ã`` (n, T, in'). A layer's flat order
+    is its weight row-major (out, in), then its bias (out).
+    """
+    n, K = grads[0].shape[:2]
+    D = sum(ad.index.numel() for ad in adapters)
+    M = torch.empty(n * K, D, dtype=grads[0].dtype, device=grads[0].device)
+    for ad, s, a in zip(adapters, grads, inputs, strict=True):
+        G = torch.einsum("nkto,nti->nkoi", s, a)  # (n, K, out, in')
+        out, width = G.shape[2:]
+        n_in = width - int(ad.has_bias)
+        start = int(ad.index[0])
+        M[:, start : start + out * n_in] = G[..., :n_in].reshape(n * K, out * n_in)
+        if ad.has_bias:
+            M[:, start + out * n_in : start + out * width] = G[..., n_in].reshape(n * K, out)
+    return M
+
+
 def factored_layers(model: nn.Module, purpose: str) -> list[LayerAdapter] | None:
     """Adapters covering every trainable parameter of ``model`` (any registered layer type,
     inputs of any shape); ``None`` when some parameter has no adapter.
