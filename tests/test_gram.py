@@ -216,3 +216,47 @@ def test_mc_scores_fall_back_to_apply():
     S = influence_scores(model, loss, mf.inverse(reg, solver=Gram()), train=(X, y), query=(X, y))
     ref = influence_scores(model, loss, mf.inverse(reg), train=(X, y), query=(X, y))
     torch.testing.assert_close(S, ref, rtol=1e-7, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_eigen_cache_gives_the_same_inverse_without_recomputing(tmp_path, monkeypatch):
+    model, loss, X, y = problem("ce", n=30)
+    reg = Regularization(damping=0.0, eps=1e-4)
+    mf = matrix_free("block_ggn", model, loss, X, y)
+    fresh = mf.inverse(reg, solver=Gram()).dense()
+    cached = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
+    files = sorted(tmp_path.glob("eigh-*.pt"))
+    assert len(files) == len(layer_slices(model))  # one per block's Gram matrix
+    assert torch.equal(cached, fresh)
+
+    calls = []
+    real = torch.linalg.eigh
+
+    def counted(A):  # Gram matrices only, not the (n, C, C) output roots
+        if A.dim() == 2:
+            calls.append(A.shape)
+        return real(A)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counted)
+    again = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
+    assert calls == [] and torch.equal(again, fresh)  # every block read back
+
+    files[0].write_bytes(files[0].read_bytes()[:-100])  # a torn file is recomputed
+    repaired = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
+    assert len(calls) == 1 and torch.equal(repaired, fresh)
+
+    other = matrix_free("block_ggn", model, loss, X[:20], y[:20])  # another Gram matrix
+    other.inverse(reg, solver=Gram(cache=str(tmp_path)))
+    assert len(sorted(tmp_path.glob("eigh-*.pt"))) == 2 * len(files)
+
+
+def test_tensor_file_digest_catches_altered_values(tmp_path):
+    from curvinf.storage import CorruptFileError, read_tensors, write_tensors
+
+    U = torch.randn(50, 50, dtype=torch.float64)
+    write_tensors(tmp_path / "t.pt", {"U": U})
+    assert torch.equal(read_tensors(tmp_path / "t.pt")["U"], U)
+    record = torch.load(tmp_path / "t.pt", weights_only=True)
+    record["tensors"]["U"][3, 4] += 1.0  # a file rewritten with one value changed
+    torch.save(record, tmp_path / "t.pt")
+    with pytest.raises(CorruptFileError, match="digest"):
+        read_tensors(tmp_path / "t.pt")

@@ -330,3 +330,25 @@ def test_ladder_order_and_inversions_read_the_paired_tests():
     assert ladder_order(rows, none) == "H ≈ GGN ≈ EKFAC ≈ BGGN ≈ KFAC" and not inversions(
         rows, none
     )
+
+
+def test_gram_eigendecompositions_are_kept_until_the_configuration_is_done(tmp_path, monkeypatch):
+    """Above the dense cap the truncated GGN rungs take the Gram route, whose eigh's go to
+    ``runs/<id>/rungs/gram`` (a resumed run reads them back) and are deleted with the rows."""
+    import curvinf.curvature.gram as gram_module
+
+    written = []
+    real = gram_module.write_tensors
+    monkeypatch.setattr(
+        gram_module, "write_tensors", lambda path, t: written.append(path) or real(path, t)
+    )
+    preset = _tiny(
+        max_dense_bytes=8.0 * 20**2, lanczos_k=3, regularizations=(Regularization.paper(),)
+    )
+    rows = run_grid(preset, tmp_path, progress=False).rows
+    routes = {r["rung"]: r["route"] for r in rows}
+    assert routes["ggn"] == "gram" and routes["block_ggn"] in ("gram", "eigen+gram")
+    (config,) = preset.configs()
+    folder = tmp_path / "runs" / config.id / "rungs" / "gram"
+    assert written and all(p.parent == folder for p in written)
+    assert not folder.exists()

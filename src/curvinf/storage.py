@@ -95,6 +95,33 @@ def read_blob(path: str | Path) -> Any:
         raise CorruptFileError(f"{path} passes its checksum but cannot be loaded: {err}") from err
 
 
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save large ``tensors`` atomically, streamed to disk (no in-memory copy, unlike
+    :func:`write_blob`), with their :func:`tensor_digest` for :func:`read_tensors`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    cpu = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    record = {"tensors": cpu, "digest": tensor_digest(*cpu.values())}
+    with open(tmp, "wb") as fh:
+        torch.save(record, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load what :func:`write_tensors` saved; :class:`CorruptFileError` if the file is
+    unreadable or its tensors fail their digest."""
+    try:
+        record = torch.load(path, weights_only=True)
+        tensors, digest = record["tensors"], record["digest"]
+    except Exception as err:
+        raise CorruptFileError(f"{path} is not a readable tensor file: {err}") from err
+    if tensor_digest(*tensors.values()) != digest:
+        raise CorruptFileError(f"{path} fails its sha256 digest (truncated or altered).")
+    return tensors
+
+
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: equal objects give equal strings."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
@@ -125,7 +152,7 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.numpy(force=True).tobytes())
+        h.update(t.numpy(force=True))  # the buffer itself: no copy of a large tensor
     return h.hexdigest()
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -69,6 +70,7 @@ from curvinf.curvature.regularization import Regularization
 from curvinf.losses import output_grad
 from curvinf.params import ParamBlock
 from curvinf.progress import announce, progress_bar
+from curvinf.storage import CorruptFileError, read_tensors, tensor_digest, write_tensors
 from curvinf.validation import cast_floating, format_bytes
 
 ANNOUNCE_ROWS = 3000  # announce an eigh of a Gram matrix at least this large
@@ -85,6 +87,11 @@ class Gram:
     """
 
     progress: bool = True
+    cache: str | None = None
+    """A folder keeping each eigendecomposition of a Gram matrix (truncation), named by
+    the sha256 of the matrix: a later fit with the same matrix, in this or another process,
+    loads it instead of recomputing (the ``9 R³`` flops) after checking its digest. ``None``
+    keeps nothing. The files are ``8 R² + 8 R`` bytes each; delete the folder when done."""
 
     def build_inverse(self, curvature: Curvature, reg: Regularization) -> GramInverse:
         """The exact inverse through the Gram matrix (:class:`GramInverse`); ``TypeError``
@@ -345,7 +352,7 @@ class GramInverse(InverseOperator):
         eig = []
         with progress_bar(len(self.param_blocks), "Gram eigh", self.solver.progress) as advance:
             for b in range(len(self.param_blocks)):
-                s, U = torch.linalg.eigh(self.rows.gram(b))
+                s, U = self._eigh(b)
                 eig.append((s.clamp_min(0.0), U))
                 advance(1)
         # the rule on every block's eigenvalues plus one null-space eigenvalue (global τ)
@@ -369,6 +376,27 @@ class GramInverse(InverseOperator):
         self.reg.warn_if_mostly_truncated(
             kept, self.num_params, f"the {self.curvature.method} inverse"
         )
+
+    def _eigh(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eigh`` of block ``b``'s Gram matrix, from the solver's cache when it holds it."""
+        gram = self.rows.gram(b)
+        if self.solver.cache is None:
+            return torch.linalg.eigh(gram)
+        folder = Path(self.solver.cache)
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / f"eigh-{tensor_digest(gram)[:40]}.pt"
+        if file.exists():
+            try:
+                kept = read_tensors(file)
+                s, U = kept["s"], kept["U"]
+                if U.shape == gram.shape and s.shape == gram.shape[:1]:
+                    return s.to(gram.device), U.to(gram.device)
+            except (CorruptFileError, KeyError):
+                pass  # recomputed and rewritten below
+        s, U = torch.linalg.eigh(gram)
+        del gram
+        write_tensors(file, {"s": s, "U": U})
+        return s, U
 
     def _correction(self, s: torch.Tensor, phi: torch.Tensor, tol: float) -> torch.Tensor:
         """``(φ(s) - φ₀) / s`` of (1) in closed forms free of cancellation; 0 for ``s <= tol``."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,8 +105,12 @@ class RungCache:
         data: DataSplit,
         say: Callable[[str], None] | None = None,
         progress: bool = False,
+        gram_cache: str | Path | None = None,
     ) -> None:
         self.config, self.model, self.loss, self.data = config, model, loss, data
+        self.gram = Gram(progress=progress, cache=None if gram_cache is None else str(gram_cache))
+        """The Gram route's solver; with ``gram_cache`` its eigendecompositions outlive the
+        process, so a resumed configuration does not repeat them."""
         self.device = model_device(model)
         """Where the rungs are fitted and applied: the model's device (its data are there)."""
         self.say = say or (lambda msg: None)
@@ -251,10 +256,10 @@ class RungCache:
                 inv = curv.inverse(reg)
                 return RungInverse(rung, reg, inv, "eigen" if route == "dense" else route, EXACT)
             if route == "composite":
-                inv = curv.inverse(reg, solvers=[None, Gram(progress=self.progress)])
+                inv = curv.inverse(reg, solvers=[None, self.gram])
                 return RungInverse(rung, reg, inv, "eigen+gram", EXACT)
             if curv.is_ggn:
-                inv = curv.inverse(reg, solver=Gram(progress=self.progress))
+                inv = curv.inverse(reg, solver=self.gram)
                 return RungInverse(rung, reg, inv, "gram", EXACT)
             return self._hessian_inverse(curv, rung, reg)
         except ValueError as err:  # e.g. indefinite H + δI with eps = 0

@@ -15,7 +15,9 @@ For every configuration of a :class:`~curvinf.study.specs.Preset`, :func:`run_co
 
 Every file is written atomically (:mod:`curvinf.storage`), so a run killed at any
 point resumes: finished configurations are skipped, finished rungs of an
-unfinished configuration are loaded, the ground truth resumes from its last chunk.
+unfinished configuration are loaded, the Gram eigendecompositions its later rungs need
+are read back from ``runs/<id>/rungs/gram/`` (deleted once the configuration is done),
+the ground truth resumes from its last chunk.
 A finished configuration needs only its ``rows.json`` and ``diagnostics.json`` (and
 the ground-truth store's small files), so those are what a result directory commits.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -138,7 +141,8 @@ def _run_locked_config(
     loss = torch.nn.CrossEntropyLoss() if config.loss_name == "ce" else torch.nn.MSELoss()
     model, stale = _scored_model(gt, data, rdir, say)
     model, data = model_on(model, device), data.to(device=device)
-    cache = RungCache(config, model, loss, data, say, progress=progress)
+    gram_cache = rdir / "rungs" / "gram"
+    cache = RungCache(config, model, loss, data, say, progress=progress, gram_cache=gram_cache)
 
     def load(rung: str) -> dict[str, Any] | None:
         file = rdir / "rungs" / f"{rung}.pt"
@@ -157,6 +161,7 @@ def _run_locked_config(
     write_json(rdir / "diagnostics.json", diagnostics)
     rows = config_rows(config, num_params(model), gt, blobs, diagnostics, previous + seconds)
     write_json(rdir / "rows.json", rows)
+    shutil.rmtree(gram_cache, ignore_errors=True)  # only a finished configuration needed it
     return rows
 
 
