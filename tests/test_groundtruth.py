@@ -221,3 +221,18 @@ def test_identity_rung_has_positive_lds_on_digits(tmp_path):
     good = gt.lds(scores, num_bootstrap=200)
     assert good.mean > 0.1 and good.ci_low > 0, good
     assert gt.lds(-scores, num_bootstrap=0).mean == pytest.approx(-good.mean)
+
+
+def test_default_chunks_hold_a_bounded_amount_of_training(tmp_path, monkeypatch):
+    """Without ``models_per_chunk`` a chunk holds at most ``CHUNK_FLOPS`` of training
+    (``6·D`` per example seen), so a killed build loses little; the numbers do not change."""
+    import curvinf.groundtruth as gt_module
+
+    data, config = tiny_setup()
+    model = config.make_model(data)
+    per_model = 6.0 * sum(p.numel() for p in model.parameters()) * 150 * config.recipe.epochs
+    monkeypatch.setattr(gt_module, "CHUNK_FLOPS", 3.5 * per_model)
+    gt = ground_truth(data, config, tmp_path, progress=False)
+    layout = gt.manifest["layout"]
+    assert (layout["models_per_chunk"], layout["num_chunks"]) == (3, 3)  # 8 models: 3+3+2
+    assert torch.equal(gt.measurements, build(tmp_path / "other", models_per_chunk=8).measurements)

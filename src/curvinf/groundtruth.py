@@ -116,6 +116,10 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_MEMORY_BYTES = 2 * 2**30
 DEFAULT_MAX_CHUNK = 100
 DEFAULT_FN_CHUNK = 10  # models per chunk for a train_fn: run one by one, saved often
+CHUNK_FLOPS = 1e13
+"""Training flops per chunk at most (``6·D`` per example seen, each model's share): about
+10 minutes at the 15–20 GFLOP/s the batched trainer sustains on 2 loaded cores, so a
+killed run loses little. A model's numbers do not depend on the chunk it trains in."""
 TrainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], nn.Module]
 MLP_FIELDS = ("depth", "width", "activation", "init", "dtype")
 CPU = torch.device("cpu")
@@ -764,14 +768,18 @@ def _load_finished(
 def _default_chunk(
     config: GroundTruthConfig, data: DataSplit, model: nn.Module, max_memory_bytes: float
 ) -> int:
-    """Models per chunk: as many as the memory budget allows (at most 100; a ``train_fn``'s
-    run one by one: at most 10, so a crash loses little), in chunks of equal size."""
+    """Models per chunk: as many as the memory budget allows, at most 100 (a ``train_fn``'s
+    run one by one: at most 10) and at most :data:`CHUNK_FLOPS` of training, so a crash
+    loses little; in chunks of equal size."""
     example = None if config.model is None else data.X_train[:1]
     per_model = bytes_per_model(
         model, len(data.X_train), len(data.X_query), config.recipe.batch_size, example=example
     )
     most = DEFAULT_MAX_CHUNK if config.train_fn is None else DEFAULT_FN_CHUNK
-    cap = max(1, min(most, int(max_memory_bytes // per_model)))
+    _, _, sub = _retraining_plan(config, len(data.X_train))
+    seen = subset_size(len(data.X_train), config.alpha) * sub.epochs  # examples per model
+    flops = 6.0 * count_trainable(model) * seen
+    cap = max(1, min(most, int(max_memory_bytes // per_model), int(CHUNK_FLOPS // flops)))
     num_chunks = math.ceil(config.num_models / cap)
     return math.ceil(config.num_models / num_chunks)
 
