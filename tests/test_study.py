@@ -352,3 +352,14 @@ def test_gram_eigendecompositions_are_kept_until_the_configuration_is_done(tmp_p
     folder = tmp_path / "runs" / config.id / "rungs" / "gram"
     assert written and all(p.parent == folder for p in written)
     assert not folder.exists()
+
+
+def test_rank_of_an_iterative_inverse_is_unknown_not_zero(tmp_path):
+    """CG has no rank: the row says -1 (unknown), never 0 (a zero inverse)."""
+    preset = _tiny(
+        max_dense_bytes=8.0 * 20**2, regularizations=(Regularization(damping=1.0, eps=0.0),)
+    )
+    by = {r["rung"]: r for r in run_grid(preset, tmp_path, progress=False).rows}
+    assert by["hessian"]["route"] == "ggn-cg" and by["hessian"]["status"] == "exact"
+    assert by["hessian"]["rank"] == -1
+    assert by["ggn"]["rank"] == by["ggn"]["num_params"]  # damping keeps every direction

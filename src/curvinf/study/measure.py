@@ -527,7 +527,7 @@ def config_rows(
                     "adjacent_curvature": _num(blob.get("adjacent_curvature")),
                     "adjacent_curvature_se": _num(blob.get("adjacent_curvature_se")),
                     "decomposition_flags": "; ".join(diagnostics["decomposition_flags"][label]),
-                    "rank": entry.get("rank") or 0,
+                    "rank": -1 if entry.get("rank") is None else entry["rank"],  # -1: unknown
                     "fit_seconds": _num(blob.get("fit_seconds")),
                     "score_seconds": _num(entry.get("score_seconds")),
                     "off_block_mass": _num(blob.get("off_block_mass")),
