@@ -260,3 +260,21 @@ def test_tensor_file_digest_catches_altered_values(tmp_path):
     torch.save(record, tmp_path / "t.pt")
     with pytest.raises(CorruptFileError, match="digest"):
         read_tensors(tmp_path / "t.pt")
+
+
+def test_cholesky_factors_are_kept_in_the_cache_too(tmp_path, monkeypatch):
+    model, loss, X, y = problem("ce", n=30)
+    reg = Regularization(damping=1e-2, eps=0.0)
+    mf = matrix_free("block_ggn", model, loss, X, y)
+    fresh = mf.inverse(reg, solver=Gram()).dense()
+    cached = mf.inverse(reg, solver=Gram(cache=str(tmp_path)))
+    assert cached.mode == "cholesky" and torch.equal(cached.dense(), fresh)
+    assert len(list(tmp_path.glob("chol-*.pt"))) == len(layer_slices(model))
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: calls.append(1) or real(A))
+    again = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
+    assert calls == [] and torch.equal(again, fresh)
+    other = Regularization(damping=2e-2, eps=0.0)  # another damping: another factor
+    mf.inverse(other, solver=Gram(cache=str(tmp_path))).dense()
+    assert len(calls) == len(layer_slices(model))

@@ -350,8 +350,20 @@ def test_gram_eigendecompositions_are_kept_until_the_configuration_is_done(tmp_p
     assert routes["ggn"] == "gram" and routes["block_ggn"] in ("gram", "eigen+gram")
     (config,) = preset.configs()
     folder = tmp_path / "runs" / config.id / "rungs" / "gram"
-    assert written and all(p.parent == folder for p in written)
+    assert written and {p.parent for p in written} <= {folder / r for r in ("ggn", "block_ggn")}
     assert not folder.exists()
+
+
+def test_inverses_no_later_rung_needs_are_released_in_ladder_order(tmp_path, monkeypatch):
+    from curvinf.study.rungs import RungCache
+
+    released: list[str] = []
+    real = RungCache.release
+    monkeypatch.setattr(RungCache, "release", lambda self, r: released.append(r) or real(self, r))
+    preset = _tiny(regularizations=(Regularization(damping=1e-3, eps=0.0),))
+    run_grid(preset, tmp_path, progress=False)
+    first = list(dict.fromkeys(released))  # order of first release
+    assert first == ["ggn", "block_ggn", "ekfac", "kfac"]  # the reference is never released
 
 
 def test_rank_of_an_iterative_inverse_is_unknown_not_zero(tmp_path):

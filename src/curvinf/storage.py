@@ -109,11 +109,12 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load what :func:`write_tensors` saved; :class:`CorruptFileError` if the file is
-    unreadable or its tensors fail their digest."""
+def read_tensors(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Load what :func:`write_tensors` saved (``mmap``: the tensors map the file instead of
+    being read into memory); :class:`CorruptFileError` if the file is unreadable or its
+    tensors fail their digest."""
     try:
-        record = torch.load(path, weights_only=True)
+        record = torch.load(path, weights_only=True, mmap=mmap)
         tensors, digest = record["tensors"], record["digest"]
     except Exception as err:
         raise CorruptFileError(f"{path} is not a readable tensor file: {err}") from err

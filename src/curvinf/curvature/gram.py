@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +89,13 @@ class Gram:
 
     progress: bool = True
     cache: str | None = None
-    """A folder keeping each eigendecomposition of a Gram matrix (truncation), named by
-    the sha256 of the matrix: a later fit with the same matrix, in this or another process,
-    loads it instead of recomputing (the ``9 R³`` flops) after checking its digest. ``None``
-    keeps nothing. The files are ``8 R² + 8 R`` bytes each; delete the folder when done."""
+    """A folder keeping each factorisation of a Gram matrix (``eigh`` under truncation,
+    Cholesky under damping), named by the sha256 of the matrix (and the damping): a later
+    fit with the same matrix, in this or another process, loads it instead of recomputing
+    (``9 R³`` or ``R³/3`` flops) after checking its digest. The factors are used
+    memory-mapped from there, so every block's stays available without holding them all
+    in memory. ``None`` keeps nothing on disk. The files are about ``8 R²`` bytes each;
+    delete the folder when done."""
 
     def build_inverse(self, curvature: Curvature, reg: Regularization) -> GramInverse:
         """The exact inverse through the Gram matrix (:class:`GramInverse`); ``TypeError``
@@ -382,21 +386,33 @@ class GramInverse(InverseOperator):
         gram = self.rows.gram(b)
         if self.solver.cache is None:
             return torch.linalg.eigh(gram)
-        folder = Path(self.solver.cache)
-        folder.mkdir(parents=True, exist_ok=True)
-        file = folder / f"eigh-{tensor_digest(gram)[:40]}.pt"
-        if file.exists():
-            try:
-                kept = read_tensors(file)
-                s, U = kept["s"], kept["U"]
-                if U.shape == gram.shape and s.shape == gram.shape[:1]:
-                    return s.to(gram.device), U.to(gram.device)
-            except (CorruptFileError, KeyError):
-                pass  # recomputed and rewritten below
-        s, U = torch.linalg.eigh(gram)
-        del gram
-        write_tensors(file, {"s": s, "U": U})
-        return s, U
+
+        def compute() -> dict[str, torch.Tensor]:
+            s, U = torch.linalg.eigh(gram)
+            return {"s": s, "U": U}
+
+        kept = self._stored(f"eigh-{tensor_digest(gram)[:40]}", gram.shape, compute)
+        return kept["s"], kept["U"]
+
+    def _stored(
+        self, key: str, shape: torch.Size, compute: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The factorisation ``key`` of an (R, R) Gram matrix from the solver's cache folder,
+        else ``compute()``d and written there; either way memory-mapped from the file, so
+        the kept factorisations of every block cost page cache, not resident memory."""
+        file = Path(self.solver.cache) / f"{key}.pt"  # type: ignore[arg-type]
+        file.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(2):
+            if file.exists():
+                try:
+                    kept = read_tensors(file, mmap=True)
+                    if all(t.shape[0] == shape[0] for t in kept.values()):
+                        return {k: t.to(self.ctx.device) for k, t in kept.items()}
+                except CorruptFileError:
+                    pass  # recomputed and rewritten below
+            if attempt == 0:
+                write_tensors(file, compute())
+        raise CorruptFileError(f"{file} cannot be read back after writing it.")
 
     def _correction(self, s: torch.Tensor, phi: torch.Tensor, tol: float) -> torch.Tensor:
         """``(φ(s) - φ₀) / s`` of (1) in closed forms free of cancellation; 0 for ``s <= tol``."""
@@ -413,16 +429,24 @@ class GramInverse(InverseOperator):
             return self._cache[b][0]
         t0 = time.perf_counter()
         gram = self.rows.gram(b)
-        gram.diagonal().add_(self.reg.damping)
-        L, info = torch.linalg.cholesky_ex(gram)
-        del gram
-        if int(info) != 0:
-            raise ValueError(
-                f"the Cholesky factorisation of the Gram matrix + {self.reg.damping:g} I failed "
-                "for block "
-                f"{self.param_blocks[b].name!r} (damping too small for float64 at this scale); "
-                "increase damping or use eps > 0."
-            )
+
+        def compute() -> dict[str, torch.Tensor]:
+            gram.diagonal().add_(self.reg.damping)
+            L, info = torch.linalg.cholesky_ex(gram)
+            if int(info) != 0:
+                raise ValueError(
+                    f"the Cholesky factorisation of the Gram matrix + {self.reg.damping:g} I "
+                    f"failed for block {self.param_blocks[b].name!r} (damping too small for "
+                    "float64 at this scale); increase damping or use eps > 0."
+                )
+            return {"L": L}
+
+        if self.solver.cache is not None:  # on disk, memory-mapped: always kept
+            key = f"chol-{tensor_digest(gram)[:40]}-{self.reg.damping!r}"
+            self._cache[b] = (self._stored(key, gram.shape, compute)["L"],)
+            self.seconds += time.perf_counter() - t0
+            return self._cache[b][0]
+        L = compute()["L"]
         if keep and self._cache_bytes + 8.0 * self.R**2 <= self.curvature.max_dense_bytes:
             self._cache[b] = (L,)
             self._cache_bytes += 8.0 * self.R**2

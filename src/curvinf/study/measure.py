@@ -563,13 +563,18 @@ def measure_config(
     """Every rung's blob, in :func:`rung_order`: ``load(rung)`` a finished one, else measure
     it and ``save(rung, blob)``."""
     blobs: dict[str, dict[str, Any]] = {}
-    for rung in rung_order(config):
+    order = rung_order(config)
+    for i, rung in enumerate(order):
         blob = load(rung)
         if blob is None:
             say(f"  {config.id}: {rung} ({cache.route_of(rung)})")
             blob = rung_result(rung, cache, gt, blobs)
             save(rung, blob)
         blobs[rung] = blob
+        needed = {config.reference} | {PREVIOUS.get(r) for r in order[i + 1 :]}
+        for done in order[: i + 1]:
+            if done not in needed:  # no later rung compares with it
+                cache.release(done)
     return blobs
 
 

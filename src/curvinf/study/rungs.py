@@ -34,6 +34,7 @@ cannot be inverted under a rule (e.g. ``H + δI`` indefinite with ``eps = 0``) g
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,9 +109,11 @@ class RungCache:
         gram_cache: str | Path | None = None,
     ) -> None:
         self.config, self.model, self.loss, self.data = config, model, loss, data
-        self.gram = Gram(progress=progress, cache=None if gram_cache is None else str(gram_cache))
-        """The Gram route's solver; with ``gram_cache`` its eigendecompositions outlive the
-        process, so a resumed configuration does not repeat them."""
+        self.gram_cache = None if gram_cache is None else Path(gram_cache)
+        """Where the Gram route keeps its factorisations, one folder per rung
+        (:meth:`gram`); they outlive the process, so a resumed configuration does not
+        repeat them, and are used memory-mapped, so the kept factors of many blocks and
+        rules need disk, not memory."""
         self.device = model_device(model)
         """Where the rungs are fitted and applied: the model's device (its data are there)."""
         self.say = say or (lambda msg: None)
@@ -239,6 +242,19 @@ class RungCache:
 
     # ------------------------------------------------------------------ inverses
 
+    def gram(self, rung: str) -> Gram:
+        """The Gram route's solver for ``rung`` (its cache folder under ``gram_cache``)."""
+        folder = None if self.gram_cache is None else str(self.gram_cache / rung)
+        return Gram(progress=self.progress, cache=folder)
+
+    def release(self, rung: str) -> None:
+        """Forget ``rung``'s inverses and delete their Gram factorisations from disk (once
+        no rung still to be measured needs them)."""
+        for key in [k for k in self._inverses if k[0] == rung]:
+            del self._inverses[key]
+        if self.gram_cache is not None:
+            shutil.rmtree(self.gram_cache / rung, ignore_errors=True)
+
     def inverse(self, rung: str, reg: Regularization) -> RungInverse:
         """``C⁺`` of ``rung`` under ``reg``, cached, with route and status."""
         key = (rung, reg_label(reg))
@@ -256,10 +272,10 @@ class RungCache:
                 inv = curv.inverse(reg)
                 return RungInverse(rung, reg, inv, "eigen" if route == "dense" else route, EXACT)
             if route == "composite":
-                inv = curv.inverse(reg, solvers=[None, self.gram])
+                inv = curv.inverse(reg, solvers=[None, self.gram(rung)])
                 return RungInverse(rung, reg, inv, "eigen+gram", EXACT)
             if curv.is_ggn:
-                inv = curv.inverse(reg, solver=self.gram)
+                inv = curv.inverse(reg, solver=self.gram(rung))
                 return RungInverse(rung, reg, inv, "gram", EXACT)
             return self._hessian_inverse(curv, rung, reg)
         except ValueError as err:  # e.g. indefinite H + δI with eps = 0
