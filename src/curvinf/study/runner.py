@@ -15,8 +15,9 @@ For every configuration of a :class:`~curvinf.study.specs.Preset`, :func:`run_co
 
 Every file is written atomically (:mod:`curvinf.storage`), so a run killed at any
 point resumes: finished configurations are skipped, finished rungs of an
-unfinished configuration are loaded, the Gram eigendecompositions its later rungs need
-are read back from ``runs/<id>/rungs/gram/`` (deleted once the configuration is done),
+unfinished configuration are loaded, the Gram eigendecompositions
+and Cholesky factors its later rungs need are read back from ``runs/<id>/rungs/gram/``
+(deleted once the configuration is done),
 the ground truth resumes from its last chunk.
 A finished configuration needs only its ``rows.json`` and ``diagnostics.json`` (and
 the ground-truth store's small files), so those are what a result directory commits.

@@ -13,7 +13,7 @@ Result directory of a grid (``out``)::
         config.json                   the configuration
         model.pt                      the scored model: the ground truth's base model
         rungs/<rung>.pt               per rung: fit, spectrum, scores, LDS, errors (large)
-        rungs/gram/                   Gram eigendecompositions, until rows.json is written
+        rungs/gram/<rung>/            Gram factorisations (memory-mapped), until rows.json
         diagnostics.json              shares, distances, overlap curves, noise, comparisons
         rows.json                     the configuration's rows; its presence marks it done
         timing.json                   wall seconds of the configuration
