@@ -5,6 +5,7 @@ seed-noise warning, and the presets of the paper grid."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -375,3 +376,39 @@ def test_rank_of_an_iterative_inverse_is_unknown_not_zero(tmp_path):
     assert by["hessian"]["route"] == "ggn-cg" and by["hessian"]["status"] == "exact"
     assert by["hessian"]["rank"] == -1
     assert by["ggn"]["rank"] == by["ggn"]["num_params"]  # damping keeps every direction
+
+
+def test_status_reads_each_configuration_state_without_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from curvinf.cli import app
+    from curvinf.storage import StoreLock
+    from curvinf.study.status import DONE, NOT_STARTED, PARTIAL, READY, RUNNING, grid_status
+
+    with pytest.raises(FileNotFoundError, match="holds no grid run"):
+        grid_status(tmp_path)
+    preset = _tiny(depths=(1, 2), regularizations=(Regularization(damping=1e-3, eps=0.0),))
+    first, second = preset.configs()
+    run_grid(preset, tmp_path, progress=False, only=[first.id])
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())
+    _, rows = grid_status(tmp_path)
+    by = {r.config: r for r in rows}
+    assert by[first.id].state == DONE and by[first.id].rungs_done == len(first.rungs)
+    assert by[first.id].ground_truth_complete and by[first.id].seconds > 0
+    assert by[second.id].state == NOT_STARTED and by[second.id].models_done == 0
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()) == before
+
+    (tmp_path / "runs" / first.id / "rows.json").unlink()  # rungs kept, rows not written
+    assert grid_status(tmp_path)[1][0].state == PARTIAL
+    with StoreLock(tmp_path / "runs" / first.id, purpose="run"):
+        (r, _) = grid_status(tmp_path)[1]
+        assert r.state == RUNNING and r.pid == os.getpid()
+    for p in (tmp_path / "runs" / first.id / "rungs").glob("*.pt"):
+        p.unlink()
+    assert grid_status(tmp_path)[1][0].state == READY  # the ground truth alone is complete
+
+    res = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert first.id in res.output and "0/2 configurations done, 1/2 ground truths" in res.output
+    bad = CliRunner().invoke(app, ["status", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and "holds no grid run" in bad.output

@@ -426,6 +426,38 @@ def report(
         print(write_report(out, against=against))
 
 
+@app.command()
+def status(
+    out: str = typer.Argument(..., help="result directory of `curvinf reproduce`"),
+) -> None:
+    """Print how far the grid in OUT has got: per configuration its ground truth, rungs,
+    state (running ones with their pid) and wall time. Reads only; safe beside a run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from curvinf.study.status import DONE, RUNNING, grid_status
+
+    with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):
+        preset, rows = grid_status(out)
+    table = Table(title=f"{out}: preset {preset.name}")
+    table.add_column("configuration", no_wrap=True, min_width=max(len(r.config) for r in rows))
+    for col in ("ground truth", "rungs", "state", "wall"):
+        table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
+    for r in rows:
+        state = f"{r.state} (pid {r.pid})" if r.state == RUNNING else r.state
+        wall = "" if r.seconds is None else f"{r.seconds / 60:.1f} min"
+        gt = "complete" if r.ground_truth_complete else f"{r.models_done}/{r.models_total}"
+        table.add_row(r.config, gt, f"{r.rungs_done}/{r.rungs_total}", state, wall)
+    console = Console(width=None if sys.stdout.isatty() else 120)  # ids and all columns
+    console.print(table)
+    done = sum(r.state == DONE for r in rows)
+    stores = sum(r.ground_truth_complete for r in rows)
+    console.print(
+        f"{done}/{len(rows)} configurations done, {stores}/{len(rows)} ground truths complete, "
+        f"{sum(r.state == RUNNING for r in rows)} running"
+    )
+
+
 @app.command("sweep-regularization")
 def sweep_regularization(
     out: str = typer.Option(..., help="sweep directory (rows, ground-truth store, figures)"),

@@ -542,6 +542,15 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "", name)[:32] or "model"
 
 
+def store_location(data: DataSplit, config: GroundTruthConfig, store_dir: str | Path) -> Path:
+    """The directory :func:`ground_truth` builds ``config``'s store in under ``store_dir``
+    (nothing is read or written: it may not exist yet)."""
+    if isinstance(data, DataSplit):
+        data = data.to(device="cpu")
+    data, _, _ = _checked_inputs(data, config, None, DEFAULT_MEMORY_BYTES, 2.0, 0.1)
+    return store_path(Path(store_dir), store_name(config, data))
+
+
 def ground_truth(
     data: DataSplit,
     config: GroundTruthConfig,
@@ -1258,6 +1267,7 @@ __all__ = [
     "health_warnings",
     "retrain_seed",
     "retrain_seeds",
+    "store_location",
     "store_name",
     "store_request",
     "take_queries",

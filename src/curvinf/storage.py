@@ -200,6 +200,23 @@ class StoreLock:
         self._fh.close()
 
 
+def lock_holder(directory: str | Path) -> int | None:
+    """The process id holding ``directory``'s :class:`StoreLock` (0 if it wrote none), or
+    None if nobody holds it. Takes nothing: the probe is released at once."""
+    path = Path(directory) / ".lock"
+    try:
+        fh = open(path)
+    except OSError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_owner(fh) or 0
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return None
+
+
 def _lock_owner(fh: Any) -> int | None:
     """The process id a lock holder wrote into its lock file, or None if unreadable."""
     fh.seek(0)

@@ -1,0 +1,97 @@
+"""Where a grid run stands, read from its result directory without locking or writing.
+
+Per configuration of the preset recorded in ``out/grid.json``: models of its ground truth
+retrained (of ``M·R``), rungs measured (``runs/<id>/rungs/<rung>.pt``), its state and the
+wall seconds recorded so far. States: ``done`` (``rows.json`` written), ``running`` (a
+process holds the configuration's or its ground truth's lock; its pid is given),
+``partial`` (rungs or retrained models kept for a resume), ``ready`` (the ground truth
+complete, no rung measured yet), ``not started``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from curvinf.groundtruth import store_location
+from curvinf.gtstore import stored_manifest
+from curvinf.storage import lock_holder, read_json
+from curvinf.study.specs import Preset, RunConfig
+from curvinf.study.tables import run_dir
+from curvinf.study.truth import config_data, groundtruth_config
+
+DONE, RUNNING, PARTIAL, READY, NOT_STARTED = "done", "running", "partial", "ready", "not started"
+
+
+@dataclass(frozen=True)
+class ConfigStatus:
+    """One configuration's progress (module doc)."""
+
+    config: str
+    models_done: int
+    models_total: int
+    rungs_done: int
+    rungs_total: int
+    state: str
+    pid: int | None
+    seconds: float | None
+
+    @property
+    def ground_truth_complete(self) -> bool:
+        return self.models_done == self.models_total
+
+
+def config_status(config: RunConfig, out: str | Path) -> ConfigStatus:
+    """The progress of ``config`` in the grid directory ``out`` (module doc)."""
+    out = Path(out)
+    store = store_location(config_data(config), groundtruth_config(config), out / "groundtruth")
+    manifest = stored_manifest(store) or {}
+    total = config.lds.num_subsets * config.lds.num_seeds
+    progress = manifest.get("progress", {})
+    models = total if progress.get("complete") else int(progress.get("models_done", 0))
+    rdir = run_dir(out, config.id)
+    rungs = sum((rdir / "rungs" / f"{r}.pt").exists() for r in config.rungs)
+    timing = rdir / "timing.json"
+    seconds = read_json(timing).get("wall_seconds") if timing.exists() else None
+    pid = lock_holder(rdir)
+    if pid is None and not progress.get("complete"):
+        pid = lock_holder(store)
+    if (rdir / "rows.json").exists():
+        state, pid = DONE, None
+    elif pid is not None:
+        state = RUNNING
+    elif rungs or 0 < models < total:
+        state = PARTIAL
+    elif models == total:
+        state = READY
+    else:
+        state = NOT_STARTED
+    return ConfigStatus(config.id, models, total, rungs, len(config.rungs), state, pid, seconds)
+
+
+def grid_status(out: str | Path) -> tuple[Preset, list[ConfigStatus]]:
+    """The preset a grid in ``out`` runs and each of its configurations' progress.
+
+    Raises ``FileNotFoundError`` if ``out`` holds no ``grid.json`` (no grid was started
+    there).
+    """
+    grid = Path(out) / "grid.json"
+    if not grid.is_file():
+        raise FileNotFoundError(
+            f"{grid} not found: {out} holds no grid run; `curvinf reproduce --out {out}` "
+            "starts one."
+        )
+    preset = Preset.from_dict(read_json(grid))
+    return preset, [config_status(c, out) for c in preset.configs()]
+
+
+__all__ = [
+    "DONE",
+    "NOT_STARTED",
+    "PARTIAL",
+    "READY",
+    "RUNNING",
+    "ConfigStatus",
+    "config_status",
+    "grid_status",
+]
