@@ -31,3 +31,8 @@ def test_the_tour_and_the_own_model_example_run_as_written(tmp_path, monkeypatch
         "tokens": "exact GGN block",
         "positions": "exact GGN block",
     }
+    exec(python_block("### The ladder on your own model"), namespace)  # noqa: S102
+    rows = namespace["result"].rows
+    assert len(rows) == 5 * 2 and all(r["status"] == "exact" for r in rows)
+    assert all(0.0 < r["lds"] < 1.0 for r in rows)
+    assert (tmp_path / "results" / "net" / "results.csv").exists()

@@ -1,10 +1,12 @@
 """The study: what to run (:mod:`.specs`), its tables (:mod:`.tables`), the one
 ground-truth path (:mod:`.truth`), the one rung cache with its routes (:mod:`.rungs`),
 what is measured per configuration (:mod:`.measure`, :mod:`.compare`), the grid runner
-(:mod:`.runner`), the regulariser sweep (:mod:`.sweep`) and the report (:mod:`.report`,
-which reads stored results only).
+(:mod:`.runner`) and its progress (:mod:`.status`), the regulariser sweep (:mod:`.sweep`),
+the same measurements for a model you bring (:mod:`.ladder`) and the report
+(:mod:`.report`, which reads stored results only).
 """
 
+from curvinf.study.ladder import LadderResult, LadderSettings, measure_ladder
 from curvinf.study.runner import (
     BUSY,
     GROUND_TRUTH_DONE,
@@ -28,6 +30,7 @@ from curvinf.study.specs import (
     parse_regularization,
     reg_label,
 )
+from curvinf.study.status import ConfigStatus, grid_status
 from curvinf.study.tables import COLUMNS, COMPARISON_COLUMNS, read_table, write_table
 from curvinf.study.truth import config_data, config_ground_truth, groundtruth_config
 
@@ -38,8 +41,11 @@ __all__ = [
     "COMPARISON_COLUMNS",
     "DAMPED",
     "PRESETS",
+    "ConfigStatus",
     "GridRun",
     "LDSSettings",
+    "LadderResult",
+    "LadderSettings",
     "Preset",
     "ReproducePlan",
     "RunConfig",
@@ -47,7 +53,9 @@ __all__ = [
     "config_data",
     "config_ground_truth",
     "get_preset",
+    "grid_status",
     "groundtruth_config",
+    "measure_ladder",
     "parse_regularization",
     "read_table",
     "reg_label",

@@ -103,6 +103,34 @@ class LDSSettings:
             raise TypeError(f"matched_steps must be True or False, got {self.matched_steps!r}.")
 
 
+def check_measurement(s: Any) -> None:
+    """Check the measurement settings ``s`` shares with :class:`RunConfig` (rungs, rules,
+    reference, Fisher and Kronecker knobs, routes, seed); ``ValueError`` / ``TypeError``
+    naming the bad one."""
+    check_choice("uncovered", s.uncovered, UNCOVERED)
+    check_choice("reference", s.reference, METHODS)
+    check_choice("fisher", s.fisher, FISHERS)
+    check_choice("kronecker_fisher", s.kronecker_fisher, FISHERS)
+    check_choice("kronecker_bias", s.kronecker_bias, BIAS_LAYOUTS)
+    check_choice("partition", s.partition, PARTITIONS)
+    check_int("seed", s.seed, low=0)
+    check_int("lanczos_k", s.lanczos_k, low=1)
+    check_int("solver_max_iter", s.solver_max_iter, low=1)
+    check_int("estimate_matvecs", s.estimate_matvecs, low=6)
+    check_number("solver_tol", s.solver_tol, low=0.0, high=1.0, strict_low=True)
+    if not s.rungs or len(set(s.rungs)) != len(s.rungs):
+        raise ValueError(f"rungs must be non-empty and distinct, got {s.rungs}.")
+    for r in s.rungs:
+        check_choice("rung", r, STUDY_RUNGS)
+    if not s.regularizations or not all(isinstance(r, Regularization) for r in s.regularizations):
+        raise ValueError("regularizations must be a non-empty tuple of Regularization.")
+    labels = [reg_label(r) for r in s.regularizations]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"regularizations repeat a rule: {labels}.")
+    check_number("max_dense_bytes", s.max_dense_bytes, low=0.0, strict_low=True)
+    check_number("gram_bytes", s.gram_bytes, low=0.0, strict_low=True)
+
+
 def _check_ints(name: str, values: tuple[int, ...], low: int) -> None:
     if not values:
         raise ValueError(f"{name} must not be empty.")
@@ -190,44 +218,21 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("architecture", self.architecture, ARCHITECTURES)
-        check_choice("uncovered", self.uncovered, UNCOVERED)
         if self.dataset not in ARCHITECTURES[self.architecture]:
             raise ValueError(
                 f"architecture={self.architecture!r} takes dataset "
                 f"{' or '.join(map(repr, ARCHITECTURES[self.architecture]))}, got "
                 f"{self.dataset!r}."
             )
-        check_choice("reference", self.reference, METHODS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("init", self.init, INITS)
-        check_choice("fisher", self.fisher, FISHERS)
-        check_choice("kronecker_fisher", self.kronecker_fisher, FISHERS)
-        check_choice("kronecker_bias", self.kronecker_bias, BIAS_LAYOUTS)
-        check_choice("partition", self.partition, PARTITIONS)
         _check_ints("depth", (self.depth,), 0)
         _check_ints("width", (self.width,), 1)
         _check_ints("epochs", (self.epochs,), 1)
-        check_int("seed", self.seed, low=0)
-        check_int("lanczos_k", self.lanczos_k, low=1)
-        check_int("solver_max_iter", self.solver_max_iter, low=1)
-        check_int("estimate_matvecs", self.estimate_matvecs, low=6)
-        check_number("solver_tol", self.solver_tol, low=0.0, high=1.0, strict_low=True)
         v = check_number("query_fraction", self.query_fraction, low=0.0, strict_low=True)
         if v >= 1:
             raise ValueError(f"query_fraction must lie in (0, 1), got {self.query_fraction!r}.")
-        if not self.rungs or len(set(self.rungs)) != len(self.rungs):
-            raise ValueError(f"rungs must be non-empty and distinct, got {self.rungs}.")
-        for r in self.rungs:
-            check_choice("rung", r, STUDY_RUNGS)
-        if not self.regularizations or not all(
-            isinstance(r, Regularization) for r in self.regularizations
-        ):
-            raise ValueError("regularizations must be a non-empty tuple of Regularization.")
-        labels = [reg_label(r) for r in self.regularizations]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"regularizations repeat a rule: {labels}.")
-        check_number("max_dense_bytes", self.max_dense_bytes, low=0.0, strict_low=True)
-        check_number("gram_bytes", self.gram_bytes, low=0.0, strict_low=True)
+        check_measurement(self)
 
     @property
     def recipe_used(self) -> TrainingRecipe:
