@@ -98,3 +98,23 @@ def test_resumes_from_its_folder_and_refuses_other_data(setup, tmp_path, monkeyp
         measure_ladder(gt, other, settings, progress=False)
     with pytest.raises(ValueError, match="rung"):
         LadderSettings(rungs=("hessian", "nope"))
+
+
+def norm_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 10))
+
+
+@pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")  # a tiny fit
+def test_a_rung_that_does_not_apply_says_why_and_the_others_go_on(setup, tmp_path):
+    data, _, _, _ = setup
+    config = GroundTruthConfig(
+        model=norm_net, recipe=TrainingRecipe(epochs=20, lr=0.1, batch_size=32), num_subsets=8,
+        num_seeds=2, matched_steps=True,
+    )  # fmt: skip
+    gt = ground_truth(data, config, tmp_path, progress=False)
+    base = {"regularizations": (DAMPED,), "num_bootstrap": 20}
+    by = {r["rung"]: r for r in measure_ladder(gt, data, LadderSettings(**base)).rows}
+    assert by["kfac"]["status"] == "unavailable" and "LayerNorm" in by["kfac"]["reason"]
+    assert math.isnan(by["kfac"]["lds"]) and by["block_ggn"]["status"] == "exact"
+    exact = measure_ladder(gt, data, LadderSettings(**base, uncovered="exact")).rows
+    assert all(r["status"] == "exact" for r in exact)

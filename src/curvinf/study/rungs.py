@@ -48,6 +48,7 @@ from curvinf.curvature import Curvature, Regularization, fit_curvature
 from curvinf.curvature.composite import CompositeCurvature, Part, frozen_except
 from curvinf.curvature.gram import Gram
 from curvinf.curvature.krylov import lanczos
+from curvinf.curvature.layers import UnfactorableModelError
 from curvinf.curvature.matfree import matrix_free
 from curvinf.curvature.operators import InverseOperator
 from curvinf.curvature.solvers import Lanczos, Preconditioned
@@ -56,6 +57,7 @@ from curvinf.devices import model_device
 from curvinf.names import KRONECKER_RUNGS, SHARING_METHODS, rung_method
 from curvinf.params import model_fingerprint, param_blocks
 from curvinf.study.specs import RunConfig, reg_label
+from curvinf.tracing import UntraceableModelError
 
 EXACT, UNCONVERGED, UNAVAILABLE = "exact", "unconverged", "unavailable"
 STATUSES = (EXACT, UNCONVERGED, UNAVAILABLE)
@@ -231,7 +233,8 @@ class RungCache:
                     method, self.model, self.loss, *self.data.train, **self.options(rung)
                 )
                 curv.eigen()  # the decomposition is part of the fit's cost
-        except (ValueError, MemoryError) as err:
+        except (ValueError, MemoryError, UnfactorableModelError, UntraceableModelError) as err:
+            # the rung does not apply to this model: its rows say why, the others go on
             self.failed[rung] = f"{type(err).__name__}: {err}"
             self.say(f"  {rung}: not fitted ({self.failed[rung]})")
             return None
