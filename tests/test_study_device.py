@@ -58,3 +58,39 @@ def test_the_sweep_on_a_simulated_gpu_has_the_cpu_rows(tmp_path, monkeypatch):
                 isinstance(value, float) and math.isnan(value) and math.isnan(b[key])
             )
             assert same, (a["rung"], key, value, b[key])
+
+
+@pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")  # a tiny fit
+def test_measure_ladder_on_a_simulated_gpu_has_the_cpu_rows(monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from test_ladder import DAMPED, small_net
+
+    from curvinf import GroundTruthConfig, TrainingRecipe, ground_truth, load_dataset
+    from curvinf.study import LadderSettings, measure_ladder
+
+    d = load_dataset("digits", seed=0)
+    data = replace(d, X_train=d.X_train[:80], y_train=d.y_train[:80], X_query=d.X_query[:10],
+                   y_query=d.y_query[:10])  # fmt: skip
+    config = GroundTruthConfig(model=small_net, recipe=TrainingRecipe(epochs=2), num_subsets=4,
+                               num_seeds=2)  # fmt: skip
+    gt = ground_truth(data, config, tmp_path, progress=False)
+    settings = LadderSettings(regularizations=(DAMPED,), num_bootstrap=20)
+    cpu = measure_ladder(gt, data, settings, progress=False).rows
+    from curvinf.study.rungs import RungCache
+
+    devices = []
+    init = RungCache.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        devices.append(self.device.type)
+
+    monkeypatch.setattr(RungCache, "__init__", spy)
+    with simulated_cuda(monkeypatch):
+        gpu = measure_ladder(gt, data, settings, progress=False, device="cuda").rows
+    assert devices == ["cuda"]  # the rungs were fitted where the model was sent
+    for a, b in zip(cpu, gpu, strict=True):
+        for key in NUMBERS:
+            same = a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key]))
+            assert same, (a["rung"], key, a[key], b[key])

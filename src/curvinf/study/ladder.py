@@ -21,6 +21,7 @@ from typing import Any
 
 from curvinf.curvature.regularization import Regularization
 from curvinf.data import DataSplit
+from curvinf.devices import DeviceSpec, model_on, resolve_device
 from curvinf.groundtruth import GroundTruth, store_location
 from curvinf.names import LADDER
 from curvinf.params import count_trainable
@@ -110,6 +111,7 @@ def measure_ladder(
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    device: DeviceSpec = "cpu",
 ) -> LadderResult:
     """Every rung of ``settings`` measured on ``gt``'s base model (module doc).
 
@@ -123,6 +125,9 @@ def measure_ladder(
             memory.
         progress: progress bars on the long steps.
         log: where a line per rung goes (default: nowhere).
+        device: where the fits, scores and estimates run (``cpu``, ``cuda``, ``cuda:N``,
+            ``auto``; :func:`curvinf.devices.resolve_device`); what is stored and returned
+            is on the CPU.
 
     Raises:
         ValueError: ``data`` is not the data ``gt`` was built on, or a setting is invalid.
@@ -152,8 +157,9 @@ def measure_ladder(
         c.loss,
         data.name,
     )
+    where = resolve_device(device)
     t0 = time.perf_counter()
-    model = gt.base_model(data)
+    model = model_on(gt.base_model(data), where)
     folder = None if out is None else Path(out) / "rungs"
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +167,7 @@ def measure_ladder(
         spec,  # type: ignore[arg-type]
         model,
         c.make_loss(),
-        data,
+        data.to(device=where),
         log,
         progress=progress,
         gram_cache=None if folder is None else folder / "gram",
