@@ -226,7 +226,8 @@ def test_eigen_cache_gives_the_same_inverse_without_recomputing(tmp_path, monkey
     cached = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
     files = sorted(tmp_path.glob("eigh-*.pt"))
     assert len(files) == len(layer_slices(model))  # one per block's Gram matrix
-    assert torch.equal(cached, fresh)
+    # the same factors; products with the file-backed copy may round apart in the last bits
+    torch.testing.assert_close(cached, fresh, rtol=1e-12, atol=1e-14 * float(fresh.abs().max()))
 
     calls = []
     real = torch.linalg.eigh
@@ -238,11 +239,11 @@ def test_eigen_cache_gives_the_same_inverse_without_recomputing(tmp_path, monkey
 
     monkeypatch.setattr(torch.linalg, "eigh", counted)
     again = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
-    assert calls == [] and torch.equal(again, fresh)  # every block read back
+    assert calls == [] and torch.equal(again, cached)  # every block read back
 
     files[0].write_bytes(files[0].read_bytes()[:-100])  # a torn file is recomputed
     repaired = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
-    assert len(calls) == 1 and torch.equal(repaired, fresh)
+    assert len(calls) == 1 and torch.equal(repaired, cached)
 
     other = matrix_free("block_ggn", model, loss, X[:20], y[:20])  # another Gram matrix
     other.inverse(reg, solver=Gram(cache=str(tmp_path)))
@@ -268,13 +269,15 @@ def test_cholesky_factors_are_kept_in_the_cache_too(tmp_path, monkeypatch):
     mf = matrix_free("block_ggn", model, loss, X, y)
     fresh = mf.inverse(reg, solver=Gram()).dense()
     cached = mf.inverse(reg, solver=Gram(cache=str(tmp_path)))
-    assert cached.mode == "cholesky" and torch.equal(cached.dense(), fresh)
+    first = cached.dense()
+    assert cached.mode == "cholesky"
+    torch.testing.assert_close(first, fresh, rtol=1e-12, atol=1e-14 * float(fresh.abs().max()))
     assert len(list(tmp_path.glob("chol-*.pt"))) == len(layer_slices(model))
     calls = []
     real = torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: calls.append(1) or real(A))
     again = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
-    assert calls == [] and torch.equal(again, fresh)
+    assert calls == [] and torch.equal(again, first)
     other = Regularization(damping=2e-2, eps=0.0)  # another damping: another factor
     mf.inverse(other, solver=Gram(cache=str(tmp_path))).dense()
     assert len(calls) == len(layer_slices(model))
