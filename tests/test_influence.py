@@ -152,3 +152,24 @@ def test_gradient_scores_is_the_generic_route_of_influence_scores():
         ref = influence_scores(model, loss, inv, train=(X, y), query=(X[:4], y[:4]))
         got = gradient_scores(inv, Gq, Gt, chunk_size=3)
         assert float((got - ref).norm() / ref.norm()) < 1e-9
+
+
+@pytest.mark.parametrize("method", ["hessian", "ggn", "ekfac", "kfac"])
+def test_self_influence_is_the_diagonal_of_brute_force_scores(kind, method):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from curvinf import self_influence
+
+    model, loss, X, y = problem(kind, n=16, act="tanh")
+    inv = fit_curvature(method, model, loss, X, y).inverse(Regularization(damping=1e-3, eps=1e-6))
+    s = self_influence(model, loss, inv, train=(X, y), chunk_size=5, progress=False)
+    G = per_example_reference(model, kind, X, y)
+    expected = torch.einsum("nd,de,ne->n", G, inv.dense(), G)
+    assert s.shape == (16,) and s.dtype == torch.float64
+    torch.testing.assert_close(s, expected, rtol=1e-9, atol=1e-12)
+    loader = DataLoader(TensorDataset(X, y), batch_size=6)
+    torch.testing.assert_close(
+        self_influence(model, loss, inv, train=loader, progress=False), s, rtol=1e-12, atol=0
+    )
+    with pytest.raises(TypeError, match="InverseCurvature"):
+        self_influence(model, loss, inv.dense(), train=(X, y))

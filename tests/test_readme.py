@@ -24,6 +24,7 @@ def test_the_tour_and_the_own_model_example_run_as_written(tmp_path, monkeypatch
     monkeypatch.setenv("CURVINF_PROGRESS", "0")
     namespace: dict = {}
     exec(python_block("## A short tour"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["own"].shape == (1437,) and (namespace["own"] > 0).all()
     exec(python_block("### Your own model"), namespace)  # noqa: S102
     assert namespace["scores"].shape == (200, 800)
     assert torch.isfinite(namespace["scores"]).all()

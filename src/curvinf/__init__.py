@@ -12,7 +12,7 @@ from curvinf.curvature import (
 from curvinf.curvature.regularization import TruncationWarning
 from curvinf.data import DataSplit, load_dataset
 from curvinf.groundtruth import GroundTruth, GroundTruthConfig, ground_truth
-from curvinf.influence import influence_scores, per_example_grads, top_k
+from curvinf.influence import influence_scores, per_example_grads, self_influence, top_k
 from curvinf.lds import LDSResult, make_subsets
 from curvinf.lds import lds as lds_score
 from curvinf.models import make_mlp, num_params
@@ -36,6 +36,7 @@ __all__ = [
     "influence_scores",
     "lds",
     "lds_score",
+    "self_influence",
     "top_k",
     "TruncationWarning",
     "DivergenceWarning",

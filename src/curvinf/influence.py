@@ -219,6 +219,61 @@ def influence_scores(
     return scores
 
 
+def self_influence(
+    model: nn.Module,
+    loss: nn.Module,
+    inv: InverseOperator,
+    *,
+    train: tuple[torch.Tensor, torch.Tensor] | Iterable,
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Each training example's influence on its own loss, ``∇ℓ(z_n)ᵀ C⁺ ∇ℓ(z_n)``: (N,)
+    float64, the diagonal of the (N, N) train-train scores without forming them.
+
+    Large values flag examples the model bends most to fit (mislabelled or atypical
+    points; positive for a positive semi-definite ``C⁺``). ``chunk_size`` gradients are
+    preconditioned at a time (``inv.apply``), so memory is ``O(chunk · D)`` and the cost N
+    products with ``C⁺``. ``train``: ``(X, y)`` tensors or a ``DataLoader`` of batches.
+    Checks and devices as :func:`influence_scores`.
+    """
+    if not callable(getattr(inv, "apply", None)):
+        raise TypeError(
+            "inv must be an InverseCurvature (or a solver's inverse), e.g. "
+            "fit_curvature(...).inverse(Regularization())."
+        )
+    kind = check_loss(loss)
+    check_int("chunk_size", chunk_size, low=1)
+    check_model_finite(model)
+    check_fitted_on(inv, model)
+    check_inverse_device(inv, model)
+    check_batch_statistics(model)
+    if is_batches(train):
+        batches = Batches(train, "train")
+        device = model_device(model)
+        parts = []
+        with progress_bar(batches.n, "self-influence", progress) as advance:
+            for X, y in batches:
+                X, y = X.to(device or X.device), y.to(device or y.device)
+                parts.append(self_influence(model, loss, inv, train=(X, y),
+                                            chunk_size=chunk_size, progress=False))  # fmt: skip
+                advance(len(X))
+        return torch.cat(parts)
+    Xt, yt = train
+    out_shape = check_xy(Xt, yt, name="train", model=model)[1:]
+    check_targets(kind, out_shape, yt, "train y")
+    model = evaluation_copy(model, torch.float64)
+    out = torch.empty(len(Xt), dtype=torch.float64, device=Xt.device)
+    fast: bool | None = None
+    with progress_bar(len(Xt), "self-influence", progress) as advance:
+        for a in range(0, len(Xt), chunk_size):
+            G, fast = _gradients(model, kind, "loss", Xt[a : a + chunk_size],
+                                 yt[a : a + chunk_size], chunk_size, fast=fast)  # fmt: skip
+            out[a : a + len(G)] = (inv.apply(G) * G).sum(1)
+            advance(len(G))
+    return out
+
+
 def _batched_scores(
     model: nn.Module,
     loss: nn.Module,
@@ -313,5 +368,6 @@ __all__ = [
     "influence_scores",
     "per_example_grads",
     "preconditioned_gradients",
+    "self_influence",
     "top_k",
 ]
