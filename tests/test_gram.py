@@ -281,3 +281,18 @@ def test_cholesky_factors_are_kept_in_the_cache_too(tmp_path, monkeypatch):
     other = Regularization(damping=2e-2, eps=0.0)  # another damping: another factor
     mf.inverse(other, solver=Gram(cache=str(tmp_path))).dense()
     assert len(calls) == len(layer_slices(model))
+
+
+def test_a_full_disk_keeps_the_factorisation_in_memory(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    model, loss, X, y = problem("ce", n=30)
+    reg = Regularization(damping=0.0, eps=1e-4)
+    mf = matrix_free("ggn", model, loss, X, y)
+    fresh = mf.inverse(reg, solver=Gram()).dense()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1, 1, 10))
+    with pytest.warns(RuntimeWarning, match="kept in memory only"):
+        full = mf.inverse(reg, solver=Gram(cache=str(tmp_path))).dense()
+    assert not list(tmp_path.glob("*.pt")) and torch.equal(full, fresh)

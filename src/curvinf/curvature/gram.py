@@ -43,7 +43,9 @@ block being factorised; factorisations are kept while they fit
 from __future__ import annotations
 
 import math
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,6 +404,15 @@ class GramInverse(InverseOperator):
         the kept factorisations of every block cost page cache, not resident memory."""
         file = Path(self.solver.cache) / f"{key}.pt"  # type: ignore[arg-type]
         file.parent.mkdir(parents=True, exist_ok=True)
+        need = 8.0 * shape[0] * shape[0] * 2 + 2**30  # the file twice (temporary) + 1 GiB
+        if not file.exists() and shutil.disk_usage(file.parent).free < need:
+            warnings.warn(
+                f"less than {format_bytes(need)} free under {file.parent}: this Gram "
+                "factorisation is kept in memory only (not cached for a resume)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return compute()
         for attempt in range(2):
             if file.exists():
                 try:
