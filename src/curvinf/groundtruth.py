@@ -542,13 +542,23 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "", name)[:32] or "model"
 
 
+def _request_data(data: DataSplit, config: GroundTruthConfig) -> DataSplit:
+    """``data`` as :func:`ground_truth` hashes it (checked, on the CPU, in the model's dtype)."""
+    if isinstance(data, DataSplit):
+        data = data.to(device="cpu")
+    return _checked_inputs(data, config, None, DEFAULT_MEMORY_BYTES, 2.0, 0.1)[0]
+
+
 def store_location(data: DataSplit, config: GroundTruthConfig, store_dir: str | Path) -> Path:
     """The directory :func:`ground_truth` builds ``config``'s store in under ``store_dir``
     (nothing is read or written: it may not exist yet)."""
-    if isinstance(data, DataSplit):
-        data = data.to(device="cpu")
-    data, _, _ = _checked_inputs(data, config, None, DEFAULT_MEMORY_BYTES, 2.0, 0.1)
-    return store_path(Path(store_dir), store_name(config, data))
+    return store_path(Path(store_dir), store_name(config, _request_data(data, config)))
+
+
+def store_key(data: DataSplit, config: GroundTruthConfig) -> str:
+    """The request hash a store of ``config`` on ``data`` has (its manifest's ``key``):
+    equal keys mean the same data, model, recipe, subsets and seeds."""
+    return request_hash(store_request(config, _request_data(data, config)))
 
 
 def ground_truth(
@@ -1267,6 +1277,7 @@ __all__ = [
     "health_warnings",
     "retrain_seed",
     "retrain_seeds",
+    "store_key",
     "store_location",
     "store_name",
     "store_request",

@@ -22,7 +22,7 @@ from typing import Any
 from curvinf.curvature.regularization import Regularization
 from curvinf.data import DataSplit
 from curvinf.devices import DeviceSpec, model_on, resolve_device
-from curvinf.groundtruth import GroundTruth, store_location
+from curvinf.groundtruth import GroundTruth, store_key
 from curvinf.names import LADDER
 from curvinf.params import count_trainable
 from curvinf.storage import read_blob, write_blob
@@ -137,7 +137,7 @@ def measure_ladder(
         raise TypeError(f"settings must be a LadderSettings, got {type(settings).__name__}.")
     if not isinstance(gt, GroundTruth):
         raise TypeError(f"gt must be a GroundTruth (curvinf.ground_truth), got {type(gt)}.")
-    if store_location(data, gt.config, gt.path.parent) != gt.path:
+    if store_key(data, gt.config) != gt.manifest.get("key"):
         raise ValueError(
             f"data is not the split the ground truth at {gt.path} was built on (its store "
             "hashes the data); pass that DataSplit."
