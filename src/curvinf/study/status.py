@@ -56,8 +56,8 @@ def config_status(config: RunConfig, out: str | Path) -> ConfigStatus:
     pid = lock_holder(rdir)
     if pid is None and not progress.get("complete"):
         pid = lock_holder(store)
-    if (rdir / "rows.json").exists():
-        state, pid = DONE, None
+    if (rdir / "rows.json").exists():  # every rung measured (their blobs are not committed)
+        state, pid, rungs = DONE, None, len(config.rungs)
     elif pid is not None:
         state = RUNNING
     elif rungs or 0 < models < total:
