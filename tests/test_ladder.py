@@ -118,3 +118,17 @@ def test_a_rung_that_does_not_apply_says_why_and_the_others_go_on(setup, tmp_pat
     assert math.isnan(by["kfac"]["lds"]) and by["block_ggn"]["status"] == "exact"
     exact = measure_ladder(gt, data, LadderSettings(**base, uncovered="exact")).rows
     assert all(r["status"] == "exact" for r in exact)
+
+
+def test_matrix_free_routes_give_the_dense_numbers(setup, tmp_path):
+    """Above a tiny dense cap the GGN rungs take the Gram route (factors cached under
+    ``out``) and the damped Hessian GGN-preconditioned CG: the same LDS as dense."""
+    data, gt, settings, dense = setup
+    small = LadderSettings(**{**settings.__dict__, "max_dense_bytes": 8.0 * 50**2})
+    rows = measure_ladder(gt, data, small, out=tmp_path, progress=False).rows
+    by, ref = {r["rung"]: r for r in rows}, {r["rung"]: r for r in dense.rows}
+    assert by["ggn"]["route"] == "gram" and by["hessian"]["route"] == "ggn-cg"
+    for rung in ("hessian", "ggn", "block_ggn"):
+        assert by[rung]["status"] == "exact"
+        assert by[rung]["lds"] == pytest.approx(ref[rung]["lds"], abs=1e-6)
+    assert not (tmp_path / "rungs" / "gram" / "ggn").exists()  # released after use
