@@ -117,3 +117,20 @@ def test_bad_arguments_say_what_to_do(problem):
         mf.dense()
     with pytest.raises(ValueError, match="shape"):
         mf.matvec(torch.ones(2, 3, dtype=torch.float64))
+
+
+def test_smallest_eigenvalue_of_the_hessian_matches_the_dense_spectrum():
+    from references import problem, ref_hessian
+
+    from curvinf.curvature.krylov import smallest_eigenvalue
+
+    model, loss, X, y = problem("ce", n=40, width=12, act="tanh")  # D = 267
+    H = ref_hessian(model, "ce", X, y)
+    lam = float(torch.linalg.eigvalsh(H)[0])
+    curv = matrix_free("hessian", model, loss, X, y)
+    assert curv.num_params > 120  # Lanczos sees a subspace, not the whole space
+    theta, res = smallest_eigenvalue(curv, progress=False)
+    assert lam <= theta + 1e-12  # a Ritz value bounds λ_min from above
+    assert abs(theta - lam) <= max(res, 1e-10) and res < 1e-6  # found the bottom here
+    short, short_res = smallest_eigenvalue(curv, steps=3, progress=False)
+    assert short >= lam - 1e-12 and short_res > res  # fewer steps: a looser estimate

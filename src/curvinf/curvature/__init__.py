@@ -43,6 +43,7 @@ from curvinf.curvature.dense import (
 )
 from curvinf.curvature.gram import Gram, GramInverse
 from curvinf.curvature.kronecker import KroneckerCurvature, fit_kronecker
+from curvinf.curvature.krylov import smallest_eigenvalue
 from curvinf.curvature.matfree import MatrixFreeCurvature, matrix_free
 from curvinf.curvature.operators import (
     Curvature,
@@ -86,6 +87,7 @@ __all__ = [
     "SolveReport",
     "fit_curvature",
     "matrix_free",
+    "smallest_eigenvalue",
 ]
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from curvinf.devices import DeviceSpec, cpu_generator
 from curvinf.progress import progress_bar
+from curvinf.validation import check_int
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -404,6 +406,35 @@ def lanczos(
     return U, theta[order], res, steps
 
 
+def smallest_eigenvalue(
+    curvature: Any, *, steps: int = 120, seed: int = 0, progress: bool = True
+) -> tuple[float, float]:
+    """``(θ, r)`` for a symmetric curvature ``C`` (any rung: ``.matvec``, ``.num_params``):
+    the smallest Ritz value after ``steps`` Lanczos steps on ``−C`` and its residual
+    ``‖C u − θ u‖``, so ``C`` has an eigenvalue in ``[θ − r, θ + r]`` and, ``θ`` being a
+    Rayleigh quotient, ``λ_min(C) <= θ``.
+
+    Choosing damping: ``C + δI`` is positive definite (CG applies, no truncation needed)
+    only if ``δ > −λ_min(C)``. ``θ`` is an upper bound of ``λ_min``, tight once Lanczos has
+    converged at the bottom of the spectrum (``r`` small against the gap to the next Ritz
+    value; more ``steps`` if not), so take ``δ`` comfortably above ``−θ``. Cost: ``steps``
+    curvature-vector products over the data and a ``steps x D`` basis.
+    """
+    check_int("steps", steps, low=1)
+    D = curvature.num_params
+    device = getattr(curvature, "device", "cpu")
+    _, theta, res, _ = lanczos(
+        lambda V: -curvature.matvec(V),
+        D,
+        3,
+        max_iter=min(D, steps),
+        seed=seed,
+        progress=progress,
+        device=device,
+    )
+    return -float(theta[0]), float(res[0])
+
+
 def _orthogonal_start(Q: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
     """A random unit vector orthogonal to the rows of ``Q`` (k, D); ``None`` if they span."""
     q = torch.randn(Q.shape[1], generator=gen, dtype=torch.float64, device="cpu").to(Q.device)
@@ -422,4 +453,5 @@ __all__ = [
     "lissa",
     "power_iteration",
     "preconditioned_neumann",
+    "smallest_eigenvalue",
 ]
