@@ -173,3 +173,24 @@ def test_self_influence_is_the_diagonal_of_brute_force_scores(kind, method):
     )
     with pytest.raises(TypeError, match="InverseCurvature"):
         self_influence(model, loss, inv.dense(), train=(X, y))
+
+
+@pytest.mark.parametrize("method", ["ggn", "ekfac"])
+def test_top_k_influences_stream_to_the_top_k_of_all_scores(kind, method):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from curvinf import top_k, top_k_influences
+
+    model, loss, X, y = problem(kind, n=30, act="tanh")
+    Xq, yq = X[:6] + 0.1, y[:6]
+    inv = fit_curvature(method, model, loss, X, y).inverse(Regularization(damping=1e-3, eps=1e-6))
+    scores = influence_scores(model, loss, inv, train=(X, y), query=(Xq, yq), progress=False)
+    for largest in (True, False):
+        want_v, want_i = top_k(scores, k=4, largest=largest)
+        for train in ((X, y), DataLoader(TensorDataset(X, y), batch_size=8)):
+            v, i = top_k_influences(model, loss, inv, train=train, query=(Xq, yq), k=4,
+                                    largest=largest, chunk_size=5, progress=False)  # fmt: skip
+            assert torch.equal(i, want_i)
+            torch.testing.assert_close(v, want_v, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="exceeds the 30"):
+        top_k_influences(model, loss, inv, train=(X, y), query=(Xq, yq), k=31)

@@ -12,7 +12,13 @@ from curvinf.curvature import (
 from curvinf.curvature.regularization import TruncationWarning
 from curvinf.data import DataSplit, load_dataset
 from curvinf.groundtruth import GroundTruth, GroundTruthConfig, ground_truth
-from curvinf.influence import influence_scores, per_example_grads, self_influence, top_k
+from curvinf.influence import (
+    influence_scores,
+    per_example_grads,
+    self_influence,
+    top_k,
+    top_k_influences,
+)
 from curvinf.lds import LDSResult, make_subsets
 from curvinf.lds import lds as lds_score
 from curvinf.models import make_mlp, num_params
@@ -38,6 +44,7 @@ __all__ = [
     "lds_score",
     "self_influence",
     "top_k",
+    "top_k_influences",
     "TruncationWarning",
     "DivergenceWarning",
     "load_curvature",

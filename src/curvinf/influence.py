@@ -178,11 +178,7 @@ def influence_scores(
     device of the model's parameters: ``train``, ``query`` and the inverse must be there
     too (else ``ValueError`` naming which), and the scores are returned there.
     """
-    if not callable(getattr(inv, "apply", None)) or not hasattr(inv, "pairwise_scores"):
-        raise TypeError(
-            "inv must be an InverseCurvature (or a solver's inverse), e.g. "
-            "fit_curvature(...).inverse(Regularization())."
-        )
+    _require_inverse(inv, pairwise=True)
     kind = check_loss(loss)
     check_choice("measure", measure, MEASURES)
     check_int("chunk_size", chunk_size, low=1)
@@ -237,11 +233,7 @@ def self_influence(
     products with ``C⁺``. ``train``: ``(X, y)`` tensors or a ``DataLoader`` of batches.
     Checks and devices as :func:`influence_scores`.
     """
-    if not callable(getattr(inv, "apply", None)):
-        raise TypeError(
-            "inv must be an InverseCurvature (or a solver's inverse), e.g. "
-            "fit_curvature(...).inverse(Regularization())."
-        )
+    _require_inverse(inv)
     kind = check_loss(loss)
     check_int("chunk_size", chunk_size, low=1)
     check_model_finite(model)
@@ -272,6 +264,73 @@ def self_influence(
             out[a : a + len(G)] = (inv.apply(G) * G).sum(1)
             advance(len(G))
     return out
+
+
+def top_k_influences(
+    model: nn.Module,
+    loss: nn.Module,
+    inv: InverseOperator,
+    *,
+    train: tuple[torch.Tensor, torch.Tensor] | Iterable,
+    query: tuple[torch.Tensor, torch.Tensor],
+    k: int = 10,
+    largest: bool = True,
+    measure: str = "loss",
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_k(influence_scores(...), k, largest=...)`` without the (Q, N) score matrix:
+    ``(values, indices)``, each (Q, k), strongest first, ties to the lower index.
+
+    The query gradients are preconditioned once (``C⁺ G_qᵀ``, Q x D) and the training set
+    streamed ``chunk_size`` examples at a time (tensors, or a ``DataLoader`` of batches),
+    keeping each query's running top ``k``: memory ``O(Q · (D + k + chunk))`` whatever N
+    is. It takes the generic route of :func:`influence_scores` (not an inverse's own
+    all-pairs route), so values agree with it to rounding.
+    """
+    _require_inverse(inv)
+    kind = check_loss(loss)
+    check_choice("measure", measure, MEASURES)
+    check_int("chunk_size", chunk_size, low=1)
+    check_int("k", k, low=1)
+    check_model_finite(model)
+    check_fitted_on(inv, model)
+    check_inverse_device(inv, model)
+    check_batch_statistics(model)
+    Xq, yq = query
+    out_shape = check_xy(Xq, yq, name="query", model=model)[1:]
+    check_targets(kind, out_shape, yq, "query y")
+    batches = Batches(train, "train") if is_batches(train) else None
+    if batches is None:
+        check_xy(*train, name="train", model=model)
+    n = batches.n if batches is not None else len(train[0])
+    if k > n:
+        raise ValueError(f"k={k} exceeds the {n} training points.")
+    device = model_device(model)
+    model = evaluation_copy(model, torch.float64)
+    G, fast = _gradients(model, kind, measure, Xq, yq, chunk_size)
+    P = preconditioned_gradients(inv, G, chunk_size)  # (Q, D)
+    best_v = torch.empty(len(Xq), 0, dtype=torch.float64, device=P.device)
+    best_i = torch.empty(len(Xq), 0, dtype=torch.long, device=P.device)
+    seen = 0
+    with progress_bar(n, "top influences", progress) as advance:
+        for X, y in batches if batches is not None else [train]:
+            X, y = X.to(device or X.device), y.to(device or y.device)
+            check_targets(kind, out_shape, y, "train y")
+            for a in range(0, len(X), chunk_size):
+                Gt, fast = _gradients(model, kind, "loss", X[a : a + chunk_size],
+                                      y[a : a + chunk_size], chunk_size, fast=fast)  # fmt: skip
+                idx = torch.arange(seen, seen + len(Gt), device=P.device).expand(len(P), -1)
+                vals = torch.cat([best_v, P @ Gt.T], dim=1)
+                cand = torch.cat([best_i, idx], dim=1)
+                by_index = cand.argsort(dim=1)  # the stable sort below breaks ties by index
+                vals, cand = vals.gather(1, by_index), cand.gather(1, by_index)
+                key = vals if largest else -vals
+                keep = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+                best_v, best_i = vals.gather(1, keep), cand.gather(1, keep)
+                seen += len(Gt)
+                advance(len(Gt))
+    return best_v, best_i
 
 
 def _batched_scores(
@@ -306,6 +365,18 @@ def _batched_scores(
             )
             advance(len(X))
     return torch.cat(cols, dim=1)
+
+
+def _require_inverse(inv: object, pairwise: bool = False) -> None:
+    """``TypeError`` unless ``inv`` is an inverse (``apply``; ``pairwise_scores`` too when
+    asked), e.g. a dense matrix passed by mistake."""
+    if not callable(getattr(inv, "apply", None)) or (
+        pairwise and not hasattr(inv, "pairwise_scores")
+    ):
+        raise TypeError(
+            "inv must be an InverseCurvature (or a solver's inverse), e.g. "
+            "fit_curvature(...).inverse(Regularization())."
+        )
 
 
 def check_inverse_device(inv: InverseOperator, model: nn.Module) -> None:
@@ -370,4 +441,5 @@ __all__ = [
     "preconditioned_gradients",
     "self_influence",
     "top_k",
+    "top_k_influences",
 ]
