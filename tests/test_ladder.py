@@ -82,6 +82,11 @@ def test_resumes_from_its_folder_and_refuses_other_data(setup, tmp_path, monkeyp
     data, gt, settings, result = setup
     first = measure_ladder(gt, data, settings, out=tmp_path, progress=False)
     assert (tmp_path / "results.csv").exists() and (tmp_path / "comparisons.csv").exists()
+    from curvinf.study.report import write_report
+
+    report = write_report(tmp_path).read_text()  # the one-model report
+    assert "# curvinf ladder: `tanh-net`" in report and "hessian → ggn" in report
+    assert report.count("| exact |") == len(first.rows)
     import curvinf.study.measure as measure
 
     def never(*args, **kwargs):

@@ -852,6 +852,60 @@ def _preset_name(out: Path) -> str:
     return str(grid.get("name", out.name))
 
 
+def ladder_table(rows: list[dict], comps: list[dict], reg: str) -> str:
+    """Markdown for one model (``measure_ladder``'s rows) under rule ``reg``: per rung its
+    route and status, LDS [CI], error against the reference (inverse / influence space),
+    and the step from the rung above it: the paired LDS difference [CI] and the distance
+    between the two inverses (relative to the reference's)."""
+    above = {to: frm for _, frm, to in LADDER_STEPS}
+    body = []
+    for r in (r for r in rows if r["reg"] == reg):
+        ok = r["status"] in CERTIFIED
+        err = f"{_fmt(r['inverse_error'])} / {_fmt(r['influence_error'])}" if ok else "–"
+        frm = above.get(r["rung"])
+        step = _paired_cell(comps, r["rung"], frm) if frm else "–"
+        lds = f"{_fmt(r['lds'])} [{_fmt(r['lds_ci_low'], 2)}, {_fmt(r['lds_ci_high'], 2)}]"
+        body.append(
+            [r["rung"], r["route"], r["status"], lds if ok else "–", err,
+             f"{frm} → {r['rung']}: {step}" if frm else "–", _fmt(r.get("adjacent_inverse"))]
+        )  # fmt: skip
+    header = [
+        "rung",
+        "route",
+        "status",
+        "LDS [95% CI]",
+        "error vs reference (inverse / influence)",
+        "paired ΔLDS from the rung above",
+        "adjacent inverse distance",
+    ]
+    return _table(header, body)
+
+
+def _model_report(out: Path, rows: list[dict], comps: list[dict], title: str | None) -> Path:
+    """``report.md`` for one model's ladder (rows without grid coordinates)."""
+    name = rows[0]["config"]
+    lines = [f"# {title or f'curvinf ladder: `{name}`'}", ""]
+    reasons = [r for r in rows if r["status"] not in CERTIFIED]
+    for reg in dict.fromkeys(r["reg"] for r in rows):
+        sub = [r for r in rows if r["reg"] == reg]
+        lines += [
+            f"## Regularisation `{reg}`",
+            "",
+            f"Order by LDS (`>` where the paired test separates neighbours at 5%): "
+            f"{ladder_order(sub, [c for c in comps if c['reg'] == reg])}",
+            "",
+            ladder_table(rows, [c for c in comps if c["reg"] == reg], reg),
+            "",
+        ]
+    if reasons:
+        lines += ["## Uncertified or unavailable rungs", ""]
+        lines += [f"- `{r['rung']}`, `{r['reg']}`: {r['status']}: {r['reason']}" for r in reasons]
+        lines.append("")
+    path = out / "report.md"
+    atomic_write(path, "\n".join(lines).encode())
+    return path
+
+
 def write_report(
     out: str | Path, *, title: str | None = None, against: Sequence[str | Path] = ()
 ) -> Path:
@@ -863,6 +917,8 @@ def write_report(
     rows, comparisons = _stored(out)
     if not rows:
         raise ValueError(f"{out}/results.jsonl has no rows; no configuration has finished yet.")
+    if all(r.get("depth") is None for r in rows) and not against:  # measure_ladder's
+        return _model_report(out, rows, comparisons, title)
     grid = read_json(out / "grid.json") if (out / "grid.json").exists() else {}
     runs = []
     if (out / "run_log.jsonl").exists():
