@@ -412,3 +412,27 @@ def test_status_reads_each_configuration_state_without_writing(tmp_path):
     assert first.id in res.output and "0/2 configurations done, 1/2 ground truths" in res.output
     bad = CliRunner().invoke(app, ["status", str(tmp_path / "none")])
     assert bad.exit_code == 2 and "holds no grid run" in bad.output
+
+
+def test_a_resumed_configuration_does_not_rebuild_an_uncertified_reference(tmp_path, monkeypatch):
+    """The Hessian's truncated Lanczos is ``unconverged`` (recorded in its blob): resuming
+    the configuration at a later rung does not build it again, and the rows are the same."""
+    from curvinf.study.rungs import RungCache
+
+    preset = _tiny(
+        max_dense_bytes=8.0 * 20**2, lanczos_k=3, regularizations=(Regularization.paper(),)
+    )
+    first = run_grid(preset, tmp_path, progress=False).rows
+    (config,) = preset.configs()
+    rdir = tmp_path / "runs" / config.id
+    (rdir / "rows.json").unlink()
+    (rdir / "rungs" / "kfac.pt").unlink()  # the resume measures kfac again
+    built = []
+    real = RungCache._lanczos_inverse
+    monkeypatch.setattr(
+        RungCache, "_lanczos_inverse", lambda self, *a: built.append(a[1]) or real(self, *a)
+    )
+    again = run_grid(preset, tmp_path, progress=False).rows
+    assert built == []
+    keep = ("rung", "status", "lds", "inverse_error", "reason")
+    assert [{k: r[k] for k in keep} for r in again] == [{k: r[k] for k in keep} for r in first]

@@ -570,6 +570,8 @@ def measure_config(
             say(f"  {config.id}: {rung} ({cache.route_of(rung)})")
             blob = rung_result(rung, cache, gt, blobs)
             save(rung, blob)
+        else:
+            cache.remember(rung, blob)
         blobs[rung] = blob
         needed = {config.reference} | {PREVIOUS.get(r) for r in order[i + 1 :]}
         for done in order[: i + 1]:

@@ -125,6 +125,7 @@ class RungCache:
         self.failed: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self._inverses: dict[tuple[str, str], RungInverse] = {}
+        self._settled: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._lambda_min: tuple[float, float] | None = None
         self.distances: dict[tuple, tuple] = {}
         """Distances between rungs measured so far (:mod:`curvinf.study.measure`), by
@@ -258,9 +259,21 @@ class RungCache:
         if self.gram_cache is not None:
             shutil.rmtree(self.gram_cache / rung, ignore_errors=True)
 
+    def remember(self, rung: str, blob: dict[str, Any]) -> None:
+        """Take the final statuses of ``rung``'s inverses from its finished ``blob`` (a
+        resumed configuration): one that was not ``exact`` is not rebuilt just to learn
+        that again (e.g. the truncated Hessian's Lanczos above the dense cap), since
+        nothing is measured against it."""
+        for label, entry in blob.get("per_reg", {}).items():
+            if entry.get("status", EXACT) != EXACT:
+                self._settled[(rung, label)] = (entry["route"], entry["status"], entry["reason"])
+
     def inverse(self, rung: str, reg: Regularization) -> RungInverse:
         """``C⁺`` of ``rung`` under ``reg``, cached, with route and status."""
         key = (rung, reg_label(reg))
+        if key not in self._inverses and key in self._settled:
+            route, status, reason = self._settled[key]
+            self._inverses[key] = RungInverse(rung, reg, None, route, status, reason)
         if key not in self._inverses:
             self._inverses[key] = self._build_inverse(rung, reg)
         return self._inverses[key]
