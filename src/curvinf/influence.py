@@ -13,7 +13,7 @@ for a good method.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -178,11 +178,8 @@ def influence_scores(
     device of the model's parameters: ``train``, ``query`` and the inverse must be there
     too (else ``ValueError`` naming which), and the scores are returned there.
     """
-    _require_inverse(inv, pairwise=True)
-    kind = check_loss(loss)
+    kind = _checked(model, loss, inv, chunk_size, pairwise=True)
     check_choice("measure", measure, MEASURES)
-    check_int("chunk_size", chunk_size, low=1)
-    check_model_finite(model)
     if is_batches(train):
         return _batched_scores(model, loss, inv, Batches(train, "train"), query, measure,
                                chunk_size, progress)  # fmt: skip
@@ -190,8 +187,7 @@ def influence_scores(
     check_batch_statistics(model)
     check_xy(Xt, yt, name="train", model=model)
     out_shape = check_xy(Xq, yq, name="query", model=model)[1:]
-    check_fitted_on(inv, model)
-    check_inverse_device(inv, model)
+    _check_inverse_fits(inv, model)
     model = evaluation_copy(model, torch.float64)
     check_targets(kind, out_shape, yt, "train y")
     check_targets(kind, out_shape, yq, "query y")
@@ -233,20 +229,14 @@ def self_influence(
     products with ``C⁺``. ``train``: ``(X, y)`` tensors or a ``DataLoader`` of batches.
     Checks and devices as :func:`influence_scores`.
     """
-    _require_inverse(inv)
-    kind = check_loss(loss)
-    check_int("chunk_size", chunk_size, low=1)
-    check_model_finite(model)
-    check_fitted_on(inv, model)
-    check_inverse_device(inv, model)
+    kind = _checked(model, loss, inv, chunk_size)
     check_batch_statistics(model)
     if is_batches(train):
+        _check_inverse_fits(inv, model)
         batches = Batches(train, "train")
-        device = model_device(model)
         parts = []
         with progress_bar(batches.n, "self-influence", progress) as advance:
-            for X, y in batches:
-                X, y = X.to(device or X.device), y.to(device or y.device)
+            for X, y in _on_model_device(batches, model):
                 parts.append(self_influence(model, loss, inv, train=(X, y),
                                             chunk_size=chunk_size, progress=False))  # fmt: skip
                 advance(len(X))
@@ -254,6 +244,7 @@ def self_influence(
     Xt, yt = train
     out_shape = check_xy(Xt, yt, name="train", model=model)[1:]
     check_targets(kind, out_shape, yt, "train y")
+    _check_inverse_fits(inv, model)
     model = evaluation_copy(model, torch.float64)
     out = torch.empty(len(Xt), dtype=torch.float64, device=Xt.device)
     fast: bool | None = None
@@ -288,14 +279,9 @@ def top_k_influences(
     is. It takes the generic route of :func:`influence_scores` (not an inverse's own
     all-pairs route), so values agree with it to rounding.
     """
-    _require_inverse(inv)
-    kind = check_loss(loss)
+    kind = _checked(model, loss, inv, chunk_size)
     check_choice("measure", measure, MEASURES)
-    check_int("chunk_size", chunk_size, low=1)
     check_int("k", k, low=1)
-    check_model_finite(model)
-    check_fitted_on(inv, model)
-    check_inverse_device(inv, model)
     check_batch_statistics(model)
     Xq, yq = query
     out_shape = check_xy(Xq, yq, name="query", model=model)[1:]
@@ -306,7 +292,8 @@ def top_k_influences(
     n = batches.n if batches is not None else len(train[0])
     if k > n:
         raise ValueError(f"k={k} exceeds the {n} training points.")
-    device = model_device(model)
+    _check_inverse_fits(inv, model)
+    scored = model
     model = evaluation_copy(model, torch.float64)
     G, fast = _gradients(model, kind, measure, Xq, yq, chunk_size)
     P = preconditioned_gradients(inv, G, chunk_size)  # (Q, D)
@@ -314,8 +301,7 @@ def top_k_influences(
     best_i = torch.empty(len(Xq), 0, dtype=torch.long, device=P.device)
     seen = 0
     with progress_bar(n, "top influences", progress) as advance:
-        for X, y in batches if batches is not None else [train]:
-            X, y = X.to(device or X.device), y.to(device or y.device)
+        for X, y in _on_model_device(batches if batches is not None else [train], scored):
             check_targets(kind, out_shape, y, "train y")
             for a in range(0, len(X), chunk_size):
                 Gt, fast = _gradients(model, kind, "loss", X[a : a + chunk_size],
@@ -323,11 +309,10 @@ def top_k_influences(
                 idx = torch.arange(seen, seen + len(Gt), device=P.device).expand(len(P), -1)
                 vals = torch.cat([best_v, P @ Gt.T], dim=1)
                 cand = torch.cat([best_i, idx], dim=1)
-                by_index = cand.argsort(dim=1)  # the stable sort below breaks ties by index
+                by_index = cand.argsort(dim=1)  # columns in index order: top_k's tie rule
                 vals, cand = vals.gather(1, by_index), cand.gather(1, by_index)
-                key = vals if largest else -vals
-                keep = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
-                best_v, best_i = vals.gather(1, keep), cand.gather(1, keep)
+                best_v, pos = top_k(vals, min(k, vals.shape[1]), largest=largest)
+                best_i = cand.gather(1, pos)
                 seen += len(Gt)
                 advance(len(Gt))
     return best_v, best_i
@@ -346,11 +331,9 @@ def _batched_scores(
     """:func:`influence_scores` with the training data as batches: the score columns of
     each batch (moved to the model's device), side by side (Q, N). The query side is
     preconditioned once per batch, so large batches amortise it."""
-    device = model_device(model)
     cols = []
     with progress_bar(train.n, "influence scores", progress) as advance:
-        for X, y in train:
-            X, y = X.to(device or X.device), y.to(device or y.device)
+        for X, y in _on_model_device(train, model):
             cols.append(
                 influence_scores(
                     model,
@@ -365,6 +348,33 @@ def _batched_scores(
             )
             advance(len(X))
     return torch.cat(cols, dim=1)
+
+
+def _checked(
+    model: nn.Module, loss: nn.Module, inv: object, chunk_size: int, pairwise: bool = False
+) -> str:
+    """The checks every scoring function makes first; returns the loss kind. The data's
+    checks follow, then :func:`_check_inverse_fits`."""
+    _require_inverse(inv, pairwise)
+    kind = check_loss(loss)
+    check_int("chunk_size", chunk_size, low=1)
+    check_model_finite(model)
+    return kind
+
+
+def _check_inverse_fits(inv: InverseOperator, model: nn.Module) -> None:
+    """``inv`` was fitted on ``model`` and lives on its device (after the data's checks)."""
+    check_fitted_on(inv, model)
+    check_inverse_device(inv, model)
+
+
+def _on_model_device(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], model: nn.Module
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each ``(X, y)`` batch moved to the device of ``model``'s parameters."""
+    device = model_device(model)
+    for X, y in batches:
+        yield X.to(device or X.device), y.to(device or y.device)
 
 
 def _require_inverse(inv: object, pairwise: bool = False) -> None:

@@ -413,17 +413,16 @@ class GramInverse(InverseOperator):
                 stacklevel=2,
             )
             return compute()
-        for attempt in range(2):
-            if file.exists():
-                try:
-                    kept = read_tensors(file, mmap=True)
-                    if all(t.shape[0] == shape[0] for t in kept.values()):
-                        return {k: t.to(self.ctx.device) for k, t in kept.items()}
-                except CorruptFileError:
-                    pass  # recomputed and rewritten below
-            if attempt == 0:
-                write_tensors(file, compute())
-        raise CorruptFileError(f"{file} cannot be read back after writing it.")
+        kept = None
+        if file.exists():
+            try:
+                kept = read_tensors(file, mmap=True)
+            except CorruptFileError:
+                pass  # recomputed and rewritten below
+        if kept is None or any(t.shape[0] != shape[0] for t in kept.values()):
+            write_tensors(file, compute())
+            kept = read_tensors(file, mmap=True)  # CorruptFileError if it cannot be read back
+        return {k: t.to(self.ctx.device) for k, t in kept.items()}
 
     def _correction(self, s: torch.Tensor, phi: torch.Tensor, tol: float) -> torch.Tensor:
         """``(φ(s) - φ₀) / s`` of (1) in closed forms free of cancellation; 0 for ``s <= tol``."""
