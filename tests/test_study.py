@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from curvinf.study import (
     run_grid,
 )
 from curvinf.study.measure import decomposition_flags
-from curvinf.study.specs import DAMPED
+from curvinf.study.specs import DAMPED, RunConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::curvinf.groundtruth.RetrainingWarning")
 
@@ -436,3 +437,42 @@ def test_a_resumed_configuration_does_not_rebuild_an_uncertified_reference(tmp_p
     assert built == []
     keep = ("rung", "status", "lds", "inverse_error", "reason")
     assert [{k: r[k] for k in keep} for r in again] == [{k: r[k] for k in keep} for r in first]
+
+
+def test_rung_cost_counts_the_gram_factorisations_of_the_exact_rungs():
+    """Above the dense cap the GGN and each block of at least ``R`` parameters take one
+    Gram factorisation of ``R = N (C - 1)`` rows: an ``eigh`` when a rule truncates, else
+    a Cholesky factor; smaller blocks stay dense."""
+    from curvinf.study.specs import GRAM_FLOPS
+
+    config = RunConfig(depth=4, width=128, epochs=10, max_dense_bytes=2**30)
+    R = 1437 * 9  # digits: 1,437 training examples, 9 cross-entropy output roots
+    sizes = config.layer_sizes
+    assert sorted(sizes) == [1290, 8320, 16512, 16512, 16512]
+    small = 4e-9 * (1290**3 + 8320**3)
+    eigh, chol = 9.0 * R**3 / GRAM_FLOPS, R**3 / 3 / GRAM_FLOPS
+    hessian = 2e-2 * config.num_params
+    assert config.rung_cost() == pytest.approx(4 * eigh + small + hessian)
+    damped = replace(config, regularizations=(DAMPED,))
+    assert damped.rung_cost() == pytest.approx(4 * chol + small + hessian)
+    deeper = replace(config, depth=8)
+    assert deeper.rung_cost() - config.rung_cost() == pytest.approx(4 * eigh + 2e-2 * 4 * 16512)
+    # dense where every matrix fits the cap, and the retraining left out on request
+    dense = RunConfig(depth=1, width=32, epochs=10)
+    assert dense.rung_cost() == pytest.approx(4e-9 * dense.num_params**3)
+    assert config.cost(retraining=False) == config.rung_cost() < config.cost()
+
+
+def test_the_runner_takes_configurations_by_the_work_left(tmp_path):
+    """A configuration whose ground truth is stored is charged its rungs only, so it runs
+    before one with cheaper rungs that still has all its retraining to do."""
+    from curvinf.study.runner import by_remaining_cost
+
+    preset = _tiny(depths=(1, 2), regularizations=(Regularization(damping=1e-3, eps=0.0),))
+    cheap, costly = preset.configs()
+    assert cheap.cost() < costly.cost()
+    run_grid(preset, tmp_path, progress=False, only=[costly.id], groundtruth_only=True)
+    assert costly.cost(retraining=False) < cheap.cost()  # the tiny grid's retraining dominates
+    assert by_remaining_cost([cheap, costly], tmp_path) == [costly, cheap]
+    run_grid(preset, tmp_path, progress=False, only=[costly.id])
+    assert by_remaining_cost([cheap, costly], tmp_path)[0] == costly  # done: nothing left

@@ -27,6 +27,9 @@ DATASETS = ("digits", "diabetes", "majority")
 MAJORITY = {"num_sequences": 1000, "length": 8, "vocab": 8}
 """The ``majority`` dataset's size, sequence length and vocabulary (= classes)."""
 
+DATASET_SHAPES = {"digits": (1797, 10), "diabetes": (442, 1), "majority": (1000, 8)}
+"""Each dataset's ``(examples, model outputs)``, known without loading it."""
+
 
 @dataclass(frozen=True)
 class DataSplit:

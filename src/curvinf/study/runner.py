@@ -69,6 +69,7 @@ from curvinf.study.compare import config_comparisons
 from curvinf.study.measure import config_diagnostics, config_rows, measure_config
 from curvinf.study.rungs import RungCache
 from curvinf.study.specs import Preset, RunConfig, get_preset, parse_regularization
+from curvinf.study.status import DONE, config_status
 from curvinf.study.tables import collect, run_dir, write_table
 from curvinf.study.truth import config_data, config_ground_truth
 from curvinf.validation import check_int, check_number
@@ -288,6 +289,19 @@ def select_configs(preset: Preset, only: Iterable[str] | None = None) -> list[Ru
     return chosen
 
 
+def by_remaining_cost(configs: list[RunConfig], out: str | Path) -> list[RunConfig]:
+    """``configs`` cheapest first by the work left in ``out``: :meth:`RunConfig.cost`, without
+    the retraining where the ground truth is already stored (finished ones first)."""
+
+    def left(config: RunConfig) -> float:
+        status = config_status(config, out)
+        if status.state == DONE:
+            return 0.0
+        return config.cost(retraining=not status.ground_truth_complete)
+
+    return sorted(configs, key=left)
+
+
 def _check_max_minutes(max_minutes: float | None) -> None:
     if max_minutes is not None:
         check_number("max_minutes", max_minutes, low=0.0)
@@ -324,7 +338,8 @@ def run_grid(
             ``auto``; :func:`curvinf.devices.resolve_device`); results are the same up to
             rounding, so a configuration's id does not depend on it.
 
-    A configuration another process is running (its lock is held, e.g. a second
+    Configurations run cheapest first by the work left (:func:`by_remaining_cost`). A
+    configuration another process is running (its lock is held, e.g. a second
     ``reproduce`` into the same ``out``) is skipped with state :data:`BUSY`.
     """
     say = log or (lambda msg: None)
@@ -333,6 +348,8 @@ def run_grid(
     device = str(resolve_device(device))
     configs = select_configs(preset, only)
     out = check_directory(out, writable=True)
+    if not groundtruth_only:  # stored ground truths cost nothing more: their rungs decide
+        configs = by_remaining_cost(configs, out)
     out.mkdir(parents=True, exist_ok=True)
     grid_file = out / "grid.json"
     if grid_file.exists():

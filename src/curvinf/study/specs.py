@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from curvinf.curvature.regularization import Regularization
-from curvinf.data import DATASETS
+from curvinf.data import DATASET_SHAPES, DATASETS
 from curvinf.losses import MEASURES
 from curvinf.models import ACTIVATIONS, INITS
 from curvinf.names import LADDER, METHODS, SHARING_LADDER, STUDY_RUNGS
@@ -30,6 +30,9 @@ ARCHITECTURES = {"mlp": ("digits", "diabetes"), "cnn": ("digits",), "transformer
 UNCOVERED = ("error", "exact", "diagonal")
 BIAS_LAYOUTS = ("joint", "separate")
 PARTITIONS = ("layer", "tensor")
+GRAM_FLOPS = 3e10
+"""Rough float64 rate (flop/s) of one Gram factorisation beside other grid work, for
+:meth:`RunConfig.rung_cost`."""
 
 
 def reg_label(reg: Regularization) -> str:
@@ -293,17 +296,39 @@ class RunConfig:
         """``ce`` for classification (digits, majority), ``mse`` for regression (diabetes)."""
         return "mse" if self.dataset == "diabetes" else "ce"
 
-    def cost(self) -> float:
+    def cost(self, *, retraining: bool = True) -> float:
         """Rough seconds on 2 busy cores, for running cheap configurations first: retraining
         (models x steps x D; a subset model takes ``alpha`` of the base model's steps, or
-        all of them with matched steps) plus, when the dense rungs fit, their ``O(D³)``
-        eigh."""
+        all of them with matched steps; left out with ``retraining=False``, e.g. when the
+        ground truth is stored) plus :meth:`rung_cost`."""
+        if not retraining:
+            return self.rung_cost()
         D = self.num_params
         models = self.lds.num_subsets * self.lds.num_seeds
         steps = 1.0 if self.lds.matched_steps else self.lds.alpha
-        retrain = 1e-5 * D * self.epochs * (steps * models + 2)
-        dense = 4e-9 * D**3 if 8.0 * D * D <= self.max_dense_bytes else 2e-4 * D
-        return retrain + dense
+        return 1e-5 * D * self.epochs * (steps * models + 2) + self.rung_cost()
+
+    def rung_cost(self) -> float:
+        """Rough seconds of the rungs on 2 busy cores (fitted to the finished grid rows).
+
+        Dense rungs (``8 D² <= max_dense_bytes``): ``O(D³)`` eigendecompositions. Above the
+        cap the exact GGN rungs take the Gram route (:mod:`curvinf.curvature.gram`): one
+        factorisation of the ``R x R`` Gram matrix (``R`` = training examples x output
+        roots) for the GGN and one per block of at least ``R`` parameters, an ``eigh``
+        (``9 R³`` flops) when a rule truncates, else a Cholesky factor (``R³ / 3``); the
+        smaller blocks are dense; the Hessian's iterative routes and the randomised errors
+        grow with ``D``."""
+        D = self.num_params
+        if 8.0 * D * D <= self.max_dense_bytes:
+            return 4e-9 * D**3
+        examples, outputs = DATASET_SHAPES[self.dataset]
+        roots = outputs - 1 if self.loss_name == "ce" else outputs
+        R = int((1 - self.query_fraction) * examples) * max(roots, 1)
+        sizes = self.layer_sizes
+        truncates = any(r.truncates_nonnegative() for r in self.regularizations)
+        factor = (9.0 if truncates else 1 / 3) * R**3 / GRAM_FLOPS
+        gram = factor * (1 + sum(d >= R for d in sizes))
+        return gram + sum(4e-9 * d**3 for d in sizes if d < R) + 2e-2 * D
 
 
 _SHARED = tuple(
