@@ -460,19 +460,20 @@ def test_rung_cost_counts_the_gram_factorisations_of_the_exact_rungs():
     # dense where every matrix fits the cap, and the retraining left out on request
     dense = RunConfig(depth=1, width=32, epochs=10)
     assert dense.rung_cost() == pytest.approx(4e-9 * dense.num_params**3)
-    assert config.cost(retraining=False) == config.rung_cost() < config.cost()
+    assert config.cost(models_left=0) == config.rung_cost() < config.cost(models_left=1)
+    assert config.cost(models_left=1) < config.cost()  # default: every model of the store
 
 
 def test_the_runner_takes_configurations_by_the_work_left(tmp_path):
     """A configuration whose ground truth is stored is charged its rungs only, so it runs
-    before one with cheaper rungs that still has all its retraining to do."""
+    before one with the same rungs that still has all its retraining to do."""
     from curvinf.study.runner import by_remaining_cost
 
-    preset = _tiny(depths=(1, 2), regularizations=(Regularization(damping=1e-3, eps=0.0),))
+    preset = _tiny(epochs=(3, 6), regularizations=(Regularization(damping=1e-3, eps=0.0),))
     cheap, costly = preset.configs()
-    assert cheap.cost() < costly.cost()
+    assert costly.epochs == 6 and cheap.cost() < costly.cost()
     run_grid(preset, tmp_path, progress=False, only=[costly.id], groundtruth_only=True)
-    assert costly.cost(retraining=False) < cheap.cost()  # the tiny grid's retraining dominates
+    assert costly.cost(models_left=0) == cheap.rung_cost() < cheap.cost()
     assert by_remaining_cost([cheap, costly], tmp_path) == [costly, cheap]
     run_grid(preset, tmp_path, progress=False, only=[costly.id])
     assert by_remaining_cost([cheap, costly], tmp_path)[0] == costly  # done: nothing left

@@ -290,14 +290,14 @@ def select_configs(preset: Preset, only: Iterable[str] | None = None) -> list[Ru
 
 
 def by_remaining_cost(configs: list[RunConfig], out: str | Path) -> list[RunConfig]:
-    """``configs`` cheapest first by the work left in ``out``: :meth:`RunConfig.cost`, without
-    the retraining where the ground truth is already stored (finished ones first)."""
+    """``configs`` cheapest first by the work left in ``out``: :meth:`RunConfig.cost` of the
+    models its ground truth still has to train and its rungs (finished ones first)."""
 
     def left(config: RunConfig) -> float:
         status = config_status(config, out)
         if status.state == DONE:
             return 0.0
-        return config.cost(retraining=not status.ground_truth_complete)
+        return config.cost(models_left=status.models_total - status.models_done)
 
     return sorted(configs, key=left)
 

@@ -296,17 +296,17 @@ class RunConfig:
         """``ce`` for classification (digits, majority), ``mse`` for regression (diabetes)."""
         return "mse" if self.dataset == "diabetes" else "ce"
 
-    def cost(self, *, retraining: bool = True) -> float:
+    def cost(self, *, models_left: int | None = None) -> float:
         """Rough seconds on 2 busy cores, for running cheap configurations first: retraining
-        (models x steps x D; a subset model takes ``alpha`` of the base model's steps, or
-        all of them with matched steps; left out with ``retraining=False``, e.g. when the
-        ground truth is stored) plus :meth:`rung_cost`."""
-        if not retraining:
-            return self.rung_cost()
-        D = self.num_params
-        models = self.lds.num_subsets * self.lds.num_seeds
+        (models x steps x D, fitted to the grids' stores; a subset model takes ``alpha`` of
+        the base model's steps, or all of them with matched steps) plus :meth:`rung_cost`.
+        ``models_left``: the ground truth's models still to train (default all of them and
+        the base model; 0 once it is stored)."""
         steps = 1.0 if self.lds.matched_steps else self.lds.alpha
-        return 1e-5 * D * self.epochs * (steps * models + 2) + self.rung_cost()
+        if models_left is None:
+            models_left = self.lds.num_subsets * self.lds.num_seeds + 2
+        retrain = 4e-7 * self.num_params * self.epochs * steps * models_left
+        return retrain + self.rung_cost()
 
     def rung_cost(self) -> float:
         """Rough seconds of the rungs on 2 busy cores (fitted to the finished grid rows).
