@@ -397,6 +397,7 @@ def test_status_reads_each_configuration_state_without_writing(tmp_path):
     assert by[first.id].state == DONE and by[first.id].rungs_done == len(first.rungs)
     assert by[first.id].ground_truth_complete and by[first.id].seconds > 0
     assert by[second.id].state == NOT_STARTED and by[second.id].models_done == 0
+    assert by[first.id].seconds_left == 0.0 and by[second.id].seconds_left == second.cost()
     assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()) == before
 
     (tmp_path / "runs" / first.id / "rows.json").unlink()  # rungs kept, rows not written
@@ -407,10 +408,12 @@ def test_status_reads_each_configuration_state_without_writing(tmp_path):
     for p in (tmp_path / "runs" / first.id / "rungs").glob("*.pt"):
         p.unlink()
     assert grid_status(tmp_path)[1][0].state == READY  # the ground truth alone is complete
+    assert grid_status(tmp_path)[1][0].seconds_left == first.cost(models_left=0)
 
     res = CliRunner().invoke(app, ["status", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert first.id in res.output and "0/2 configurations done, 1/2 ground truths" in res.output
+    assert "of work left" in res.output
     bad = CliRunner().invoke(app, ["status", str(tmp_path / "none")])
     assert bad.exit_code == 2 and "holds no grid run" in bad.output
 

@@ -441,20 +441,23 @@ def status(
         preset, rows = grid_status(out)
     table = Table(title=f"{out}: preset {preset.name}")
     table.add_column("configuration", no_wrap=True, min_width=max(len(r.config) for r in rows))
-    for col in ("ground truth", "rungs", "state", "wall"):
+    for col in ("ground truth", "rungs", "state", "wall", "left (rough)"):
         table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
     for r in rows:
         state = f"{r.state} (pid {r.pid})" if r.state == RUNNING else r.state
         wall = "" if r.seconds is None else f"{r.seconds / 60:.1f} min"
         gt = "complete" if r.ground_truth_complete else f"{r.models_done}/{r.models_total}"
-        table.add_row(r.config, gt, f"{r.rungs_done}/{r.rungs_total}", state, wall)
+        left = f"{r.seconds_left / 3600:.1f} h" if r.seconds_left else ""
+        table.add_row(r.config, gt, f"{r.rungs_done}/{r.rungs_total}", state, wall, left)
     console = Console(width=None if sys.stdout.isatty() else 120)  # ids and all columns
     console.print(table)
     done = sum(r.state == DONE for r in rows)
     stores = sum(r.ground_truth_complete for r in rows)
     console.print(
         f"{done}/{len(rows)} configurations done, {stores}/{len(rows)} ground truths complete, "
-        f"{sum(r.state == RUNNING for r in rows)} running"
+        f"{sum(r.state == RUNNING for r in rows)} running; roughly "
+        f"{sum(r.seconds_left for r in rows) / 3600:.1f} h of work left for one job on 2 busy "
+        "cores (RunConfig.cost, a factor of 2 either way; two jobs side by side halve it)"
     )
 
 

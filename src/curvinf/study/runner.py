@@ -69,7 +69,7 @@ from curvinf.study.compare import config_comparisons
 from curvinf.study.measure import config_diagnostics, config_rows, measure_config
 from curvinf.study.rungs import RungCache
 from curvinf.study.specs import Preset, RunConfig, get_preset, parse_regularization
-from curvinf.study.status import DONE, config_status
+from curvinf.study.status import config_status
 from curvinf.study.tables import collect, run_dir, write_table
 from curvinf.study.truth import config_data, config_ground_truth
 from curvinf.validation import check_int, check_number
@@ -290,16 +290,9 @@ def select_configs(preset: Preset, only: Iterable[str] | None = None) -> list[Ru
 
 
 def by_remaining_cost(configs: list[RunConfig], out: str | Path) -> list[RunConfig]:
-    """``configs`` cheapest first by the work left in ``out``: :meth:`RunConfig.cost` of the
-    models its ground truth still has to train and its rungs (finished ones first)."""
-
-    def left(config: RunConfig) -> float:
-        status = config_status(config, out)
-        if status.state == DONE:
-            return 0.0
-        return config.cost(models_left=status.models_total - status.models_done)
-
-    return sorted(configs, key=left)
+    """``configs`` cheapest first by the work left in ``out``
+    (:attr:`~curvinf.study.status.ConfigStatus.seconds_left`; finished ones first)."""
+    return sorted(configs, key=lambda c: config_status(c, out).seconds_left)
 
 
 def _check_max_minutes(max_minutes: float | None) -> None:

@@ -300,11 +300,11 @@ class RunConfig:
         """Rough seconds on 2 busy cores, for running cheap configurations first: retraining
         (models x steps x D, fitted to the grids' stores; a subset model takes ``alpha`` of
         the base model's steps, or all of them with matched steps) plus :meth:`rung_cost`.
-        ``models_left``: the ground truth's models still to train (default all of them and
-        the base model; 0 once it is stored)."""
+        ``models_left``: the ground truth's models still to train (default all ``M·R``; 0
+        once it is stored)."""
         steps = 1.0 if self.lds.matched_steps else self.lds.alpha
         if models_left is None:
-            models_left = self.lds.num_subsets * self.lds.num_seeds + 2
+            models_left = self.lds.num_subsets * self.lds.num_seeds
         retrain = 4e-7 * self.num_params * self.epochs * steps * models_left
         return retrain + self.rung_cost()
 

@@ -5,7 +5,9 @@ retrained (of ``M·R``), rungs measured (``runs/<id>/rungs/<rung>.pt``), its sta
 wall seconds recorded so far. States: ``done`` (``rows.json`` written), ``running`` (a
 process holds the configuration's or its ground truth's lock; its pid is given),
 ``partial`` (rungs or retrained models kept for a resume), ``ready`` (the ground truth
-complete, no rung measured yet), ``not started``.
+complete, no rung measured yet), ``not started``. The work left is
+:meth:`~curvinf.study.specs.RunConfig.cost` of the models still to train and, unless done,
+the rungs (rough: a factor of 2 either way).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ConfigStatus:
     state: str
     pid: int | None
     seconds: float | None
+    seconds_left: float
 
     @property
     def ground_truth_complete(self) -> bool:
@@ -66,7 +69,10 @@ def config_status(config: RunConfig, out: str | Path) -> ConfigStatus:
         state = READY
     else:
         state = NOT_STARTED
-    return ConfigStatus(config.id, models, total, rungs, len(config.rungs), state, pid, seconds)
+    left = 0.0 if state == DONE else config.cost(models_left=total - models)
+    return ConfigStatus(
+        config.id, models, total, rungs, len(config.rungs), state, pid, seconds, left
+    )
 
 
 def grid_status(out: str | Path) -> tuple[Preset, list[ConfigStatus]]:
