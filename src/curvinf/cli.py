@@ -426,6 +426,23 @@ def report(
         print(write_report(out, against=against))
 
 
+@app.command("fill-tables")
+def fill_tables_command(
+    doc: str = typer.Argument(..., help="markdown document with table markers"),
+    root: str = typer.Option(".", help="directory the markers' result paths are relative to"),
+) -> None:
+    """Redraw every table of DOC marked '<!-- table kind=... dirs=... reg=... -->' ...
+    '<!-- /table -->' from the stored results (curvinf.study.doctables)."""
+    from pathlib import Path
+
+    from curvinf.study.doctables import fill_tables
+
+    with exit_on(BAD_ARGUMENT, ARGUMENT_ERRORS):  # every marker is checked before writing
+        if not Path(doc).is_file():
+            raise ValueError(f"{doc} is not a file.")
+        print(f"{doc}: {fill_tables(doc, root)} tables redrawn")
+
+
 @app.command()
 def status(
     out: str = typer.Argument(..., help="result directory of `curvinf reproduce`"),

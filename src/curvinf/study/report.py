@@ -841,13 +841,14 @@ def load_diagnostics(out: Path, rows: list[dict]) -> dict[str, dict]:
     return diags
 
 
-def _stored(out: Path) -> tuple[list[dict], list[dict]]:
+def stored_results(out: Path) -> tuple[list[dict], list[dict]]:
     """A result directory's rows and paired comparisons."""
     comparisons = read_table(out, "comparisons") if (out / "comparisons.jsonl").exists() else []
     return read_table(out), comparisons
 
 
-def _preset_name(out: Path) -> str:
+def preset_name(out: Path) -> str:
+    """The preset a result directory ran (its ``grid.json``), else the directory's name."""
     grid = read_json(out / "grid.json") if (out / "grid.json").exists() else {}
     return str(grid.get("name", out.name))
 
@@ -914,7 +915,7 @@ def write_report(
     ``against``: other result directories (e.g. the other protocol's grid) whose ladder
     orders are set beside this one's, per configuration, for every rule they share."""
     out = Path(out)
-    rows, comparisons = _stored(out)
+    rows, comparisons = stored_results(out)
     if not rows:
         raise ValueError(f"{out}/results.jsonl has no rows; no configuration has finished yet.")
     if all(r.get("depth") is None for r in rows) and not against:  # measure_ladder's
@@ -1022,9 +1023,9 @@ def write_report(
                 "",
             ]
     if against:
-        results = {_preset_name(out): (rows, comparisons)}
+        results = {preset_name(out): (rows, comparisons)}
         for other in map(Path, against):
-            results[_preset_name(other)] = _stored(other)
+            results[preset_name(other)] = stored_results(other)
         shared = [
             g for g in regs if all(any(r["reg"] == g for r in x) for x, _ in results.values())
         ]
@@ -1106,8 +1107,10 @@ __all__ = [
     "plot_lds_vs_error",
     "plot_off_block_mass",
     "plot_spectra",
+    "preset_name",
     "protocol_table",
     "shares_table",
+    "stored_results",
     "tally_table",
     "weight_sharing_table",
     "write_report",
