@@ -938,11 +938,11 @@ def write_report(
         "spectra": plot_spectra(out, main, fig_dir / "spectra.png"),
     }
     configs = _configs_in(rows)
-    preset_name = grid.get("name", "?")
+    grid_name = grid.get("name", "?")
     total = None
     if grid:
         total = math.prod(len(grid[k]) for k in ("depths", "widths", "epochs", "seeds"))
-    lines = [f"# {title or f'curvinf study: preset `{preset_name}`'}", ""]
+    lines = [f"# {title or f'curvinf study: preset `{grid_name}`'}", ""]
     if grid.get("description"):
         lines += [grid["description"], ""]
     lines += [
