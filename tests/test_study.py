@@ -446,13 +446,13 @@ def test_rung_cost_counts_the_gram_factorisations_of_the_exact_rungs():
     """Above the dense cap the GGN and each block of at least ``R`` parameters take one
     Gram factorisation of ``R = N (C - 1)`` rows: an ``eigh`` when a rule truncates, else
     a Cholesky factor; smaller blocks stay dense."""
-    from curvinf.study.specs import GRAM_FLOPS
+    from curvinf.study.specs import DENSE_RATE, GRAM_FLOPS
 
     config = RunConfig(depth=4, width=128, epochs=10, max_dense_bytes=2**30)
     R = 1437 * 9  # digits: 1,437 training examples, 9 cross-entropy output roots
     sizes = config.layer_sizes
     assert sorted(sizes) == [1290, 8320, 16512, 16512, 16512]
-    small = 4e-9 * (1290**3 + 8320**3)
+    small = DENSE_RATE * (1290**3 + 8320**3)
     eigh, chol = 9.0 * R**3 / GRAM_FLOPS, R**3 / 3 / GRAM_FLOPS
     hessian = 2e-2 * config.num_params
     assert config.rung_cost() == pytest.approx(4 * eigh + small + hessian)
@@ -462,7 +462,7 @@ def test_rung_cost_counts_the_gram_factorisations_of_the_exact_rungs():
     assert deeper.rung_cost() - config.rung_cost() == pytest.approx(4 * eigh + 2e-2 * 4 * 16512)
     # dense where every matrix fits the cap, and the retraining left out on request
     dense = RunConfig(depth=1, width=32, epochs=10)
-    assert dense.rung_cost() == pytest.approx(4e-9 * dense.num_params**3)
+    assert dense.rung_cost() == pytest.approx(60.0 + DENSE_RATE * dense.num_params**3)
     assert config.cost(models_left=0) == config.rung_cost() < config.cost(models_left=1)
     assert config.cost(models_left=1) < config.cost()  # default: every model of the store
 

@@ -33,6 +33,9 @@ PARTITIONS = ("layer", "tensor")
 GRAM_FLOPS = 3e10
 """Rough float64 rate (flop/s) of one Gram factorisation beside other grid work, for
 :meth:`RunConfig.rung_cost`."""
+DENSE_RATE = 1e-9
+"""Rough seconds per ``D³`` of a configuration's dense rungs (their builds and
+eigendecompositions; fitted to the grids' rows), for :meth:`RunConfig.rung_cost`."""
 
 
 def reg_label(reg: Regularization) -> str:
@@ -311,16 +314,16 @@ class RunConfig:
     def rung_cost(self) -> float:
         """Rough seconds of the rungs on 2 busy cores (fitted to the finished grid rows).
 
-        Dense rungs (``8 D² <= max_dense_bytes``): ``O(D³)`` eigendecompositions. Above the
-        cap the exact GGN rungs take the Gram route (:mod:`curvinf.curvature.gram`): one
-        factorisation of the ``R x R`` Gram matrix (``R`` = training examples x output
-        roots) for the GGN and one per block of at least ``R`` parameters, an ``eigh``
-        (``9 R³`` flops) when a rule truncates, else a Cholesky factor (``R³ / 3``); the
-        smaller blocks are dense; the Hessian's iterative routes and the randomised errors
-        grow with ``D``."""
+        Dense rungs (``8 D² <= max_dense_bytes``): ``O(D³)`` eigendecompositions and a
+        minute of fixed cost. Above the cap the exact GGN rungs take the Gram route
+        (:mod:`curvinf.curvature.gram`): one factorisation of the ``R x R`` Gram matrix
+        (``R`` = training examples x output roots) for the GGN and one per block of at
+        least ``R`` parameters, an ``eigh`` (``9 R³`` flops) when a rule truncates, else a
+        Cholesky factor (``R³ / 3``); the smaller blocks are dense; the Hessian's iterative
+        routes and the randomised errors grow with ``D``."""
         D = self.num_params
         if 8.0 * D * D <= self.max_dense_bytes:
-            return 4e-9 * D**3
+            return 60.0 + DENSE_RATE * D**3
         examples, outputs = DATASET_SHAPES[self.dataset]
         roots = outputs - 1 if self.loss_name == "ce" else outputs
         R = int((1 - self.query_fraction) * examples) * max(roots, 1)
@@ -328,7 +331,7 @@ class RunConfig:
         truncates = any(r.truncates_nonnegative() for r in self.regularizations)
         factor = (9.0 if truncates else 1 / 3) * R**3 / GRAM_FLOPS
         gram = factor * (1 + sum(d >= R for d in sizes))
-        return gram + sum(4e-9 * d**3 for d in sizes if d < R) + 2e-2 * D
+        return gram + sum(DENSE_RATE * d**3 for d in sizes if d < R) + 2e-2 * D
 
 
 _SHARED = tuple(
