@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -176,6 +177,36 @@ def test_health_warnings():
         meas + 10 * torch.arange(10.0)[:, None, None], epochs=200, matched_steps=True,
     )  # fmt: skip
     assert len(overfit) == 1 and "generalise much worse" in overfit[0]
+
+
+def test_a_base_model_at_chance_is_reported():
+    """A base model whose training loss is that of predicting the label frequencies has
+    learned nothing: the warning says so (the retrained models look healthy beside it)."""
+    from curvinf.data import load_dataset
+    from curvinf.groundtruth import CHANCE_FRACTION, chance_loss
+
+    data = load_dataset("digits")
+    counts = torch.bincount(data.y_train).double()
+    p = counts / counts.sum()
+    entropy = float(-(p * p.log()).sum())
+    assert chance_loss(data, "ce") == pytest.approx(entropy, rel=1e-12)
+    assert entropy == pytest.approx(math.log(10), abs=1e-3)  # digits: ten balanced classes
+    assert chance_loss(load_dataset("diabetes"), "mse") is None
+    g = torch.Generator().manual_seed(0)
+    meas = torch.randn(10, 3, 5, generator=g, dtype=torch.float64)
+    meas = meas + 10 * torch.arange(10.0)[:, None, None]
+    losses = {"train_loss": torch.full((10, 3), 2.3), "query_loss": torch.full((10, 3), 2.3)}
+
+    def warned(train_loss: float) -> list[str]:
+        base = {"train_loss": train_loss, "query_loss": 2.3, "query_accuracy": 0.1}
+        return health_warnings(
+            base, losses["train_loss"], losses["query_loss"], None, meas,
+            epochs=10, matched_steps=True, chance_loss=entropy,
+        )  # fmt: skip
+
+    (msg,) = warned(2.29)
+    assert "has not learned" in msg and f"2.29 against {entropy:.4g}" in msg
+    assert warned(0.95 * CHANCE_FRACTION * entropy) == []  # learning has started
 
 
 def test_ground_truth_reports_warnings(tmp_path):

@@ -480,3 +480,27 @@ def test_the_runner_takes_configurations_by_the_work_left(tmp_path):
     assert by_remaining_cost([cheap, costly], tmp_path) == [costly, cheap]
     run_grid(preset, tmp_path, progress=False, only=[costly.id])
     assert by_remaining_cost([cheap, costly], tmp_path)[0] == costly  # done: nothing left
+
+
+def test_the_report_names_a_base_model_at_chance(tmp_path):
+    """A base model that learned nothing (lr 1e-6, one epoch on digits) is named in the
+    report with its loss against the chance loss; a trained one is not."""
+    from curvinf.study.report import models_at_chance, stored_results, write_report
+
+    preset = _tiny(
+        dataset="digits",
+        epochs=(1,),
+        recipe=TrainingRecipe(lr=1e-6, batch_size=64),
+        regularizations=(Regularization(damping=1e-3, eps=0.0),),
+        rungs=("ggn", "kfac"),
+        reference="ggn",
+    )
+    run_grid(preset, tmp_path, progress=False)  # the runner keeps retraining warnings quiet
+    rows, _ = stored_results(tmp_path)
+    ((config, (loss, chance)),) = models_at_chance(tmp_path, rows).items()
+    assert config == rows[0]["config"] and loss >= 0.9 * chance > 2.0
+    assert rows[0]["gt_warnings"] >= 1
+    report = write_report(tmp_path).read_text()
+    assert "## Base models at chance" in report and config in report
+    trained = run_grid(_tiny(), tmp_path / "trained", progress=False).rows
+    assert models_at_chance(tmp_path / "trained", trained) == {}  # regression: no chance loss

@@ -1017,6 +1017,7 @@ def _assemble(
         matched_steps=config.matched_steps,
         factor=warn_factor,
         margin=warn_margin,
+        chance_loss=chance_loss(data, config.loss),
     )
     for msg in found:
         warnings.warn(msg, RetrainingWarning, stacklevel=4)
@@ -1196,6 +1197,27 @@ def _on_cpu(blob: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+CHANCE_FRACTION = 0.9
+"""A base model whose training loss is at least this fraction of :func:`chance_loss` is
+reported as not having learned (:func:`health_warnings`)."""
+
+
+def chance_loss(data: DataSplit, loss: str) -> float | None:
+    """The mean cross-entropy of predicting the training labels' frequencies (their entropy,
+    nats): the training loss of a classifier that learned nothing. ``None`` for ``mse``."""
+    if loss != "ce":
+        return None
+    counts = torch.bincount(data.y_train.reshape(-1).long()).to(torch.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def at_chance(train_loss: float, chance: float | None) -> bool:
+    """Whether a model with training loss ``train_loss`` has learned next to nothing: at
+    least ``CHANCE_FRACTION`` of the ``chance`` loss (:func:`chance_loss`; never for None)."""
+    return chance is not None and train_loss >= CHANCE_FRACTION * chance
+
+
 def health_warnings(
     base: dict[str, float | None],
     train_loss: torch.Tensor,
@@ -1207,9 +1229,14 @@ def health_warnings(
     matched_steps: bool,
     factor: float = 2.0,
     margin: float = 0.1,
+    chance_loss: float | None = None,
 ) -> list[str]:
     """Why the ground truth may not mean much; empty when it looks healthy.
 
+    - The base model's training loss at least ``CHANCE_FRACTION`` of ``chance_loss`` (the
+      loss of predicting the training labels' frequencies, :func:`chance_loss`): the
+      model has learned next to nothing, and attribution on it says nothing about the
+      rungs.
     - Median retrained training loss (on its subset) or query loss above
       ``factor * base + margin``: the retrained models have not trained like
       the base model, and LDS against them measures little.
@@ -1219,6 +1246,13 @@ def health_warnings(
       variance less that noise), so a perfect predictor's correlation is below ~0.71.
     """
     found = []
+    if at_chance(base["train_loss"], chance_loss):
+        found.append(
+            f"the base model has not learned: training loss {base['train_loss']:.4g} against "
+            f"{chance_loss:.4g} for predicting the training labels' frequencies (chance); "
+            "attribution on a model at chance says nothing about the curvature. Fix: train "
+            "longer, with a larger learning rate or another initialisation."
+        )
     hint = "train longer or with a larger learning rate" + (
         ""
         if matched_steps
@@ -1269,6 +1303,8 @@ __all__ = [
     "GroundTruthConfig",
     "RetrainingWarning",
     "TrainFn",
+    "at_chance",
+    "chance_loss",
     "check_fraction",
     "data_fingerprint",
     "function_identity",

@@ -27,9 +27,10 @@ from typing import Any
 
 from scipy.stats import false_discovery_control
 
+from curvinf.groundtruth import CHANCE_FRACTION
 from curvinf.names import LADDER, LADDER_STEPS, RUNG_COLORS, STUDY_RUNGS
 from curvinf.storage import atomic_write, read_blob, read_json
-from curvinf.study.tables import read_table
+from curvinf.study.tables import read_table, run_dir
 
 STEP_COLORS: dict[str, str] = {name: RUNG_COLORS[to] for name, _, to in LADDER_STEPS}
 STEP_LABELS: dict[str, str] = {
@@ -841,6 +842,26 @@ def load_diagnostics(out: Path, rows: list[dict]) -> dict[str, dict]:
     return diags
 
 
+def models_at_chance(out: Path, rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """``config id -> (base training loss, chance loss)`` for the configurations in ``rows``
+    whose base model learned next to nothing (:func:`curvinf.groundtruth.at_chance`),
+    from each run's ``config.json``; grid rows only."""
+    from curvinf.groundtruth import at_chance, chance_loss
+    from curvinf.study.specs import RunConfig
+    from curvinf.study.truth import config_data
+
+    found = {}
+    for r in rows:
+        file = run_dir(out, r["config"]) / "config.json"
+        if r["config"] in found or not file.exists() or not _finite(r.get("base_train_loss")):
+            continue
+        config = RunConfig.from_dict(read_json(file))
+        chance = chance_loss(config_data(config), config.loss_name)
+        if at_chance(r["base_train_loss"], chance):
+            found[r["config"]] = (r["base_train_loss"], chance)
+    return found
+
+
 def stored_results(out: Path) -> tuple[list[dict], list[dict]]:
     """A result directory's rows and paired comparisons."""
     comparisons = read_table(out, "comparisons") if (out / "comparisons.jsonl").exists() else []
@@ -1058,6 +1079,21 @@ def write_report(
         lines += ["## Uncertified or unavailable rungs", ""]
         lines += [f"- `{c}` {rung} `{reg}`: {st}: {why}" for c, rung, reg, st, why in skipped]
         lines.append("")
+    chance = models_at_chance(out, rows)
+    if chance:
+        lines += [
+            "## Base models at chance",
+            "",
+            "These base models learned next to nothing (training loss at least "
+            f"{CHANCE_FRACTION:.0%} of the loss of predicting the label frequencies), so "
+            "their rows say nothing about the curvature ladder:",
+            "",
+        ]
+        lines += [
+            f"- `{c}`: training loss {loss:.4g} against {ch:.4g} at chance"
+            for c, (loss, ch) in sorted(chance.items())
+        ]
+        lines.append("")
     warned = sorted({r["config"] for r in rows if r.get("gt_warnings")})
     if warned:
         lines += [
@@ -1101,6 +1137,7 @@ __all__ = [
     "ladder_order",
     "lds_table",
     "load_diagnostics",
+    "models_at_chance",
     "plot_basis_overlap",
     "plot_error_shares",
     "plot_lds_by_setting",
