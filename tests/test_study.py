@@ -504,3 +504,24 @@ def test_the_report_names_a_base_model_at_chance(tmp_path):
     assert "## Base models at chance" in report and config in report
     trained = run_grid(_tiny(), tmp_path / "trained", progress=False).rows
     assert models_at_chance(tmp_path / "trained", trained) == {}  # regression: no chance loss
+
+
+def test_a_configuration_at_chance_is_shown_and_run_last(tmp_path):
+    """A stored base model at chance is flagged by the status and its configuration runs
+    after the others, although its rungs are cheaper (fewer epochs)."""
+    from curvinf.study.runner import by_remaining_cost
+    from curvinf.study.status import grid_status
+
+    preset = _tiny(
+        dataset="digits",
+        epochs=(1, 30),
+        recipe=TrainingRecipe(lr=0.003, batch_size=64),
+        regularizations=(Regularization(damping=1e-3, eps=0.0),),
+    )
+    short, long = preset.configs()
+    assert short.epochs == 1 and short.cost() < long.cost()
+    assert by_remaining_cost([long, short], tmp_path) == [short, long]  # nothing stored yet
+    run_grid(preset, tmp_path, progress=False, groundtruth_only=True)
+    by = {r.config: r for r in grid_status(tmp_path)[1]}
+    assert by[short.id].at_chance and not by[long.id].at_chance
+    assert by_remaining_cost([short, long], tmp_path) == [long, short]

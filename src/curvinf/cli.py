@@ -462,6 +462,7 @@ def status(
         table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
     for r in rows:
         state = f"{r.state} (pid {r.pid})" if r.state == RUNNING else r.state
+        state += " (at chance)" if r.at_chance else ""
         wall = "" if r.seconds is None else f"{r.seconds / 60:.1f} min"
         gt = "complete" if r.ground_truth_complete else f"{r.models_done}/{r.models_total}"
         left = f"{r.seconds_left / 3600:.1f} h" if r.seconds_left else ""

@@ -69,7 +69,7 @@ from curvinf.study.compare import config_comparisons
 from curvinf.study.measure import config_diagnostics, config_rows, measure_config
 from curvinf.study.rungs import RungCache
 from curvinf.study.specs import Preset, RunConfig, get_preset, parse_regularization
-from curvinf.study.status import config_status
+from curvinf.study.status import DONE, config_status
 from curvinf.study.tables import collect, run_dir, write_table
 from curvinf.study.truth import config_data, config_ground_truth
 from curvinf.validation import check_int, check_number
@@ -291,8 +291,14 @@ def select_configs(preset: Preset, only: Iterable[str] | None = None) -> list[Ru
 
 def by_remaining_cost(configs: list[RunConfig], out: str | Path) -> list[RunConfig]:
     """``configs`` cheapest first by the work left in ``out``
-    (:attr:`~curvinf.study.status.ConfigStatus.seconds_left`; finished ones first)."""
-    return sorted(configs, key=lambda c: config_status(c, out).seconds_left)
+    (:attr:`~curvinf.study.status.ConfigStatus.seconds_left`; finished ones first), those
+    whose stored base model is at chance last: their rows say nothing about the rungs."""
+
+    def key(config: RunConfig) -> tuple[bool, float]:
+        status = config_status(config, out)
+        return status.at_chance and status.state != DONE, status.seconds_left
+
+    return sorted(configs, key=key)
 
 
 def _check_max_minutes(max_minutes: float | None) -> None:

@@ -7,7 +7,9 @@ process holds the configuration's or its ground truth's lock; its pid is given),
 ``partial`` (rungs or retrained models kept for a resume), ``ready`` (the ground truth
 complete, no rung measured yet), ``not started``. The work left is
 :meth:`~curvinf.study.specs.RunConfig.cost` of the models still to train and, unless done,
-the rungs (rough: a factor of 2 either way).
+the rungs (rough: a factor of 2 either way). ``at_chance``: the stored base model learned
+next to nothing (:func:`curvinf.groundtruth.at_chance`), so its rows would say nothing
+about the rungs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from curvinf.groundtruth import store_location
+from curvinf.groundtruth import at_chance, chance_loss, store_location
 from curvinf.gtstore import stored_manifest
 from curvinf.storage import lock_holder, read_json
 from curvinf.study.specs import Preset, RunConfig
@@ -38,6 +40,7 @@ class ConfigStatus:
     pid: int | None
     seconds: float | None
     seconds_left: float
+    at_chance: bool = False
 
     @property
     def ground_truth_complete(self) -> bool:
@@ -47,8 +50,11 @@ class ConfigStatus:
 def config_status(config: RunConfig, out: str | Path) -> ConfigStatus:
     """The progress of ``config`` in the grid directory ``out`` (module doc)."""
     out = Path(out)
-    store = store_location(config_data(config), groundtruth_config(config), out / "groundtruth")
+    data = config_data(config)
+    store = store_location(data, groundtruth_config(config), out / "groundtruth")
     manifest = stored_manifest(store) or {}
+    base_loss = manifest.get("summary", {}).get("base", {}).get("train_loss")
+    chance = base_loss is not None and at_chance(base_loss, chance_loss(data, config.loss_name))
     total = config.lds.num_subsets * config.lds.num_seeds
     progress = manifest.get("progress", {})
     models = total if progress.get("complete") else int(progress.get("models_done", 0))
@@ -71,7 +77,7 @@ def config_status(config: RunConfig, out: str | Path) -> ConfigStatus:
         state = NOT_STARTED
     left = 0.0 if state == DONE else config.cost(models_left=total - models)
     return ConfigStatus(
-        config.id, models, total, rungs, len(config.rungs), state, pid, seconds, left
+        config.id, models, total, rungs, len(config.rungs), state, pid, seconds, left, chance
     )
 
 
