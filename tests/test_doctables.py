@@ -68,6 +68,7 @@ def test_marked_tables_are_redrawn_and_the_rest_is_kept(grids):
         ("kind=tally dirs=none reg=damp1e-03+eps0", "holds no results.jsonl"),
         ("kind=tally dirs=one reg=eps1e-04", "no row of one has the rule"),
         ("kind=lds dirs=one,two reg=damp1e-03+eps0", "reads one directory"),
+        ("kind=lds dirs=one reg=damp1e-03+eps0 skip=slow", "skip='slow' is not known"),
     ],
 )
 def test_a_bad_marker_is_refused_before_the_document_is_touched(grids, marker, message):
@@ -88,3 +89,33 @@ def test_a_document_without_markers_is_an_error(grids):
     doc.write_text("# nothing to fill\n")
     with pytest.raises(ValueError, match="has no '<!-- table"):
         fill_tables(doc, grids)
+
+
+def test_skip_at_chance_leaves_out_the_models_that_learned_nothing(grids, tmp_path):
+    """``skip=at-chance``: a grid whose base model is at chance (lr 1e-6, one epoch on
+    digits) drops out of the table; the marker without it keeps the row."""
+    preset = Preset(
+        name="chance",
+        dataset="digits",
+        depths=(1,),
+        widths=(4,),
+        epochs=(1,),
+        recipe=TrainingRecipe(lr=1e-6, batch_size=64),
+        regularizations=(Regularization(damping=1e-3, eps=0.0),),
+        rungs=("ggn", "kfac"),
+        reference="ggn",
+        lds=LDSSettings(num_subsets=8, num_seeds=2, num_queries=16, num_bootstrap=50),
+    )
+    run_grid(preset, tmp_path / "chance", progress=False)
+    (tmp_path / "one").symlink_to(grids / "one")
+    reg = "damp1e-03+eps0"
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        f"<!-- table kind=protocols dirs=one,chance reg={reg} -->\n<!-- /table -->\n"
+        f"<!-- table kind=protocols dirs=one,chance reg={reg} skip=at-chance -->\n"
+        "<!-- /table -->\n"
+    )
+    fill_tables(doc, tmp_path)
+    full, skipped = doc.read_text().split("skip=at-chance")
+    assert "d1 w4 e1" in full and "d1 w4 e1" not in skipped  # the chance grid's row
+    assert "d1 w4 e3" in full and "d1 w4 e3" in skipped  # the trained grid's row stays

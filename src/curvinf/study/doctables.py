@@ -9,8 +9,10 @@ A table to keep current sits between two markers naming what it shows::
 
 ``kind`` is one of :data:`KINDS` (the report's tables, :mod:`curvinf.study.report`),
 ``dirs`` the result directories it reads (relative to ``root``; several only for
-``protocols``, whose columns are the directories' presets), ``reg`` the rule's label.
-Everything else in the document is left as it is.
+``protocols``, whose columns are the directories' presets), ``reg`` the rule's label;
+optionally ``skip=at-chance`` leaves out the configurations whose base model is at
+chance (:func:`~curvinf.study.report.models_at_chance`). Everything else in the document
+is left as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from curvinf.study.report import (
     eigenvalue_share_table,
     error_table,
     lds_table,
+    models_at_chance,
     preset_name,
     protocol_table,
     shares_table,
@@ -56,6 +59,11 @@ def _arguments(text: str) -> dict[str, str]:
             f"table marker '<!-- table {text} -->' needs kind=, dirs= and reg= (missing "
             f"{', '.join(sorted(missing)) or 'a value'})."
         )
+    if args.get("skip", "at-chance") != "at-chance":
+        raise ValueError(
+            f"table marker '<!-- table {text} -->': skip={args['skip']!r} is not known; the "
+            "one choice is skip=at-chance."
+        )
     if args["kind"] not in (*KINDS, "protocols"):
         raise ValueError(
             f"table marker '<!-- table {text} -->': unknown kind {args['kind']!r}; use one of "
@@ -71,6 +79,14 @@ def table_for(args: dict[str, str], root: Path) -> str:
         if not (d / "results.jsonl").is_file():
             raise ValueError(f"{d} holds no results.jsonl; run `curvinf reproduce --out {d}`.")
     results = {preset_name(d): stored_results(d) for d in dirs}
+    if args.get("skip") == "at-chance":
+        for d in dirs:
+            rows, comps = results[preset_name(d)]
+            chance = models_at_chance(d, rows)
+            results[preset_name(d)] = (
+                [r for r in rows if r["config"] not in chance],
+                [c for c in comps if c["config"] not in chance],
+            )
     if not any(r["reg"] == args["reg"] for rows, _ in results.values() for r in rows):
         raise ValueError(f"no row of {args['dirs']} has the rule {args['reg']!r}.")
     if args["kind"] == "protocols":
