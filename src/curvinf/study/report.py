@@ -844,21 +844,20 @@ def load_diagnostics(out: Path, rows: list[dict]) -> dict[str, dict]:
 
 def models_at_chance(out: Path, rows: list[dict]) -> dict[str, tuple[float, float]]:
     """``config id -> (base training loss, chance loss)`` for the configurations in ``rows``
-    whose base model learned next to nothing (:func:`curvinf.groundtruth.at_chance`),
-    from each run's ``config.json``; grid rows only."""
-    from curvinf.groundtruth import at_chance, chance_loss
+    whose stored base model learned next to nothing
+    (:attr:`~curvinf.study.status.ConfigStatus.at_chance`, read from each run's
+    ``config.json`` and ground-truth store); grid rows only."""
     from curvinf.study.specs import RunConfig
-    from curvinf.study.truth import config_data
+    from curvinf.study.status import config_status
 
     found = {}
-    for r in rows:
-        file = run_dir(out, r["config"]) / "config.json"
-        if r["config"] in found or not file.exists() or not _finite(r.get("base_train_loss")):
+    for cid in dict.fromkeys(r["config"] for r in rows):
+        file = run_dir(out, cid) / "config.json"
+        if not file.exists():
             continue
-        config = RunConfig.from_dict(read_json(file))
-        chance = chance_loss(config_data(config), config.loss_name)
-        if at_chance(r["base_train_loss"], chance):
-            found[r["config"]] = (r["base_train_loss"], chance)
+        status = config_status(RunConfig.from_dict(read_json(file)), out)
+        if status.at_chance:
+            found[cid] = (status.base_train_loss, status.chance_loss)
     return found
 
 

@@ -7,9 +7,9 @@ process holds the configuration's or its ground truth's lock; its pid is given),
 ``partial`` (rungs or retrained models kept for a resume), ``ready`` (the ground truth
 complete, no rung measured yet), ``not started``. The work left is
 :meth:`~curvinf.study.specs.RunConfig.cost` of the models still to train and, unless done,
-the rungs (rough: a factor of 2 either way). ``at_chance``: the stored base model learned
-next to nothing (:func:`curvinf.groundtruth.at_chance`), so its rows would say nothing
-about the rungs.
+the rungs (rough: a factor of 2 either way). ``at_chance``: the stored base model's
+training loss is that of a model that learned next to nothing (``chance_loss``,
+:func:`curvinf.groundtruth.at_chance`), so its rows say nothing about the rungs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ class ConfigStatus:
     pid: int | None
     seconds: float | None
     seconds_left: float
-    at_chance: bool = False
+    base_train_loss: float | None = None
+    chance_loss: float | None = None
+
+    @property
+    def at_chance(self) -> bool:
+        return self.base_train_loss is not None and at_chance(
+            self.base_train_loss, self.chance_loss
+        )
 
     @property
     def ground_truth_complete(self) -> bool:
@@ -53,8 +60,6 @@ def config_status(config: RunConfig, out: str | Path) -> ConfigStatus:
     data = config_data(config)
     store = store_location(data, groundtruth_config(config), out / "groundtruth")
     manifest = stored_manifest(store) or {}
-    base_loss = manifest.get("summary", {}).get("base", {}).get("train_loss")
-    chance = base_loss is not None and at_chance(base_loss, chance_loss(data, config.loss_name))
     total = config.lds.num_subsets * config.lds.num_seeds
     progress = manifest.get("progress", {})
     models = total if progress.get("complete") else int(progress.get("models_done", 0))
@@ -76,9 +81,12 @@ def config_status(config: RunConfig, out: str | Path) -> ConfigStatus:
     else:
         state = NOT_STARTED
     left = 0.0 if state == DONE else config.cost(models_left=total - models)
+    base_loss = manifest.get("summary", {}).get("base", {}).get("train_loss")
+    chance = chance_loss(data, config.loss_name)
     return ConfigStatus(
-        config.id, models, total, rungs, len(config.rungs), state, pid, seconds, left, chance
-    )
+        config.id, models, total, rungs, len(config.rungs), state, pid, seconds, left,
+        base_loss, chance,
+    )  # fmt: skip
 
 
 def grid_status(out: str | Path) -> tuple[Preset, list[ConfigStatus]]:
