@@ -525,3 +525,15 @@ def test_a_configuration_at_chance_is_shown_and_run_last(tmp_path):
     by = {r.config: r for r in grid_status(tmp_path)[1]}
     assert by[short.id].at_chance and not by[long.id].at_chance
     assert by_remaining_cost([short, long], tmp_path) == [long, short]
+
+
+def test_a_rung_with_every_eigenvalue_truncated_says_so(tmp_path):
+    """Truncation above every eigenvalue: each rung's inverse is zero, its scores are zero
+    and its LDS undefined (NaN), and the row's reason says why instead of staying empty."""
+    preset = _tiny(regularizations=(Regularization(damping=0.0, eps=1e6),))
+    with pytest.warns(UserWarning):  # TruncationWarning: the inverse keeps 0 directions
+        rows = run_grid(preset, tmp_path, progress=False).rows
+    assert rows and all(r["rank"] == 0 and math.isnan(r["lds"]) for r in rows)
+    assert all("every eigenvalue is truncated under eps1e+06" in r["reason"] for r in rows)
+    kept = run_grid(_tiny(), tmp_path / "kept", progress=False).rows
+    assert not any("every eigenvalue is truncated" in r["reason"] for r in kept)

@@ -90,6 +90,10 @@ OVERLAP_K = 50
 """Ritz vectors per layer for the basis overlap where the block-GGN is matrix-free."""
 
 
+ZERO_REFERENCE = "{}'s inverse is zero (every eigenvalue truncated)"
+"""Why an error relative to the reference is NaN when the rule truncates all of it."""
+
+
 def rung_order(config: RunConfig) -> list[str]:
     """The reference first, then the rungs in ladder order (each step's source comes first)."""
     rest = sorted(
@@ -184,7 +188,7 @@ def _inverse_distance(cache: RungCache, a: str, b: str, reg, seed: int) -> tuple
         if all(f is not None for f in forms):
             norm = eigen_norm(forms[1])  # type: ignore[arg-type]
             if norm == 0.0:
-                return math.nan, math.nan, f"{ref}'s inverse is zero (every eigenvalue truncated)"
+                return math.nan, math.nan, ZERO_REFERENCE.format(ref)
             dist = eigen_distance(forms[0], forms[1], ir.num_params)  # type: ignore[arg-type, union-attr]
             return dist / norm, 0.0, ""
         est = distance_estimate(
@@ -199,7 +203,7 @@ def _inverse_distance(cache: RungCache, a: str, b: str, reg, seed: int) -> tuple
         return est.value, est.standard_error, ""
     norm, norm_se = reference_inverse_norm(cache, reg, seed)
     if norm == 0.0:
-        return math.nan, math.nan, f"{ref}'s inverse is zero (every eigenvalue truncated)"
+        return math.nan, math.nan, ZERO_REFERENCE.format(ref)
     fa, fb = ia.eigen_form(), ib.eigen_form()  # type: ignore[union-attr]
     if fa is not None and fb is not None:
         dist, dist_se = eigen_distance(fa, fb, ir.num_params), 0.0  # type: ignore[union-attr]
@@ -319,14 +323,17 @@ def rung_result(
             if why:
                 entry["error_reason"] = why
             if "scores" in ref_entry and ref_entry.get("status") == EXACT:
-                entry["influence_error"] = influence_error(
-                    scores.double(), ref_entry["scores"].double()
-                )
+                ref_scores = ref_entry["scores"].double()
+                if ref_scores.any():
+                    entry["influence_error"] = influence_error(scores.double(), ref_scores)
+                else:  # relative to nothing: undefined, not a failed configuration
+                    entry["influence_error"] = math.nan
+                    entry.setdefault("error_reason", ZERO_REFERENCE.format(config.reference))
         prev_entry = blobs.get(prev, {}).get("per_reg", {}).get(label, {}) if prev else {}
         if "scores" in prev_entry and "scores" in ref_entry_of(blobs, config, label):
             diff = scores.double() - prev_entry["scores"].double()
-            ref_scores = ref_entry_of(blobs, config, label)["scores"].double()
-            entry["adjacent_influence"] = float(diff.norm() / ref_scores.norm())
+            ref_norm = ref_entry_of(blobs, config, label)["scores"].double().norm()
+            entry["adjacent_influence"] = float(diff.norm() / ref_norm) if ref_norm else math.nan
             value, se, why = inverse_distance(cache, rung, prev, reg, seed)  # type: ignore[arg-type]
             entry.update(adjacent_inverse=value, adjacent_inverse_se=se)
         entry["score_seconds"] = time.perf_counter() - t0
@@ -486,6 +493,12 @@ def config_rows(
             figures = entry.get("figures") or {}
             parts = [
                 entry.get("reason", blob["reason"]),
+                (
+                    f"every eigenvalue is truncated under {label}: the inverse and every score "
+                    "are zero, so the LDS is undefined"
+                    if entry.get("rank") == 0
+                    else ""
+                ),
                 entry.get("error_reason", ""),
                 ", ".join(f"{k}={v:.3g}" for k, v in figures.items()),
             ]
