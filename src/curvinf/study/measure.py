@@ -496,8 +496,8 @@ def config_rows(
                 (
                     f"every eigenvalue is truncated under {label}: the inverse and every score "
                     "are zero, so the LDS is undefined"
-                    if entry.get("rank") == 0
-                    else ""
+                    if entry.get("rank") == 0 and not math.isfinite(entry.get("lds", math.nan))
+                    else ""  # (rank 0 with an LDS: an unknown rank in blobs of older runs)
                 ),
                 entry.get("error_reason", ""),
                 ", ".join(f"{k}={v:.3g}" for k, v in figures.items()),
