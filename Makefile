@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install test test-all lint run bench bench-models bench-install clean
+.PHONY: install test test-all lint run grid bench bench-models bench-install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ test-all: install lint
 
 run: install
 	$(VENV)/bin/curvinf reproduce --preset quick --out results/quick
+
+# The two paper grids in the background, one job per core at low priority, resuming from
+# the committed stores (cheapest work first); logs in results/<preset>/run_stdout.txt,
+# progress by `curvinf status results/<preset>`. Hours to days on 2 cores.
+GRID_ENV := CURVINF_PROGRESS=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+grid: install
+	for p in paper paper-code; do mkdir -p results/$$p; \
+	  $(GRID_ENV) nohup nice -n 19 $(VENV)/bin/curvinf reproduce --preset $$p \
+	    --out results/$$p --no-progress >> results/$$p/run_stdout.txt 2>&1 & \
+	done; sleep 2; echo "started: curvinf status results/paper (and results/paper-code)"
 
 # Benchmark environment (.venv-bench): curvinf plus the peers it is timed against.
 # The peers and backpack-for-pytorch go in with --no-deps: they declare torchvision,
