@@ -69,6 +69,7 @@ def test_marked_tables_are_redrawn_and_the_rest_is_kept(grids):
         ("kind=tally dirs=one reg=eps1e-04", "no row of one has the rule"),
         ("kind=lds dirs=one,two reg=damp1e-03+eps0", "reads one directory"),
         ("kind=lds dirs=one reg=damp1e-03+eps0 skip=slow", "skip='slow' is not known"),
+        ("kind=protocols dirs=one,one reg=damp1e-03+eps0", "holds one preset twice"),
     ],
 )
 def test_a_bad_marker_is_refused_before_the_document_is_touched(grids, marker, message):

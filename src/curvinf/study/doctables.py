@@ -79,6 +79,10 @@ def table_for(args: dict[str, str], root: Path) -> str:
         if not (d / "results.jsonl").is_file():
             raise ValueError(f"{d} holds no results.jsonl; run `curvinf reproduce --out {d}`.")
     results = {preset_name(d): stored_results(d) for d in dirs}
+    if len(results) != len(dirs):
+        raise ValueError(f"{args['dirs']!r} holds one preset twice; name each once.")
+    if not any(r["reg"] == args["reg"] for rows, _ in results.values() for r in rows):
+        raise ValueError(f"no row of {args['dirs']} has the rule {args['reg']!r}.")
     if args.get("skip") == "at-chance":
         for d in dirs:
             rows, comps = results[preset_name(d)]
@@ -87,8 +91,6 @@ def table_for(args: dict[str, str], root: Path) -> str:
                 [r for r in rows if r["config"] not in chance],
                 [c for c in comps if c["config"] not in chance],
             )
-    if not any(r["reg"] == args["reg"] for rows, _ in results.values() for r in rows):
-        raise ValueError(f"no row of {args['dirs']} has the rule {args['reg']!r}.")
     if args["kind"] == "protocols":
         return protocol_table(results, args["reg"])
     if len(dirs) != 1:
