@@ -27,8 +27,17 @@ DATASETS = ("digits", "diabetes", "majority")
 MAJORITY = {"num_sequences": 1000, "length": 8, "vocab": 8}
 """The ``majority`` dataset's size, sequence length and vocabulary (= classes)."""
 
-DATASET_SHAPES = {"digits": (1797, 10), "diabetes": (442, 1), "majority": (1000, 8)}
+DATASET_SHAPES = {
+    "digits": (1797, 10),
+    "diabetes": (442, 1),
+    "majority": (MAJORITY["num_sequences"], MAJORITY["vocab"]),
+}
 """Each dataset's ``(examples, model outputs)``, known without loading it."""
+
+
+def train_count(n: int, query_fraction: float) -> int:
+    """How many of ``n`` examples a split trains on: ``floor((1 - query_fraction) * n)``."""
+    return int(math.floor((1.0 - query_fraction) * n))
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,7 @@ def split_dataset(
     """
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n)
-    n_query = n - int(math.floor((1.0 - query_fraction) * n))
+    n_query = n - train_count(n, query_fraction)
     q_idx, tr_idx = np.sort(perm[:n_query]), np.sort(perm[n_query:])
     tokens = np.issubdtype(X.dtype, np.integer)
     if not tokens:

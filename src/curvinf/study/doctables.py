@@ -78,16 +78,16 @@ def table_for(args: dict[str, str], root: Path) -> str:
     for d in dirs:
         if not (d / "results.jsonl").is_file():
             raise ValueError(f"{d} holds no results.jsonl; run `curvinf reproduce --out {d}`.")
-    results = {preset_name(d): stored_results(d) for d in dirs}
-    if len(results) != len(dirs):
+    named = {preset_name(d): d for d in dirs}
+    if len(named) != len(dirs):
         raise ValueError(f"{args['dirs']!r} holds one preset twice; name each once.")
+    results = {name: stored_results(d) for name, d in named.items()}
     if not any(r["reg"] == args["reg"] for rows, _ in results.values() for r in rows):
         raise ValueError(f"no row of {args['dirs']} has the rule {args['reg']!r}.")
     if args.get("skip") == "at-chance":
-        for d in dirs:
-            rows, comps = results[preset_name(d)]
-            chance = models_at_chance(d, rows)
-            results[preset_name(d)] = (
+        for name, (rows, comps) in results.items():
+            chance = models_at_chance(named[name], rows)
+            results[name] = (
                 [r for r in rows if r["config"] not in chance],
                 [c for c in comps if c["config"] not in chance],
             )

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from curvinf.curvature.regularization import Regularization
-from curvinf.data import DATASET_SHAPES, DATASETS
+from curvinf.data import DATASET_SHAPES, DATASETS, train_count
 from curvinf.losses import MEASURES
 from curvinf.models import ACTIVATIONS, INITS
 from curvinf.names import LADDER, METHODS, SHARING_LADDER, STUDY_RUNGS
@@ -326,7 +326,7 @@ class RunConfig:
             return 60.0 + DENSE_RATE * D**3
         examples, outputs = DATASET_SHAPES[self.dataset]
         roots = outputs - 1 if self.loss_name == "ce" else outputs
-        R = int((1 - self.query_fraction) * examples) * max(roots, 1)
+        R = train_count(examples, self.query_fraction) * max(roots, 1)
         sizes = self.layer_sizes
         truncates = any(r.truncates_nonnegative() for r in self.regularizations)
         factor = (9.0 if truncates else 1 / 3) * R**3 / GRAM_FLOPS
