@@ -25,11 +25,20 @@ REGS = [
 IDS = ["damped", "paper", "keep-null", "drop-null", "relative"]
 
 
-def ref_inverse(model, kind, X, y, method, fisher, reg):
+def tensor_slices(model: nn.Module) -> list[slice]:
+    """Contiguous flat ranges of each parameter tensor (``partition="tensor"``)."""
+    out, start = [], 0
+    for p in model.parameters():
+        out.append(slice(start, start + p.numel()))
+        start += p.numel()
+    return out
+
+
+def ref_inverse(model, kind, X, y, method, fisher, reg, slices=None):
     G = ref_ggn(model, kind, X, y, fisher)
     if method == "block_ggn":
-        G = block_diag_of(G, layer_slices(model))
-        slices = layer_slices(model)
+        slices = slices or layer_slices(model)
+        G = block_diag_of(G, slices)
         # the truncation threshold is global, so invert block by block with the global τ
         top = max(float(torch.linalg.eigvalsh(G[s, s]).max()) for s in slices) + reg.damping
         out = torch.zeros_like(G)
@@ -81,6 +90,28 @@ def test_non_linear_models_form_the_rows():
         torch.testing.assert_close(inv.dense(), mf.inverse(reg).dense(), rtol=1e-8, atol=1e-8)
     with pytest.raises(ValueError, match="pseudo-gradient matrix"):
         matrix_free("ggn", model, loss, X, y, max_dense_bytes=100).inverse(reg, solver=Gram())
+
+
+@pytest.mark.parametrize("reg", REGS[:3], ids=IDS[:3])
+@pytest.mark.parametrize("n", [12, 40], ids=["D>R", "D<R"])
+def test_tensor_blocks_use_the_layer_factors(reg, n, monkeypatch):
+    """Per-tensor blocks (weight and bias apart; one layer without a bias) of an
+    ``nn.Linear`` network: Gram matrices and products from the layer factors, never the
+    explicit rows; equal to the dense per-tensor reference."""
+    from curvinf.curvature import gram
+
+    model, loss, X, y = problem("ce", n=n)
+    model[-1].bias = None  # the last layer has a weight only
+    monkeypatch.setattr(gram, "_dense_rows", None)  # calling it would fail
+    mf = matrix_free("block_ggn", model, loss, X, y, partition="tensor", chunk_size=7)
+    inv = mf.inverse(reg, solver=Gram())
+    assert type(inv.rows).__name__ == "_LinearRows"
+    ref = ref_inverse(model, "ce", X, y, "block_ggn", "type2", reg, tensor_slices(model))
+    torch.testing.assert_close(inv.dense(), ref, rtol=1e-7, atol=1e-7 * float(ref.abs().max()))
+    Gq = per_example_grads(model, loss, X[:4] + 0.1, y[:4])
+    S = influence_scores(model, loss, inv, train=(X, y), query=(X[:4] + 0.1, y[:4]))
+    Gt = per_example_grads(model, loss, X, y)
+    torch.testing.assert_close(S, Gq @ ref @ Gt.T, rtol=1e-7, atol=1e-9 * float(S.abs().max()))
 
 
 def test_convolutions_form_the_rows_from_layer_factors(monkeypatch):

@@ -33,7 +33,9 @@ Cost. For networks of ``nn.Linear`` layers on (N, features) inputs, a row of
 ``M`` restricted to layer ``l`` is the outer product ``s ãᵀ``, so
 ``Γ_b = Σ_{l ∈ b} (S_l S_lᵀ) ∘ (A_l A_lᵀ ⊗ 1_{K×K})`` with ``S_l`` (R, out_l)
 and ``A_l`` (N, in_l + 1): ``R² Σ_l out_l`` flops, and products with ``M`` or
-``Mᵀ`` are two GEMMs per layer. Then Cholesky ``R³/3`` flops (damping) or
+``Mᵀ`` are two GEMMs per layer. A block holding a layer's weight alone
+(``partition="tensor"``) takes ``A_l`` without its column of ones, its bias alone that
+column (``A_l A_lᵀ = 1 1ᵀ``). Then Cholesky ``R³/3`` flops (damping) or
 ``eigh`` (truncation, about ``9 R³``). Other models form ``M`` explicitly
 (``R·D`` floats, under ``max_dense_bytes``). Memory: about ``2 R²`` floats per
 block being factorised; factorisations are kept while they fit
@@ -120,23 +122,37 @@ def thin_roots(Q: torch.Tensor) -> torch.Tensor:
     return (U * lam.sqrt()[:, None, :])[:, :, keep]
 
 
-class _LinearRows:
-    """``M`` of an ``nn.Linear`` network as per-layer factors (module doc)."""
+@dataclass(frozen=True, eq=False)
+class _Part:
+    """A block's share of one ``nn.Linear`` layer: the layer (``layer``), the columns of
+    its ``ã`` that multiply it (weight: the inputs, bias: the column of ones, or both),
+    whether it holds a weight and a bias (flat order ``[W | b]`` of :func:`layer_matrix`)
+    or one tensor (row-major; a bias as one column), and its flat indices."""
 
-    def __init__(self, A: list[torch.Tensor], S: list[torch.Tensor], layers, adapters) -> None:
+    layer: int
+    cols: slice
+    both: bool
+    index: torch.Tensor
+
+
+class _LinearRows:
+    """``M`` of an ``nn.Linear`` network as per-layer factors (module doc); a block may hold
+    whole layers or single weight / bias tensors (``partition="tensor"``)."""
+
+    def __init__(self, A: list[torch.Tensor], S: list[torch.Tensor], parts, adapters) -> None:
         self.A, self.S = A, S  # (N, in'), (N, K, out) (the N^{-1/2} inside S)
-        self.layers = layers  # per block: the layer indices it holds, in flat order
+        self.parts: list[list[_Part]] = parts  # per block, in its flat order
         self.adapters = adapters
         self.N, self.K = S[0].shape[:2]
         self.R = self.N * self.K
 
     def gram(self, b: int) -> torch.Tensor:
         out = None
-        for i in self.layers[b]:
-            S = self.S[i].reshape(self.R, -1)
+        for part in self.parts[b]:
+            S = self.S[part.layer].reshape(self.R, -1)
+            A = self.A[part.layer][:, part.cols]
             SS = S @ S.T
-            AA = self.A[i] @ self.A[i].T
-            SS.view(self.N, self.K, self.N, self.K).mul_(AA[:, None, :, None])
+            SS.view(self.N, self.K, self.N, self.K).mul_((A @ A.T)[:, None, :, None])
             if out is None:
                 out = SS
             else:
@@ -144,31 +160,33 @@ class _LinearRows:
                 del SS
         return out
 
-    def _shape(self, i: int) -> tuple[int, int, bool]:
-        ad = self.adapters[i]
-        out, n_in = ad.module.weight.shape
-        return out, n_in, ad.has_bias
+    def _matrix(self, part: _Part, V: torch.Tensor) -> torch.Tensor:
+        """The part's columns of rows ``V`` (Kv, d_part) as matrices (Kv, out, cols)."""
+        out = self.S[part.layer].shape[2]
+        if part.both:
+            return layer_matrix(V, out, self.A[part.layer].shape[1] - 1, True)
+        return V.reshape(len(V), out, -1)
 
     def times(self, b: int, V: torch.Tensor) -> torch.Tensor:
         """``M_b V_bᵀ`` (R, Kv) for rows ``V`` (Kv, D) in the flat order."""
         Z = torch.zeros(self.N, self.K, len(V), dtype=torch.float64, device=V.device)
-        for i in self.layers[b]:
-            out, n_in, bias = self._shape(i)
-            W = layer_matrix(V[:, self.adapters[i].index], out, n_in, bias)  # (Kv, out, in')
-            T = (W.reshape(-1, W.shape[2]) @ self.A[i].T).view(len(V), out, self.N)
-            Z.baddbmm_(self.S[i], T.permute(2, 1, 0))  # (N, K, out) @ (N, out, Kv)
+        for part in self.parts[b]:
+            W = self._matrix(part, V[:, part.index])  # (Kv, out, cols)
+            A = self.A[part.layer][:, part.cols]
+            T = (W.reshape(-1, W.shape[2]) @ A.T).view(len(V), W.shape[1], self.N)
+            Z.baddbmm_(self.S[part.layer], T.permute(2, 1, 0))  # (N, K, out) @ (N, out, Kv)
         return Z.view(self.R, len(V))
 
     def tmul(self, b: int, W: torch.Tensor) -> torch.Tensor:
         """``(M_bᵀ W)ᵀ`` (Kw, d_b) in the block's flat order for ``W`` (R, Kw)."""
         Wn = W.view(self.N, self.K, -1)
-        parts = []
-        for i in self.layers[b]:
-            out, _, bias = self._shape(i)
-            P = self.S[i].transpose(1, 2) @ Wn  # (N, out, Kw)
-            G = (P.permute(2, 1, 0).reshape(-1, self.N) @ self.A[i]).view(W.shape[1], out, -1)
-            parts.append(layer_flat(G, bias))
-        return torch.cat(parts, dim=1)
+        out = []
+        for part in self.parts[b]:
+            S, A = self.S[part.layer], self.A[part.layer][:, part.cols]
+            P = S.transpose(1, 2) @ Wn  # (N, out, Kw)
+            G = (P.permute(2, 1, 0).reshape(-1, self.N) @ A).view(W.shape[1], S.shape[2], -1)
+            out.append(layer_flat(G, True) if part.both else G.reshape(W.shape[1], -1))
+        return torch.cat(out, dim=1)
 
 
 class _DenseRows:
@@ -191,21 +209,39 @@ class _DenseRows:
         return (self.M[:, self.blocks[b].index].T @ W).T
 
 
+def _tensor_parts(i: int, adapter) -> list[_Part]:
+    """Layer ``i``'s weight and (if trainable) bias as parts of their own."""
+    n_in = adapter.module.weight.shape[1]
+    w = adapter.module.weight.numel()
+    parts = [_Part(i, slice(0, n_in), False, adapter.index[:w])]
+    if adapter.has_bias:
+        parts.append(_Part(i, slice(n_in, n_in + 1), False, adapter.index[w:]))
+    return parts
+
+
+def _block_parts(adapters, block: ParamBlock) -> list[_Part] | None:
+    """Block ``block`` as whole layers and single tensors of ``adapters``, in its flat
+    order; ``None`` when it holds part of a tensor or parameters outside the layers."""
+    parts = []
+    for i, ad in enumerate(adapters):
+        inside = torch.isin(ad.index, block.index)
+        if bool(inside.all()):
+            parts.append(_Part(i, slice(None), ad.has_bias, ad.index))
+        elif bool(inside.any()):
+            parts += [
+                p for p in _tensor_parts(i, ad) if bool(torch.isin(p.index, block.index).all())
+            ]
+    union = torch.cat([p.index for p in parts]) if parts else block.index.new_empty(0)
+    return parts if torch.equal(union, block.index) else None
+
+
 def _linear_rows(ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock]) -> _LinearRows | None:
     adapters = linear_layers(ctx.model, ctx.X, "the Gram route")
     if adapters is None:
         return None
-    layers = []
-    for block in blocks:
-        mine = [i for i, ad in enumerate(adapters) if bool(torch.isin(ad.index, block.index).any())]
-        union = (
-            torch.cat([adapters[i].index for i in mine])
-            if mine
-            else torch.empty(0, device=block.index.device)
-        )
-        if not torch.equal(union, block.index):
-            return None  # a block that splits a layer (partition="tensor")
-        layers.append(mine)
+    parts = [_block_parts(adapters, block) for block in blocks]
+    if any(p is None for p in parts):
+        return None  # a block that splits a weight or bias tensor
     A = [[] for _ in adapters]
     S = [[] for _ in adapters]
     scale = 1.0 / math.sqrt(ctx.n)
@@ -223,7 +259,7 @@ def _linear_rows(ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock]) -> 
         for i in range(len(adapters)):
             A[i].append(a_all[i])
             S[i].append(s_all[i] * scale)
-    return _LinearRows([torch.cat(t) for t in A], [torch.cat(t) for t in S], layers, adapters)
+    return _LinearRows([torch.cat(t) for t in A], [torch.cat(t) for t in S], parts, adapters)
 
 
 def _dense_rows(
