@@ -356,6 +356,26 @@ def test_gram_eigendecompositions_are_kept_until_the_configuration_is_done(tmp_p
     assert not folder.exists()
 
 
+def test_no_gram_factorisation_is_computed_twice(tmp_path, monkeypatch):
+    """The Kronecker rungs measure against the block-GGN (sharing distances): its Gram
+    factorisations stay on disk until they have, so none is computed twice."""
+    import curvinf.curvature.gram as gram_module
+
+    written = []
+    real = gram_module.write_tensors
+    monkeypatch.setattr(
+        gram_module, "write_tensors", lambda path, t: written.append(path) or real(path, t)
+    )
+    regs = (Regularization.paper(), Regularization(damping=1e-2, eps=0.0))
+    preset = _tiny(max_dense_bytes=8.0 * 20**2, lanczos_k=3, regularizations=regs)
+    rows = run_grid(preset, tmp_path, progress=False).rows
+    assert {r["route"] for r in rows if r["rung"] == "block_ggn"} <= {"gram", "eigen+gram"}
+    assert {"ekfac", "kfac"} <= {r["rung"] for r in rows}
+    assert any("/block_ggn/eigh-" in str(p) for p in written)
+    assert any("/block_ggn/chol-" in str(p) for p in written)
+    assert len(written) == len(set(written)), sorted(map(str, written))
+
+
 def test_inverses_no_later_rung_needs_are_released_in_ladder_order(tmp_path, monkeypatch):
     from curvinf.study.rungs import RungCache
 

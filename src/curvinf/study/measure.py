@@ -565,6 +565,21 @@ def config_rows(
     return rows
 
 
+def rungs_used_by(rung: str, config: RunConfig) -> set[str]:
+    """The other rungs whose fits or inverses :func:`rung_result` reads for ``rung``: the
+    reference, the rung one step up (:data:`PREVIOUS`), and for the Kronecker and
+    weight-sharing rungs the block-GGN (sharing distances, basis overlap) and K-FAC's
+    unshared GGN and EK-FAC. A rung is released (its Gram factorisations deleted) only
+    once no rung left to measure uses it."""
+    out = {config.reference, PREVIOUS.get(rung)}
+    method, variant = rung_method(rung)
+    if method in SHARING_METHODS or method in KRONECKER_RUNGS:
+        out.add("block_ggn")
+    if method == "kfac":
+        out |= {variant_rung("unshared_ggn", variant), variant_rung("ekfac", variant)}
+    return out & set(config.rungs)
+
+
 def measure_config(
     config: RunConfig,
     cache: RungCache,
@@ -586,7 +601,7 @@ def measure_config(
         else:
             cache.remember(rung, blob)
         blobs[rung] = blob
-        needed = {config.reference} | {PREVIOUS.get(r) for r in order[i + 1 :]}
+        needed = {config.reference}.union(*(rungs_used_by(r, config) for r in order[i + 1 :]))
         for done in order[: i + 1]:
             if done not in needed:  # no later rung compares with it
                 cache.release(done)
@@ -603,4 +618,5 @@ __all__ = [
     "measure_config",
     "rung_order",
     "rung_result",
+    "rungs_used_by",
 ]
