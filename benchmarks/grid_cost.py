@@ -1,5 +1,6 @@
-"""The paper grids' cost: the retraining flop floor per configuration, and the wall time
-each finished configuration took (ground truth and rungs), from the result directories.
+"""The paper grids' cost: the retraining flop floor per configuration, the rungs'
+factorisation floor, and the wall time each finished configuration took (ground truth
+and rungs), from the result directories.
 
     .venv/bin/python benchmarks/grid_cost.py --presets paper paper-code --threads 1
 
@@ -7,9 +8,13 @@ Flops are the matmul flops of training (forward, weight gradients, input gradien
 :func:`bench_groundtruth.training_flops`) of every retrained model (``M x R`` per
 configuration, subsets of ``round(alpha · N)`` rows, matched or base epochs) and of the
 base model. The floor is that count at the float32 ``bmm`` rate measured in this process
-at the same thread count. Wall times: ``cost.wall_s_total`` of the ground-truth store's
-manifest and ``wall_seconds`` of ``runs/<id>/timing.json`` (rungs, errors, diagnostics),
-on whatever else the machine was running (the study's log says).
+at the same thread count. The rungs' floor is their largest factorisations
+(:meth:`RunConfig.factorisations`: dense and Gram ``eigh``s, Gram Cholesky factors) at
+the float64 ``eigh`` and Cholesky times measured here (``eigh`` is bound by the memory
+traffic of its tridiagonal reduction, so it is timed, not counted in flops), scaled as
+``n³`` from a 3,000² matrix. Wall times: ``cost.wall_s_total`` of the ground-truth
+store's manifest and ``wall_seconds`` of ``runs/<id>/timing.json`` (rungs, errors,
+diagnostics), on whatever else the machine was running (the study's log says).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +32,26 @@ from curvinf.groundtruth import store_name
 from curvinf.lds import subset_size
 from curvinf.retrain import subset_recipe
 from curvinf.study import config_data, get_preset, groundtruth_config
+
+
+def seconds_per_cube(kind: str, n: int = 3000, repeats: int = 2) -> float:
+    """Best time of a float64 ``eigh`` or Cholesky factor of a random SPD ``n x n`` matrix,
+    divided by ``n³``."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = X @ X.T / n + torch.eye(n, dtype=torch.float64)
+    f = torch.linalg.eigh if kind == "eigh" else torch.linalg.cholesky
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(A)
+        best = min(best, time.perf_counter() - t0)
+    return best / n**3
+
+
+def factorisation_seconds(config, rates: dict[str, float]) -> float:
+    """The floor of ``config``'s rungs: its factorisations at the measured ``rates``."""
+    return sum(rates[kind] * n**3 for kind, n, _ in config.factorisations())
 
 
 def config_cost(config, out: Path) -> dict:
@@ -63,31 +89,39 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rate, _ = bmm_rate(100, 128, 64)
+    rates = {kind: seconds_per_cube(kind) for kind in ("eigh", "cholesky")}
     print(
-        f"float32 bmm (100 x 64 x 128 @ 128 x 128), {args.threads} thread(s): {rate:.1f} GFLOP/s\n"
+        f"float32 bmm (100 x 64 x 128 @ 128 x 128), {args.threads} thread(s): {rate:.1f} GFLOP/s; "
+        f"float64 eigh of 3,000²: {rates['eigh'] * 3000**3:.2f} s, Cholesky "
+        f"{rates['cholesky'] * 3000**3:.3f} s (a 12,933² eigh at that rate: "
+        f"{rates['eigh'] * 12933**3 / 60:.1f} min)\n"
     )
     for name in args.presets:
         out = Path(args.root) / name
-        rows = [config_cost(c, out) for c in get_preset(name).configs()]
+        configs = get_preset(name).configs()
+        rows = [config_cost(c, out) for c in configs]
+        for r, c in zip(rows, configs, strict=True):
+            r["rung_floor"] = factorisation_seconds(c, rates)
         total = sum(r["flops"] for r in rows)
         hours = total / rate / 1e9 / 3600
+        rung_hours = sum(r["rung_floor"] for r in rows) / 3600
         print(
-            f"## {name}: retraining {total / 1e12:.0f} TFLOP, "
-            f"floor {hours:.1f} h at {rate:.0f} GFLOP/s\n"
+            f"## {name}: retraining {total / 1e12:.0f} TFLOP, floor {hours:.1f} h at "
+            f"{rate:.0f} GFLOP/s; the rungs' factorisations {rung_hours:.1f} h\n"
         )
         print(
             "| configuration | D | retraining TFLOP | floor (min) | ground truth (min) | "
-            "% of floor rate | rungs (min) | done |"
+            "% of floor rate | rung floor (min) | rungs (min) | done |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in sorted(rows, key=lambda r: r["flops"]):
             floor = r["flops"] / rate / 1e9
             gt = r["gt_seconds"] if r["gt_complete"] else math.nan
             frac = 100 * floor / gt if gt == gt and gt > 0 else math.nan
             print(
                 f"| {r['config']} | {r['D']:,} | {r['flops'] / 1e12:.2f} | {floor / 60:.1f} | "
-                f"{gt / 60:.1f} | {frac:.0f}% | {r['rung_seconds'] / 60:.1f} | "
-                f"{'yes' if r['done'] else 'no'} |"
+                f"{gt / 60:.1f} | {frac:.0f}% | {r['rung_floor'] / 60:.1f} | "
+                f"{r['rung_seconds'] / 60:.1f} | {'yes' if r['done'] else 'no'} |"
             )
         print()
 

@@ -483,6 +483,13 @@ def test_rung_cost_counts_the_gram_factorisations_of_the_exact_rungs():
     # dense where every matrix fits the cap, and the retraining left out on request
     dense = RunConfig(depth=1, width=32, epochs=10)
     assert dense.rung_cost() == pytest.approx(60.0 + DENSE_RATE * dense.num_params**3)
+    # the factorisations behind it (grid_cost.py's floor)
+    gram = [("eigh", R, "gram")] * 4 + [("eigh", 1290, "dense"), ("eigh", 8320, "dense")]
+    assert sorted(config.factorisations()) == sorted(gram)
+    assert {k for k, _, r in damped.factorisations() if r == "gram"} == {"cholesky"}
+    D = dense.num_params
+    full = [("eigh", D, "dense")] * 2 + [("eigh", d, "dense") for d in dense.layer_sizes]
+    assert dense.factorisations() == full
     assert config.cost(models_left=0) == config.rung_cost() < config.cost(models_left=1)
     assert config.cost(models_left=1) < config.cost()  # default: every model of the store
 

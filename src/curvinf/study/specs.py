@@ -311,27 +311,52 @@ class RunConfig:
         retrain = 4e-7 * self.num_params * self.epochs * steps * models_left
         return retrain + self.rung_cost()
 
-    def rung_cost(self) -> float:
-        """Rough seconds of the rungs on 2 busy cores (fitted to the finished grid rows).
+    def factorisations(self) -> list[tuple[str, int, str]]:
+        """The largest matrix factorisations the exact rungs need, ``(kind, order, route)``:
+        a lower bound on the rungs' work (the Kronecker rungs' small ``eigh``s, products,
+        the Hessian's iterations and the errors come on top).
 
-        Dense rungs (``8 D² <= max_dense_bytes``): ``O(D³)`` eigendecompositions and a
-        minute of fixed cost. Above the cap the exact GGN rungs take the Gram route
+        Dense (``8 D² <= max_dense_bytes``): an ``eigh`` of the ``D x D`` Hessian and GGN
+        and one per block-GGN block. Above the cap the GGN rungs take the Gram route
         (:mod:`curvinf.curvature.gram`): one factorisation of the ``R x R`` Gram matrix
         (``R`` = training examples x output roots) for the GGN and one per block of at
-        least ``R`` parameters, an ``eigh`` (``9 R³`` flops) when a rule truncates, else a
-        Cholesky factor (``R³ / 3``); the smaller blocks are dense; the Hessian's iterative
-        routes and the randomised errors grow with ``D``."""
+        least ``R`` parameters, an ``eigh`` when a rule truncates, else a Cholesky factor;
+        the smaller blocks are dense ``eigh``s."""
         D = self.num_params
+        sizes = self.layer_sizes
         if 8.0 * D * D <= self.max_dense_bytes:
-            return 60.0 + DENSE_RATE * D**3
+            full = [("eigh", D, "dense") for r in ("hessian", "ggn") if r in self.rungs]
+            blocks = [("eigh", d, "dense") for d in sizes] if "block_ggn" in self.rungs else []
+            return full + blocks
         examples, outputs = DATASET_SHAPES[self.dataset]
         roots = outputs - 1 if self.loss_name == "ce" else outputs
         R = train_count(examples, self.query_fraction) * max(roots, 1)
-        sizes = self.layer_sizes
-        truncates = any(r.truncates_nonnegative() for r in self.regularizations)
-        factor = (9.0 if truncates else 1 / 3) * R**3 / GRAM_FLOPS
-        gram = factor * (1 + sum(d >= R for d in sizes))
-        return gram + sum(DENSE_RATE * d**3 for d in sizes if d < R) + 2e-2 * D
+        kind = (
+            "eigh" if any(r.truncates_nonnegative() for r in self.regularizations) else "cholesky"
+        )
+        out = [(kind, R, "gram")] if "ggn" in self.rungs else []
+        if "block_ggn" in self.rungs:
+            out += [(kind, R, "gram") if d >= R else ("eigh", d, "dense") for d in sizes]
+        return out
+
+    def rung_cost(self) -> float:
+        """Rough seconds of the rungs on 2 busy cores (fitted to the finished grid rows).
+
+        Dense rungs: ``O(D³)`` eigendecompositions and a minute of fixed cost. Above the
+        cap, :meth:`factorisations`: a Gram ``eigh`` at ``9 R³`` flops or a Cholesky factor
+        at ``R³ / 3`` (:data:`GRAM_FLOPS`), the dense blocks at :data:`DENSE_RATE`; the
+        Hessian's iterative routes and the randomised errors grow with ``D``."""
+        D = self.num_params
+        if 8.0 * D * D <= self.max_dense_bytes:
+            return 60.0 + DENSE_RATE * D**3
+        flops = {"eigh": 9.0, "cholesky": 1 / 3}
+        return (
+            sum(
+                flops[kind] * n**3 / GRAM_FLOPS if route == "gram" else DENSE_RATE * n**3
+                for kind, n, route in self.factorisations()
+            )
+            + 2e-2 * D
+        )
 
 
 _SHARED = tuple(
