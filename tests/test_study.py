@@ -376,6 +376,37 @@ def test_no_gram_factorisation_is_computed_twice(tmp_path, monkeypatch):
     assert len(written) == len(set(written)), sorted(map(str, written))
 
 
+def test_wall_time_counts_interrupted_calls(tmp_path, monkeypatch):
+    """A call interrupted after some rungs leaves its time so far in ``timing.json``; the
+    call that finishes adds its own, and the rows carry the sum."""
+    import json
+
+    import curvinf.study.measure as measure
+    from curvinf.study.runner import run_config
+
+    (config,) = _tiny(regularizations=(Regularization(damping=1e-3, eps=0.0),)).configs()
+    real = measure.rung_result
+
+    def interrupted(rung, *args, **kwargs):
+        if rung == "kfac":
+            raise KeyboardInterrupt
+        return real(rung, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "rung_result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(config, tmp_path)
+    timing = tmp_path / "runs" / config.id / "timing.json"
+    first = json.loads(timing.read_text())
+    assert first["wall_seconds"] == first["last_call_seconds"] > 0
+    monkeypatch.setattr(measure, "rung_result", real)
+    rows = run_config(config, tmp_path)
+    second = json.loads(timing.read_text())
+    assert second["wall_seconds"] == pytest.approx(
+        first["wall_seconds"] + second["last_call_seconds"]
+    )
+    assert {r["config_seconds"] for r in rows} == {second["wall_seconds"]}
+
+
 def test_inverses_no_later_rung_needs_are_released_in_ladder_order(tmp_path, monkeypatch):
     from curvinf.study.rungs import RungCache
 

@@ -136,6 +136,16 @@ def _run_locked_config(
     """:func:`run_config`'s work, once this process holds the configuration's lock."""
     write_json(rdir / "config.json", config.to_dict())
     t_start = time.perf_counter()
+    timing = rdir / "timing.json"
+    previous = read_json(timing).get("wall_seconds", 0.0) if timing.exists() else 0.0
+
+    def record_time() -> float:
+        """Write the configuration's wall time so far (earlier calls included), so a call
+        that is interrupted still counts up to its last finished rung."""
+        seconds = time.perf_counter() - t_start
+        write_json(timing, {"wall_seconds": previous + seconds, "last_call_seconds": seconds})
+        return previous + seconds
+
     data = config_data(config)
     gt = config_ground_truth(
         config, out / "groundtruth", data=data, progress=progress, log=say, device=device
@@ -152,16 +162,14 @@ def _run_locked_config(
 
     def save(rung: str, blob: dict[str, Any]) -> None:
         write_blob(rdir / "rungs" / f"{rung}.pt", blob)
+        record_time()
 
     blobs = measure_config(config, cache, gt, load, save, say)
     extra = config_comparisons(config, gt, blobs)
     diagnostics = config_diagnostics(config, blobs, extra)
-    seconds = time.perf_counter() - t_start
-    timing = rdir / "timing.json"
-    previous = read_json(timing).get("wall_seconds", 0.0) if timing.exists() else 0.0
-    write_json(timing, {"wall_seconds": previous + seconds, "last_call_seconds": seconds})
+    wall = record_time()
     write_json(rdir / "diagnostics.json", diagnostics)
-    rows = config_rows(config, num_params(model), gt, blobs, diagnostics, previous + seconds)
+    rows = config_rows(config, num_params(model), gt, blobs, diagnostics, wall)
     write_json(rdir / "rows.json", rows)
     shutil.rmtree(gram_cache, ignore_errors=True)  # only a finished configuration needed it
     return rows
