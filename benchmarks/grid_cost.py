@@ -49,13 +49,10 @@ def seconds_per_cube(kind: str, n: int = 3000, repeats: int = 2) -> float:
     return best / n**3
 
 
-def factorisation_seconds(config, rates: dict[str, float]) -> float:
-    """The floor of ``config``'s rungs: its factorisations at the measured ``rates``."""
-    return sum(rates[kind] * n**3 for kind, n, _ in config.factorisations())
-
-
-def config_cost(config, out: Path) -> dict:
-    """Flops and measured seconds of one configuration of a grid stored in ``out``."""
+def config_cost(config, out: Path, per_cube: dict[str, float]) -> dict:
+    """Flops, the rungs' factorisation floor (``per_cube``: seconds per ``n³`` of each
+    kind, :func:`seconds_per_cube`) and measured seconds of one configuration of a grid
+    stored in ``out``."""
     data = config_data(config)
     gtc = groundtruth_config(config)
     model = gtc.make_model(data)
@@ -76,6 +73,7 @@ def config_cost(config, out: Path) -> dict:
         "gt_complete": gt.get("progress", {}).get("complete", False),
         "gt_seconds": gt.get("cost", {}).get("wall_s_total", math.nan),
         "gt_threads": {r["torch_threads"] for r in gt.get("runs", [])},
+        "rung_floor": sum(per_cube[k] * n**3 for k, n, _ in config.factorisations()),
         "rung_seconds": rungs,
         "done": done,
     }
@@ -89,19 +87,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rate, _ = bmm_rate(100, 128, 64)
-    rates = {kind: seconds_per_cube(kind) for kind in ("eigh", "cholesky")}
+    per_cube = {kind: seconds_per_cube(kind) for kind in ("eigh", "cholesky")}
     print(
         f"float32 bmm (100 x 64 x 128 @ 128 x 128), {args.threads} thread(s): {rate:.1f} GFLOP/s; "
-        f"float64 eigh of 3,000²: {rates['eigh'] * 3000**3:.2f} s, Cholesky "
-        f"{rates['cholesky'] * 3000**3:.3f} s (a 12,933² eigh at that rate: "
-        f"{rates['eigh'] * 12933**3 / 60:.1f} min)\n"
+        f"float64 eigh of 3,000²: {per_cube['eigh'] * 3000**3:.2f} s, Cholesky "
+        f"{per_cube['cholesky'] * 3000**3:.3f} s (a 12,933² eigh at that rate: "
+        f"{per_cube['eigh'] * 12933**3 / 60:.1f} min)\n"
     )
     for name in args.presets:
         out = Path(args.root) / name
-        configs = get_preset(name).configs()
-        rows = [config_cost(c, out) for c in configs]
-        for r, c in zip(rows, configs, strict=True):
-            r["rung_floor"] = factorisation_seconds(c, rates)
+        rows = [config_cost(c, out, per_cube) for c in get_preset(name).configs()]
         total = sum(r["flops"] for r in rows)
         hours = total / rate / 1e9 / 3600
         rung_hours = sum(r["rung_floor"] for r in rows) / 3600

@@ -139,10 +139,9 @@ class _LinearRows:
     """``M`` of an ``nn.Linear`` network as per-layer factors (module doc); a block may hold
     whole layers or single weight / bias tensors (``partition="tensor"``)."""
 
-    def __init__(self, A: list[torch.Tensor], S: list[torch.Tensor], parts, adapters) -> None:
+    def __init__(self, A: list[torch.Tensor], S: list[torch.Tensor], parts) -> None:
         self.A, self.S = A, S  # (N, in'), (N, K, out) (the N^{-1/2} inside S)
         self.parts: list[list[_Part]] = parts  # per block, in its flat order
-        self.adapters = adapters
         self.N, self.K = S[0].shape[:2]
         self.R = self.N * self.K
 
@@ -259,7 +258,7 @@ def _linear_rows(ctx: FitContext, Q: torch.Tensor, blocks: list[ParamBlock]) -> 
         for i in range(len(adapters)):
             A[i].append(a_all[i])
             S[i].append(s_all[i] * scale)
-    return _LinearRows([torch.cat(t) for t in A], [torch.cat(t) for t in S], parts, adapters)
+    return _LinearRows([torch.cat(t) for t in A], [torch.cat(t) for t in S], parts)
 
 
 def _dense_rows(
