@@ -36,8 +36,9 @@ and ``A_l`` (N, in_l + 1): ``R² Σ_l out_l`` flops, and products with ``M`` or
 ``Mᵀ`` are two GEMMs per layer. A block holding a layer's weight alone
 (``partition="tensor"``) takes ``A_l`` without its column of ones, its bias alone that
 column (``A_l A_lᵀ = 1 1ᵀ``). Then Cholesky ``R³/3`` flops (damping) or
-``eigh`` (truncation, about ``9 R³``). Other models form ``M`` explicitly
-(``R·D`` floats, under ``max_dense_bytes``). Memory: about ``2 R²`` floats per
+``eigh`` (truncation, about ``9 R³``; an absolute truncation that keeps ``k ≪ R``
+eigenvalues computes those alone, :mod:`~curvinf.curvature.partial_eigh`). Other models
+form ``M`` explicitly (``R·D`` floats, under ``max_dense_bytes``). Memory: about ``2 R²`` floats per
 block being factorised; factorisations are kept while they fit
 ``max_dense_bytes`` and recomputed otherwise.
 """
@@ -71,6 +72,7 @@ from curvinf.curvature.operators import (
     layer_flat,
     layer_matrix,
 )
+from curvinf.curvature.partial_eigh import eigenpairs_above
 from curvinf.curvature.regularization import Regularization
 from curvinf.losses import output_grad
 from curvinf.params import ParamBlock
@@ -100,6 +102,21 @@ class Gram:
     memory-mapped from there, so every block's stays available without holding them all
     in memory. ``None`` keeps nothing on disk. The files are about ``8 R²`` bytes each;
     delete the folder when done."""
+    partial_eigh: float = 0.7
+    """Under an absolute truncation above the damping (``eps > damping``, not relative),
+    which keeps only the Gram eigenvalues above ``eps − damping``: compute those eigenpairs
+    alone (:func:`~curvinf.curvature.partial_eigh.eigenpairs_above`, certified by an
+    inertia count) when that is predicted to cost at most this fraction of a full
+    ``eigh``; ``0`` always takes the full ``eigh``, ``math.inf`` the partial route
+    wherever it applies."""
+
+    def __post_init__(self) -> None:
+        v = self.partial_eigh
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+            raise ValueError(
+                f"Gram.partial_eigh must be a number >= 0 (a cost ratio; 0 turns the partial "
+                f"eigendecomposition off), got {v!r}."
+            )
 
     def build_inverse(self, curvature: Curvature, reg: Regularization) -> GramInverse:
         """The exact inverse through the Gram matrix (:class:`GramInverse`); ``TypeError``
@@ -315,7 +332,9 @@ class GramInverse(InverseOperator):
     Attributes:
         mode: ``"cholesky"`` (damping only) or ``"eigh"`` (truncation).
         R: the number of pseudo-gradient rows (an upper bound of ``rank G``).
-        eigenvalues: per block, the eigenvalues of ``K_b`` (``"eigh"`` mode; else ``None``).
+        eigenvalues: per block, the eigenvalues of ``K_b`` (``"eigh"`` mode; else ``None``);
+            those above :meth:`partial_threshold` only, when it is not ``None``.
+        partial_blocks: blocks whose eigenpairs came from :func:`eigenpairs_above`.
         kept: eigen-directions with a non-zero inverse eigenvalue (every one under damping).
         seconds: time spent building and factorising Gram matrices so far.
         reports: empty (the route has no iterations; kept for the solver interface).
@@ -355,6 +374,7 @@ class GramInverse(InverseOperator):
         self._cache: dict[int, tuple] = {}
         self._cache_bytes = 0.0
         self.eigenvalues: list[torch.Tensor] | None = None
+        self.partial_blocks = 0
         if not reg.truncates_nonnegative():  # plain damping on the PSD GGN: Cholesky
             if reg.damping == 0:
                 raise ValueError(
@@ -401,7 +421,7 @@ class GramInverse(InverseOperator):
         parts = [s for s, _ in eig] + [null]
         inv = self.reg.inverse_eigenvalues(parts, dim=self.num_params)
         self.null_value = float(inv[-1][0])
-        top = max(float(s.max()) for s, _ in eig)
+        top = max((float(s.max()) for s, _ in eig if s.numel()), default=0.0)
         tol = self.R * torch.finfo(torch.float64).eps * top
         for b, ((s, U), phi) in enumerate(zip(eig, inv[:-1], strict=True)):
             phi = torch.where(s > tol, phi, torch.zeros_like(phi))
@@ -418,17 +438,44 @@ class GramInverse(InverseOperator):
             kept, self.num_params, f"the {self.curvature.method} inverse"
         )
 
-    def _eigh(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``eigh`` of block ``b``'s Gram matrix, from the solver's cache when it holds it."""
-        gram = self.rows.gram(b)
-        if self.solver.cache is None:
-            return torch.linalg.eigh(gram)
+    def partial_threshold(self) -> float | None:
+        """``t`` when the rule keeps exactly the Gram eigenvalues ``s > t > 0`` (an absolute
+        truncation above the damping: ``s + δ > ε``), so that the eigenpairs above ``t``
+        are all the inverse needs; else ``None``."""
+        t = self.reg.eps - self.reg.damping
+        if self.reg.relative or t <= 0 or not self.solver.partial_eigh:
+            return None
+        return t
 
-        def compute() -> dict[str, torch.Tensor]:
+    def _eigh(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eigenpairs of block ``b``'s Gram matrix the rule needs (every one, or those
+        above :meth:`partial_threshold` by :func:`eigenpairs_above` where that is
+        cheaper), from the solver's cache when it holds them."""
+        gram = self.rows.gram(b)
+        t = self.partial_threshold()
+
+        def full() -> dict[str, torch.Tensor]:
             s, U = torch.linalg.eigh(gram)
             return {"s": s, "U": U}
 
-        kept = self._stored(f"eigh-{tensor_digest(gram)[:40]}", gram.shape, compute)
+        def above() -> dict[str, torch.Tensor]:
+            pairs = eigenpairs_above(gram, t, max_cost_ratio=self.solver.partial_eigh)
+            if pairs is None:
+                s, U = torch.linalg.eigh(gram)
+                keep = s > t
+                return {"s": s[keep].contiguous(), "U": U[:, keep].contiguous()}
+            self.partial_blocks += 1
+            return {"s": pairs[0], "U": pairs[1]}
+
+        if self.solver.cache is None:
+            kept = full() if t is None else above()
+            return kept["s"], kept["U"]
+        digest = tensor_digest(gram)[:40]
+        whole = Path(self.solver.cache) / f"eigh-{digest}.pt"  # type: ignore[arg-type]
+        if t is None or whole.exists():
+            kept = self._stored(f"eigh-{digest}", gram.shape, full)
+        else:
+            kept = self._stored(f"eigh-above-{digest}-{t!r}", gram.shape, above)
         return kept["s"], kept["U"]
 
     def _stored(
@@ -454,7 +501,7 @@ class GramInverse(InverseOperator):
                 kept = read_tensors(file, mmap=True)
             except CorruptFileError:
                 pass  # recomputed and rewritten below
-        if kept is None or any(t.shape[0] != shape[0] for t in kept.values()):
+        if kept is None or any(t.shape[0] != shape[0] for t in kept.values() if t.dim() == 2):
             write_tensors(file, compute())
             kept = read_tensors(file, mmap=True)  # CorruptFileError if it cannot be read back
         return {k: t.to(self.ctx.device) for k, t in kept.items()}
@@ -550,7 +597,10 @@ class GramInverse(InverseOperator):
 
     @property
     def report(self) -> InverseReport:
-        return InverseReport(route="gram", rank=self.kept, notes=f"{self.mode}, R = {self.R}")
+        notes = f"{self.mode}, R = {self.R}"
+        if self.partial_blocks:
+            notes += f", {self.partial_blocks} block(s) by partial eigh"
+        return InverseReport(route="gram", rank=self.kept, notes=notes)
 
     def pairwise_scores(self, task: ScoringTask) -> torch.Tensor | None:
         """Scores by (2) when the training set is the curvature's own (not for ``mc``)."""
