@@ -595,3 +595,44 @@ def test_a_rung_with_every_eigenvalue_truncated_says_so(tmp_path):
     assert all("every eigenvalue is truncated under eps1e+06" in r["reason"] for r in rows)
     kept = run_grid(_tiny(), tmp_path / "kept", progress=False).rows
     assert not any("every eigenvalue is truncated" in r["reason"] for r in kept)
+
+
+def test_trend_table_groups_the_claims_by_depth_and_epochs():
+    """Constructed rows: the Kronecker share is the sum of its two steps, each cell the
+    median [min, max] (count) over the group's configurations, a missing part leaves a
+    configuration out, and the Hessian − GGN verdicts are counted by sign at 5%."""
+    from curvinf.study.report import trend_table
+
+    def rows_of(cfg, depth, epochs, basis, eigen, mass):
+        base = {"config": cfg, "depth": depth, "width": 8, "epochs": epochs, "reg": "r"}
+        return [
+            base | {"rung": "hessian", "step": "", "off_block_mass": mass},
+            base | {"rung": "ggn", "step": "ggn_substitution", "share_inverse": 0.1},
+            base | {"rung": "block_ggn", "step": "block_diagonalisation", "share_inverse": 0.2},
+            base | {"rung": "ekfac", "step": "kronecker_basis", "share_inverse": basis},
+            base | {"rung": "kfac", "step": "kronecker_eigenvalues", "share_inverse": eigen},
+        ]
+
+    rows = (
+        rows_of("a", 1, 10, 0.3, 0.1, 0.5)
+        + rows_of("b", 1, 100, 0.5, 0.2, 0.7)
+        + rows_of("c", 4, 10, math.nan, 0.2, 0.9)  # no basis share: no Kronecker share
+        + [dict(r, reg="other") for r in rows_of("d", 4, 10, 0.9, 0.9, 0.1)]
+    )
+    comps = [
+        {"reg": "r", "config": "a", "rung_a": "hessian", "rung_b": "ggn", "difference": 0.2,
+         "p_value": 0.01},
+        {"reg": "r", "config": "b", "rung_a": "ggn", "rung_b": "hessian", "difference": 0.1,
+         "p_value": 0.01},  # stored the other way: H lower
+        {"reg": "r", "config": "c", "rung_a": "hessian", "rung_b": "ggn", "difference": 0.05,
+         "p_value": 0.3},
+    ]  # fmt: skip
+    table = trend_table(rows, comps, "r")
+    lines = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()}
+    depth1, depth4, ten = lines["depth 1"], lines["depth 4"], lines["10 epochs"]
+    assert depth1[1] == "2" and depth1[2] == "55% [40%, 70%] (2)"  # 0.3+0.1, 0.5+0.2
+    assert depth4[1] == "1" and depth4[2] == "–"  # "d" is another rule; "c" lacks a part
+    assert depth4[4] == "20% [20%, 20%] (1)"  # block-diagonalisation share
+    assert depth1[8] == "0.60 [0.50, 0.70] (2)"  # off-block mass of the Hessian
+    assert depth1[-1].rstrip(" |") == "+0.050 (1 / 1 / 0)"  # median of +0.2 and -0.1
+    assert ten[-1].rstrip(" |") == "+0.125 (1 / 0 / 1)"

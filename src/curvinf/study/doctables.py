@@ -34,6 +34,7 @@ from curvinf.study.report import (
     shares_table,
     stored_results,
     tally_table,
+    trend_table,
 )
 
 Results = tuple[list[dict], list[dict]]
@@ -45,6 +46,7 @@ KINDS: dict[str, Callable[[Results, str], str]] = {
     "shares": lambda res, reg: shares_table(res[0], reg),
     "adjacent": lambda res, reg: adjacent_table(res[0], reg),
     "eigenvalue-shares": lambda res, reg: eigenvalue_share_table(res[0], reg),
+    "trends": lambda res, reg: trend_table(res[0], res[1], reg),
 }
 """Table kinds reading one result directory: (rows, comparisons), rule label -> markdown."""
 

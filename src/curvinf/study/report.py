@@ -625,6 +625,87 @@ def eigenvalue_share_table(rows: list[dict], reg: str) -> str:
     return _table(header, body)
 
 
+TREND_COLUMNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    (
+        "Kronecker share, inverse",
+        "share_inverse",
+        ("kronecker_basis", "kronecker_eigenvalues"),
+        "%",
+    ),
+    (
+        "Kronecker share, influence",
+        "share_influence",
+        ("kronecker_basis", "kronecker_eigenvalues"),
+        "%",
+    ),
+    ("block-diag. share, inverse", "share_inverse", ("block_diagonalisation",), "%"),
+    ("block-diag. share, influence", "share_influence", ("block_diagonalisation",), "%"),
+    ("GGN share, inverse", "share_inverse", ("ggn_substitution",), "%"),
+    ("GGN share, influence", "share_influence", ("ggn_substitution",), "%"),
+    ("off-block mass (H)", "off_block_mass", ("hessian",), ""),
+    ("off-block mass (GGN)", "off_block_mass", ("ggn",), ""),
+    ("overlap top-10 (EK-FAC)", "overlap_k10", ("ekfac",), ""),
+)
+"""The columns of :func:`trend_table`: header, row field, the steps (``step`` column) or
+rungs whose values add up per configuration, and the unit (``%``: a share)."""
+
+
+def _trend_value(sel: dict[str, dict], field: str, parts: tuple[str, ...]) -> float:
+    """One configuration's value of a trend column: the sum over ``parts`` (NaN if any is
+    missing or not finite)."""
+    values = [sel.get(p, {}).get(field) for p in parts]
+    return float(sum(values)) if all(_finite(v) for v in values) else math.nan
+
+
+def _median_range(values: list[float], unit: str) -> str:
+    """``median [min, max] (n)`` of the finite values, ``–`` when there are none."""
+    vals = sorted(v for v in values if _finite(v))
+    if not vals:
+        return "–"
+    f = (lambda v: f"{100 * v:.0f}%") if unit == "%" else (lambda v: f"{v:.2f}")
+    return f"{f(statistics.median(vals))} [{f(vals[0])}, {f(vals[-1])}] ({len(vals)})"
+
+
+def trend_table(rows: list[dict], comparisons: list[dict], reg: str) -> str:
+    """Markdown: the paper's quantitative claims as trends over the grid. One row per depth
+    and per number of epochs (each over every configuration with that value), cells
+    ``median [min, max] (configurations)`` of: each step's share of the telescoped error
+    gap H → K-FAC (the two Kronecker steps summed) in inverse and influence space, the
+    off-block mass of the Hessian and the GGN, the top-10 basis overlap of EK-FAC with the
+    block-GGN, and the paired LDS difference Hessian − GGN with its verdicts
+    (higher / lower / undecided at 5%)."""
+    rows = [r for r in rows if r["reg"] == reg]
+    comps = [c for c in comparisons if c["reg"] == reg]
+    per_config: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        per_config[r["config"]][r["rung"]] = r
+        if r.get("step"):
+            per_config[r["config"]][r["step"]] = r
+    body = []
+    for axis, label in (("depth", "depth {}"), ("epochs", "{} epochs")):
+        for value in sorted({r[axis] for r in rows}):
+            group = {c: sel for c, sel in per_config.items() if sel[next(iter(sel))][axis] == value}
+            cells = [label.format(value), str(len(group))]
+            for _, field, parts, unit in TREND_COLUMNS:
+                values = [_trend_value(sel, field, parts) for sel in group.values()]
+                cells.append(_median_range(values, unit))
+            diffs = [
+                _paired([c for c in comps if c["config"] == cid], "hessian", "ggn") for cid in group
+            ]
+            found = [d for d in diffs if d is not None]
+            up = sum(d > 0 and _significant(p, 0.05) for d, p in found)
+            down = sum(d < 0 and _significant(p, 0.05) for d, p in found)
+            cells.append(
+                f"{statistics.median(d for d, _ in found):+.3f} ({up} / {down} / "
+                f"{len(found) - up - down})"
+                if found
+                else "–"
+            )
+            body.append(cells)
+    header = ["configurations of", "n", *[h for h, *_ in TREND_COLUMNS], "LDS H − GGN (+ / − / ≈)"]
+    return _table(header, body)
+
+
 def adjacent_table(rows: list[dict], reg: str) -> str:
     """Markdown: per configuration, the distance each ladder step moves the curvature
     (``‖C_k − C_{k−1}‖ / ‖H‖``), its inverse (``/ ‖H⁺‖``) and its scores (``/ ‖S_H‖``)."""
