@@ -235,7 +235,8 @@ def test_report_tables_and_figures(grid_dir):
     out, _ = grid_dir
     path = write_report(out)
     text = path.read_text()
-    for heading in ("LDS per rung", "Approximation error", "Share of the error gap", "Diagnostics"):
+    headings = ("LDS per rung", "Approximation error", "Share of the error gap", "Diagnostics")
+    for heading in (*headings, "quantitative claims by depth and by epochs"):
         assert heading in text
     for name in (
         "lds_by_setting",

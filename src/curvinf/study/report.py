@@ -1101,6 +1101,16 @@ def write_report(
             "",
             eigenvalue_share_table(sub, reg),
             "",
+            "### The paper's quantitative claims by depth and by epochs",
+            "",
+            "`median [min, max] (configurations)` over the configurations with that depth "
+            "or number of epochs: each step's share of the gap (the two Kronecker steps "
+            "summed), off-block mass, top-10 basis overlap (mean over layers), and the "
+            "paired LDS difference Hessian − GGN with its verdicts (higher / lower / "
+            "undecided at 5%).",
+            "",
+            trend_table(sub, comparisons, reg),
+            "",
         ]
         if any(r["rung"] in ("unshared_ggn", "kfac_reduce") for r in sub):
             lines += [
