@@ -37,6 +37,10 @@ one thread); the factorisation of step 1 about ``R³`` (``ldl_factor`` runs near
 of GEMM speed)."""
 
 
+MAX_ITERATIONS = 300
+"""A cap on the iterations whatever the budget (``max_cost_ratio=inf``)."""
+
+
 def count_above(A: torch.Tensor, t: float) -> int:
     """``#{i : λ_i(A) > t}`` for a symmetric (R, R) ``A``, exact up to the backward error of
     the factorisation (eigenvalues within about ``R·ε·‖A‖`` of ``t`` may go either way, as
@@ -84,7 +88,8 @@ def eigenpairs_above(
 
     Each returned pair has ``‖A u − λ u‖ <= tol · λ_max``. ``None`` when the route would
     cost more than ``max_cost_ratio`` of a full ``eigh`` (predicted from the count, or
-    found so by a slow iteration): then call ``torch.linalg.eigh``. ``seed`` fixes the
+    found so by a slow or stalled iteration, or past :data:`MAX_ITERATIONS`): then call
+    ``torch.linalg.eigh``. ``seed`` fixes the
     random start, so a result is reproducible.
     """
     if A.dim() != 2 or A.shape[0] != A.shape[1]:
@@ -121,10 +126,13 @@ def eigenpairs_above(
         if worst <= tol and float(theta[k - 1]) > t:
             return theta[:k].flip(0).contiguous(), X[:, :k].flip(1).contiguous()
         history.append(worst)
+        if it >= MAX_ITERATIONS:
+            return None
         if len(history) >= 3:  # the observed rate, and the iterations it still needs
             rate = history[-1] / history[-2]
-            needed = math.inf if rate >= 1 else math.log(tol / worst) / math.log(rate)
-            if it + needed > budget:
+            if rate >= 1:  # stalled (at the rounding floor, or no gap to converge on)
+                return None
+            if it + math.log(tol / worst) / math.log(rate) > budget:
                 return None
         elif it > budget:
             return None
