@@ -46,10 +46,11 @@ def count_above(A: torch.Tensor, t: float) -> int:
     the factorisation (eigenvalues within about ``R·ε·‖A‖`` of ``t`` may go either way, as
     they may in ``eigh``): the positive eigenvalues of ``D`` in ``A − tI = P L D Lᵀ Pᵀ``.
     """
-    B = A.clone()
-    B.diagonal().sub_(t)
-    LD, pivots, info = torch.linalg.ldl_factor_ex(B)
-    del B
+    LD = A.clone()
+    LD.diagonal().sub_(t)
+    pivots = torch.empty(A.shape[0], dtype=torch.int32, device=A.device)
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    torch.linalg.ldl_factor_ex(LD, out=(LD, pivots, info))  # in place: one copy of A
     if int(info) < 0:
         raise ValueError(f"ldl_factor rejected its argument {-int(info)}")
     d = LD.diagonal().tolist()
