@@ -9,10 +9,11 @@ Flops are the matmul flops of training (forward, weight gradients, input gradien
 configuration, subsets of ``round(alpha · N)`` rows, matched or base epochs) and of the
 base model. The floor is that count at the float32 ``bmm`` rate measured in this process
 at the same thread count. The rungs' floor is their largest factorisations
-(:meth:`RunConfig.factorisations`: dense and Gram ``eigh``s, Gram Cholesky factors) at
-the float64 ``eigh`` and Cholesky times measured here (``eigh`` is bound by the memory
-traffic of its tridiagonal reduction, so it is timed, not counted in flops), scaled as
-``n³`` from a 3,000² matrix. Wall times: ``cost.wall_s_total`` of the ground-truth
+(:meth:`RunConfig.factorisations`: dense and Gram ``eigh``s, Gram Cholesky factors, and
+the partial Gram ``eigh``'s inertia count, an LDLᵀ factorisation, as its lower bound) at
+the float64 ``eigh``, Cholesky and ``ldl_factor`` times measured here (``eigh`` is bound
+by the memory traffic of its tridiagonal reduction, so it is timed, not counted in
+flops), scaled as ``n³`` from a 3,000² matrix. Wall times: ``cost.wall_s_total`` of the ground-truth
 store's manifest and ``wall_seconds`` of ``runs/<id>/timing.json`` (rungs, errors,
 diagnostics), on whatever else the machine was running (the study's log says).
 """
@@ -40,7 +41,9 @@ def seconds_per_cube(kind: str, n: int = 3000, repeats: int = 2) -> float:
     g = torch.Generator().manual_seed(0)
     X = torch.randn(n, n, generator=g, dtype=torch.float64)
     A = X @ X.T / n + torch.eye(n, dtype=torch.float64)
-    f = torch.linalg.eigh if kind == "eigh" else torch.linalg.cholesky
+    f = {"eigh": torch.linalg.eigh, "cholesky": torch.linalg.cholesky}.get(
+        kind, torch.linalg.ldl_factor
+    )
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -87,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rate, _ = bmm_rate(100, 128, 64)
-    per_cube = {kind: seconds_per_cube(kind) for kind in ("eigh", "cholesky")}
+    per_cube = {kind: seconds_per_cube(kind) for kind in ("eigh", "cholesky", "ldl")}
+    per_cube["eigh-above"] = per_cube["ldl"]  # the partial eigh's inertia count alone
     print(
         f"float32 bmm (100 x 64 x 128 @ 128 x 128), {args.threads} thread(s): {rate:.1f} GFLOP/s; "
         f"float64 eigh of 3,000²: {per_cube['eigh'] * 3000**3:.2f} s, Cholesky "

@@ -495,11 +495,18 @@ def test_a_resumed_configuration_does_not_rebuild_an_uncertified_reference(tmp_p
 
 def test_rung_cost_counts_the_gram_factorisations_of_the_exact_rungs():
     """Above the dense cap the GGN and each block of at least ``R`` parameters take one
-    Gram factorisation of ``R = N (C - 1)`` rows: an ``eigh`` when a rule truncates, else
-    a Cholesky factor; smaller blocks stay dense."""
+    Gram factorisation of ``R = N (C - 1)`` rows: an ``eigh`` when a rule truncates (its
+    partial form when every truncation is absolute above the damping), else a Cholesky
+    factor; smaller blocks stay dense."""
     from curvinf.study.specs import DENSE_RATE, GRAM_FLOPS
 
-    config = RunConfig(depth=4, width=128, epochs=10, max_dense_bytes=2**30)
+    config = RunConfig(
+        depth=4,
+        width=128,
+        epochs=10,
+        max_dense_bytes=2**30,
+        regularizations=(Regularization(damping=0.0, eps=1e-3, relative=True),),
+    )
     R = 1437 * 9  # digits: 1,437 training examples, 9 cross-entropy output roots
     sizes = config.layer_sizes
     assert sorted(sizes) == [1290, 8320, 16512, 16512, 16512]
@@ -518,6 +525,11 @@ def test_rung_cost_counts_the_gram_factorisations_of_the_exact_rungs():
     gram = [("eigh", R, "gram")] * 4 + [("eigh", 1290, "dense"), ("eigh", 8320, "dense")]
     assert sorted(config.factorisations()) == sorted(gram)
     assert {k for k, _, r in damped.factorisations() if r == "gram"} == {"cholesky"}
+    paper = replace(config, regularizations=(Regularization.paper(), DAMPED))
+    assert {k for k, _, r in paper.factorisations() if r == "gram"} == {"eigh-above"}
+    assert paper.rung_cost() == pytest.approx(4 * 2.0 * R**3 / GRAM_FLOPS + small + hessian)
+    at_damping = replace(config, regularizations=(Regularization(damping=1e-3, eps=1e-3),))
+    assert {k for k, _, r in at_damping.factorisations() if r == "gram"} == {"eigh"}
     D = dense.num_params
     full = [("eigh", D, "dense")] * 2 + [("eigh", d, "dense") for d in dense.layer_sizes]
     assert dense.factorisations() == full

@@ -320,8 +320,11 @@ class RunConfig:
         and one per block-GGN block. Above the cap the GGN rungs take the Gram route
         (:mod:`curvinf.curvature.gram`): one factorisation of the ``R x R`` Gram matrix
         (``R`` = training examples x output roots) for the GGN and one per block of at
-        least ``R`` parameters, an ``eigh`` when a rule truncates, else a Cholesky factor;
-        the smaller blocks are dense ``eigh``s."""
+        least ``R`` parameters: a Cholesky factor under damping only; under truncation an
+        ``eigh``, or ``"eigh-above"`` when every truncating rule is absolute with
+        ``eps > damping``, where the Gram route computes only the eigenpairs it keeps
+        (:mod:`~curvinf.curvature.partial_eigh`: an ``R³/3`` inertia count, then products
+        whose number depends on how many it keeps); the smaller blocks are dense ``eigh``s."""
         D = self.num_params
         sizes = self.layer_sizes
         if 8.0 * D * D <= self.max_dense_bytes:
@@ -331,9 +334,13 @@ class RunConfig:
         examples, outputs = DATASET_SHAPES[self.dataset]
         roots = outputs - 1 if self.loss_name == "ce" else outputs
         R = train_count(examples, self.query_fraction) * max(roots, 1)
-        kind = (
-            "eigh" if any(r.truncates_nonnegative() for r in self.regularizations) else "cholesky"
-        )
+        truncating = [r for r in self.regularizations if r.truncates_nonnegative()]
+        if not truncating:
+            kind = "cholesky"
+        elif all(not r.relative and r.eps > r.damping for r in truncating):
+            kind = "eigh-above"
+        else:
+            kind = "eigh"
         out = [(kind, R, "gram")] if "ggn" in self.rungs else []
         if "block_ggn" in self.rungs:
             out += [(kind, R, "gram") if d >= R else ("eigh", d, "dense") for d in sizes]
@@ -343,13 +350,15 @@ class RunConfig:
         """Rough seconds of the rungs on 2 busy cores (fitted to the finished grid rows).
 
         Dense rungs: ``O(D³)`` eigendecompositions and a minute of fixed cost. Above the
-        cap, :meth:`factorisations`: a Gram ``eigh`` at ``9 R³`` flops or a Cholesky factor
-        at ``R³ / 3`` (:data:`GRAM_FLOPS`), the dense blocks at :data:`DENSE_RATE`; the
-        Hessian's iterative routes and the randomised errors grow with ``D``."""
+        cap, :meth:`factorisations`: a Gram ``eigh`` at ``9 R³`` flops, its partial form
+        at ``2 R³`` (what session 10 measured on the d8-w128 grids: 0.1–0.4 of an
+        ``eigh``), a Cholesky factor at ``R³ / 3`` (:data:`GRAM_FLOPS`), the dense blocks
+        at :data:`DENSE_RATE`; the Hessian's iterative routes and the randomised errors
+        grow with ``D``."""
         D = self.num_params
         if 8.0 * D * D <= self.max_dense_bytes:
             return 60.0 + DENSE_RATE * D**3
-        flops = {"eigh": 9.0, "cholesky": 1 / 3}
+        flops = {"eigh": 9.0, "eigh-above": 2.0, "cholesky": 1 / 3}
         return (
             sum(
                 flops[kind] * n**3 / GRAM_FLOPS if route == "gram" else DENSE_RATE * n**3
