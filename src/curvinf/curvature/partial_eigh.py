@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from curvinf.devices import cpu_generator
+
 EIGH_GEMM_FLOPS = 11.0
 """A full float64 ``eigh`` of an (R, R) matrix costs about as much time as ``11 R³`` flops of
 GEMM on this class of machine (measured: 10.3 s for R = 4,000 against 69 GFLOP/s GEMM on
@@ -109,8 +111,8 @@ def eigenpairs_above(
     m = min(R, 2 * k + 64)
     per_iteration = 2.0 * R * R * m + 8.0 * R * m * m + 10.0 * m**3
     budget = (max_cost_ratio * EIGH_GEMM_FLOPS * R**3 - R**3) / per_iteration
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    V = torch.randn(R, m, dtype=A.dtype, generator=gen).to(A.device)
+    V = torch.randn(R, m, dtype=A.dtype, generator=cpu_generator(seed), device="cpu")
+    V = V.to(A.device)
     V = torch.linalg.qr(V).Q
     history: list[float] = []
     it = 0
