@@ -439,13 +439,10 @@ class GramInverse(InverseOperator):
         )
 
     def partial_threshold(self) -> float | None:
-        """``t`` when the rule keeps exactly the Gram eigenvalues ``s > t > 0`` (an absolute
-        truncation above the damping: ``s + δ > ε``), so that the eigenpairs above ``t``
-        are all the inverse needs; else ``None``."""
-        t = self.reg.eps - self.reg.damping
-        if self.reg.relative or t <= 0 or not self.solver.partial_eigh:
-            return None
-        return t
+        """The rule's :meth:`~Regularization.nonnegative_cutoff` ``t`` (only the Gram
+        eigenpairs above it are needed) when the solver allows the partial ``eigh``; else
+        ``None``."""
+        return self.reg.nonnegative_cutoff() if self.solver.partial_eigh else None
 
     def _eigh(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The eigenpairs of block ``b``'s Gram matrix the rule needs (every one, or those
@@ -461,9 +458,9 @@ class GramInverse(InverseOperator):
         def above() -> dict[str, torch.Tensor]:
             pairs = eigenpairs_above(gram, t, max_cost_ratio=self.solver.partial_eigh)
             if pairs is None:
-                s, U = torch.linalg.eigh(gram)
-                keep = s > t
-                return {"s": s[keep].contiguous(), "U": U[:, keep].contiguous()}
+                every = full()
+                keep = every["s"] > t
+                return {"s": every["s"][keep].contiguous(), "U": every["U"][:, keep].contiguous()}
             self.partial_blocks += 1
             return {"s": pairs[0], "U": pairs[1]}
 

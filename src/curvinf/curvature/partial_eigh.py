@@ -71,11 +71,15 @@ def count_above(A: torch.Tensor, t: float) -> int:
     return count
 
 
+def _iteration(R: int, k: int) -> tuple[int, float]:
+    """The columns ``m`` iterated for ``k`` kept pairs and the flops of one iteration."""
+    m = min(R, 2 * k + 64)
+    return m, 2.0 * R * R * m + 8.0 * R * m * m + 10.0 * m**3
+
+
 def predicted_ratio(R: int, k: int, iterations: int = 12) -> float:
     """The predicted cost of :func:`eigenpairs_above` over a full ``eigh`` (module doc)."""
-    m = min(R, 2 * k + 64)
-    per_iteration = 2.0 * R * R * m + 8.0 * R * m * m + 10.0 * m**3
-    return (R**3 + iterations * per_iteration) / (EIGH_GEMM_FLOPS * R**3)
+    return (R**3 + iterations * _iteration(R, k)[1]) / (EIGH_GEMM_FLOPS * R**3)
 
 
 def eigenpairs_above(
@@ -108,8 +112,7 @@ def eigenpairs_above(
         return empty
     if predicted_ratio(R, k) > max_cost_ratio:
         return None
-    m = min(R, 2 * k + 64)
-    per_iteration = 2.0 * R * R * m + 8.0 * R * m * m + 10.0 * m**3
+    m, per_iteration = _iteration(R, k)
     budget = (max_cost_ratio * EIGH_GEMM_FLOPS * R**3 - R**3) / per_iteration
     V = torch.randn(R, m, dtype=A.dtype, generator=cpu_generator(seed), device="cpu")
     V = V.to(A.device)

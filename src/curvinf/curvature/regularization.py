@@ -67,6 +67,15 @@ class Regularization:
         positive semi-definite curvature: ``λ + δ >= δ > eps``)."""
         return self.eps > 0 and (self.relative or self.eps >= self.damping)
 
+    def nonnegative_cutoff(self) -> float | None:
+        """``t > 0`` when the rule keeps exactly the eigenvalues ``λ > t`` of a positive
+        semi-definite curvature (an absolute truncation above the damping: ``λ + δ > ε``
+        with ``t = ε − δ``), so the eigenpairs above ``t`` are all its inverse needs; else
+        ``None`` (damping only, a relative threshold, or ``ε = δ``, which keeps every
+        positive eigenvalue)."""
+        t = self.eps - self.damping
+        return None if self.relative or t <= 0 else t
+
     def __post_init__(self) -> None:
         for name in ("damping", "eps"):
             v = getattr(self, name)

@@ -337,7 +337,7 @@ class RunConfig:
         truncating = [r for r in self.regularizations if r.truncates_nonnegative()]
         if not truncating:
             kind = "cholesky"
-        elif all(not r.relative and r.eps > r.damping for r in truncating):
+        elif all(r.nonnegative_cutoff() is not None for r in truncating):
             kind = "eigh-above"
         else:
             kind = "eigh"
